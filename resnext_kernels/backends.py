@@ -1,0 +1,120 @@
+"""Backend registry: which implementations exist, which can run, and "auto".
+
+A backend is a pair of registered ops (``resnext_kernels/ops.py``) plus what it
+accepts (device types, dtypes). Each kernel family registers its backend here;
+names that are known but not present in this install are kept with the reason,
+so an explicit request says what is missing.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import ops, reference
+from ._native import build_info
+
+BACKEND_NAMES = ("auto", "reference", "cuda", "triton", "cuda_emulated")
+
+# The order "auto" tries per device type: fastest first. Emulated CUDA and the
+# Triton interpreter are test vehicles, never picked for speed.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference")}
+AUTO_DEFAULT = ("reference",)
+
+ALL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    ops: ops.BackendOps
+    device_types: frozenset
+    dtypes: frozenset
+
+    def unsupported_reason(self, input: torch.Tensor) -> Optional[str]:
+        """Why this backend cannot take ``input``, or None when it can."""
+        if input.device.type not in self.device_types:
+            return (f"backend '{self.name}' runs on {', '.join(sorted(self.device_types))} "
+                    f"tensors, but input is on {input.device}")
+        if input.dtype not in self.dtypes:
+            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
+            return f"backend '{self.name}' supports dtypes {names}, but input is {input.dtype}"
+        return None
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def _missing_reasons() -> dict[str, str]:
+    info = build_info()
+    if not info["native"]:
+        cuda = f"resnext_kernels._C could not be imported ({info['import_error']})"
+    elif not info["with_cuda"]:
+        cuda = ("resnext_kernels._C was built without CUDA (a CPU-only torch or no nvcc at "
+                "build time); rebuild with `pip install --no-build-isolation .` on a machine "
+                "with nvcc and a CUDA build of torch")
+    else:
+        cuda = "no CUDA kernel family is compiled into resnext_kernels._C in this version"
+    return {
+        "cuda": cuda,
+        "triton": "the Triton kernels are not part of this version of resnext_kernels",
+        "cuda_emulated": "the emulated CUDA kernels are not part of this version of resnext_kernels",
+    }
+
+
+_MISSING = _missing_reasons()
+
+
+def register(backend: Backend) -> None:
+    """Make ``backend`` available (called once by each kernel family at import)."""
+    if backend.name not in BACKEND_NAMES or backend.name == "auto":
+        raise ValueError(f"unknown backend name {backend.name!r}")
+    _REGISTRY[backend.name] = backend
+    _MISSING.pop(backend.name, None)
+
+
+def check_backend_name(name) -> str:
+    """Return ``name`` if it is a backend name, else raise ValueError listing the valid ones."""
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}; got {name!r}")
+    return name
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine (registered, with a device present).
+
+    ``"auto"`` is not listed: it always resolves to one of these.
+    """
+    devices = {"cpu"} | ({"cuda"} if torch.cuda.is_available() else set())
+    return [name for name in BACKEND_NAMES
+            if name in _REGISTRY and _REGISTRY[name].device_types & devices]
+
+
+def resolve(name: str, input: torch.Tensor) -> Backend:
+    """The backend to run for ``input``: ``name`` itself, or the fastest usable one for "auto".
+
+    Raises RuntimeError when an explicitly named backend is missing or cannot take
+    ``input``, saying why.
+    """
+    check_backend_name(name)
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(input.device.type, AUTO_DEFAULT):
+            backend = _REGISTRY.get(candidate)
+            if backend is not None and backend.unsupported_reason(input) is None:
+                return backend
+        raise RuntimeError(f"no backend can run on {input.device} tensors of dtype {input.dtype}")
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        raise RuntimeError(f"backend {name!r} is not available: {_MISSING[name]}")
+    reason = backend.unsupported_reason(input)
+    if reason is not None:
+        raise RuntimeError(reason)
+    return backend
+
+
+register(Backend(
+    name="reference",
+    ops=ops.define_backend_ops("reference", {None: (reference.forward, reference.backward)}),
+    device_types=frozenset({"cpu", "cuda"}),
+    dtypes=ALL_DTYPES,
+))

@@ -1,0 +1,136 @@
+"""The torch.library ops: schemas (the one place they are written), fake kernels
+and autograd.
+
+Every backend gets the same pair of functional ops in the ``resnext_kernels``
+namespace, built from the two schemas below:
+
+* ``resnext_kernels::conv_bn_relu_<backend>`` (forward), returning
+  ``(out, mean, var)``: the output and the per-channel statistics it was
+  normalised with (batch statistics in training, running statistics in eval);
+* ``resnext_kernels::conv_bn_relu_<backend>_backward``, returning the gradients of
+  input, weight, bn_weight and bn_bias (empty ``[0]`` where ``output_mask`` is
+  False).
+
+The forward op is functional (it never writes the running statistics), so it can
+carry an autograd formula; ``resnext_kernels.functional`` updates the running
+statistics beside it. Implementations are attached per device type from Python
+(``define_backend_ops(..., impls=...)``) or from C++ with
+``TORCH_LIBRARY_IMPL(resnext_kernels, CUDA, m)`` in a kernel family's launcher.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import reference
+
+NAMESPACE = "resnext_kernels"
+
+FORWARD_SCHEMA = (
+    "(Tensor input, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+    "Tensor? running_mean, Tensor? running_var, int stride, int groups, float eps, "
+    "bool training) -> (Tensor out, Tensor mean, Tensor var)"
+)
+BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor input, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+    "Tensor out, Tensor mean, Tensor var, int stride, int groups, float eps, "
+    "bool training, bool[4] output_mask) -> (Tensor grad_input, Tensor grad_weight, "
+    "Tensor grad_bn_weight, Tensor grad_bn_bias)"
+)
+
+# Keeps the registrations alive for the life of the process.
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+@dataclass(frozen=True)
+class BackendOps:
+    """The registered forward and backward ops of one backend."""
+
+    forward: torch._ops.OpOverload
+    backward: torch._ops.OpOverload
+
+
+def _forward_fake(input, weight, bn_weight, bn_bias, running_mean, running_var,
+                  stride, groups, eps, training):
+    n, _, h, w = input.shape
+    c_out = weight.shape[0]
+    shape = (n, c_out, reference.output_size(h, stride), reference.output_size(w, stride))
+    out = torch.empty(shape, dtype=input.dtype, device=input.device,
+                      memory_format=reference.memory_format_of(input))
+    stats = reference.compute_dtype(input.dtype)
+    return (out, input.new_empty((c_out,), dtype=stats), input.new_empty((c_out,), dtype=stats))
+
+
+def _backward_fake(grad_out, input, weight, bn_weight, bn_bias, out, mean, var,
+                   stride, groups, eps, training, output_mask):
+    def like(t, wanted, memory_format=torch.contiguous_format):
+        if not wanted:
+            return t.new_empty(0)
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format)
+
+    return (like(input, output_mask[0], reference.memory_format_of(input)),
+            like(weight, output_mask[1]),
+            like(bn_weight, output_mask[2]),
+            like(bn_bias, output_mask[3]))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bn_weight, bn_bias, _, _, stride, groups, eps, training = inputs
+    out, mean, var = output
+    ctx.save_for_backward(input, weight, bn_weight, bn_bias, out, mean, var)
+    ctx.config = (stride, groups, eps, training)
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        input, weight, bn_weight, bn_bias, out, mean, var = ctx.saved_tensors
+        stride, groups, eps, training = ctx.config
+        mask = list(ctx.needs_input_grad[:4])
+        grads = backward_op(grad_out, input, weight, bn_weight, bn_bias, out, mean, var,
+                            stride, groups, eps, training, mask)
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None,) * 6
+
+    return backward
+
+
+def _double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "fused_group_conv_bn_relu does not support double backward (create_graph=True "
+        "through its gradient); use the unfused nn.Conv2d + nn.BatchNorm2d + nn.ReLU for that")
+
+
+def define_backend_ops(
+    backend: str,
+    impls: Optional[dict[str, tuple[Callable, Callable]]] = None,
+) -> BackendOps:
+    """Define the forward/backward ops of ``backend`` with fake kernels and autograd.
+
+    Args:
+        backend: backend name; the ops are ``resnext_kernels::conv_bn_relu_<backend>``
+            and ``..._backward``.
+        impls: device type (``"cpu"``, ``"cuda"``) or ``None`` (every device) mapped to
+            ``(forward_fn, backward_fn)`` with the schemas' signatures. Device types
+            implemented in C++ are left out here.
+    """
+    forward_name = f"{NAMESPACE}::conv_bn_relu_{backend}"
+    backward_name = f"{forward_name}_backward"
+    torch.library.define(forward_name, FORWARD_SCHEMA, lib=_LIB)
+    torch.library.define(backward_name, BACKWARD_SCHEMA, lib=_LIB)
+    for device_type, (forward_fn, backward_fn) in (impls or {}).items():
+        torch.library.register_kernel(forward_name, device_type, forward_fn, lib=_LIB)
+        torch.library.register_kernel(backward_name, device_type, backward_fn, lib=_LIB)
+    torch.library.register_fake(forward_name, _forward_fake, lib=_LIB)
+    torch.library.register_fake(backward_name, _backward_fake, lib=_LIB)
+
+    namespace = getattr(torch.ops, NAMESPACE)
+    ops = BackendOps(
+        forward=getattr(namespace, f"conv_bn_relu_{backend}").default,
+        backward=getattr(namespace, f"conv_bn_relu_{backend}_backward").default,
+    )
+    torch.library.register_autograd(forward_name, _make_backward(ops.backward),
+                                    setup_context=_setup_context, lib=_LIB)
+    torch.library.register_autograd(backward_name, _double_backward, lib=_LIB)
+    return ops
+

@@ -1,0 +1,151 @@
+"""Reference implementation of the fused grouped 3x3 conv + BatchNorm + ReLU.
+
+This module is the oracle: every kernel backend is tested against it, evaluated
+in float64. It is written with plain PyTorch ops for clarity, not speed, and runs
+on any device. The ``reference`` backend registers these functions as the
+implementation of its ops (see ``resnext_kernels/ops.py``).
+
+Notation (all shapes for NCHW; channels_last tensors have the same shapes):
+
+* ``input``  x: ``[N, C_in, H, W]``
+* ``weight`` w: ``[C_out, C_in / groups, 3, 3]``; 3x3 kernel, padding 1, dilation 1
+* conv output c: ``[N, C_out, H_out, W_out]`` with ``H_out = (H - 1) // stride + 1``
+* per-channel vectors (``bn_weight`` γ, ``bn_bias`` β, ``mean``, ``var``): ``[C_out]``
+* ``x̂ = (c - mean) * rsqrt(var + eps)``, ``z = γ x̂ + β``, ``out = relu(z)``
+
+In training mode mean/var are the batch statistics of c over (N, H_out, W_out)
+(biased variance, as ``torch.nn.functional.batch_norm`` normalises with); in eval
+mode they are the running statistics. Half-precision inputs are computed in
+float32 (the accumulation type of every backend); float64 stays float64.
+"""
+
+import torch
+import torch.nn.functional as F
+
+KERNEL_SIZE = 3
+PADDING = 1
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / statistics dtype for an input dtype: float64 stays, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def output_size(size: int, stride: int) -> int:
+    """Spatial output size of a 3x3 conv with padding 1: ``(size - 1) // stride + 1``."""
+    return (size + 2 * PADDING - KERNEL_SIZE) // stride + 1
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """The memory format an output should follow for a 4-D input ``t``.
+
+    Contiguous (NCHW) wins when both layouts match (C == 1 or H == W == 1), as in
+    PyTorch's convolutions; a non-contiguous view follows its stride order.
+    """
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.channels_last if t.stride(1) < t.stride(3) else torch.contiguous_format
+
+
+def conv(input: torch.Tensor, weight: torch.Tensor, stride: int, groups: int) -> torch.Tensor:
+    """Grouped 3x3 convolution in the compute dtype. Returns c: ``[N, C_out, H_out, W_out]``."""
+    dtype = compute_dtype(input.dtype)
+    return F.conv2d(input.to(dtype), weight.to(dtype), stride=stride, padding=PADDING, groups=groups)
+
+
+def batch_statistics(c: torch.Tensor):
+    """Per-channel mean and biased variance of c over (N, H, W). Returns two ``[C]``.
+
+    An empty batch has no statistics; it gets mean 0 and var 1 (never used: PyTorch
+    leaves the running statistics alone for an empty batch).
+    """
+    if c.numel() == 0:
+        return c.new_zeros(c.shape[1]), c.new_ones(c.shape[1])
+    var, mean = torch.var_mean(c, dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v[None, :, None, None]
+
+
+def forward(input, weight, bn_weight, bn_bias, running_mean, running_var,
+            stride: int, groups: int, eps: float, training: bool):
+    """Fused forward.
+
+    Args:
+        input: ``[N, C_in, H, W]``; weight: ``[C_out, C_in/groups, 3, 3]``, same dtype.
+        bn_weight, bn_bias: ``[C_out]``. running_mean, running_var: ``[C_out]`` or None
+        (required when ``training`` is False; never modified here).
+
+    Returns:
+        ``(out, mean, var)``: out ``[N, C_out, H_out, W_out]`` in the input's dtype and
+        memory format; mean and var ``[C_out]`` in the compute dtype, the statistics
+        used to normalise (batch statistics with biased variance in training, copies
+        of the running statistics in eval).
+    """
+    dtype = compute_dtype(input.dtype)
+    c = conv(input, weight, stride, groups)
+    if training:
+        mean, var = batch_statistics(c)
+    else:
+        mean, var = running_mean.to(dtype, copy=True), running_var.to(dtype, copy=True)
+    scale = bn_weight.to(dtype) * torch.rsqrt(var + eps)
+    shift = bn_bias.to(dtype) - mean * scale
+    out = torch.relu(c * _per_channel(scale) + _per_channel(shift))
+    return out.to(input.dtype).contiguous(memory_format=memory_format_of(input)), mean, var
+
+
+def backward(grad_out, input, weight, bn_weight, bn_bias, out, mean, var,
+             stride: int, groups: int, eps: float, training: bool, output_mask):
+    """Gradients of ``forward`` for (input, weight, bn_weight, bn_bias).
+
+    Args:
+        grad_out, out: ``[N, C_out, H_out, W_out]``; out is forward's output, whose
+        sign gives the ReLU mask. mean, var: forward's returned statistics ``[C_out]``.
+        output_mask: four bools; a gradient whose flag is False is returned empty
+        (``[0]``) and not computed.
+
+    With dz = grad_out · [out > 0] and n = N·H_out·W_out:
+
+    * dβ = Σ dz, dγ = Σ dz·x̂ (sums over N, H_out, W_out)
+    * training: dc = γ·rsqrt(var+eps) · (dz − dβ/n − x̂·dγ/n); eval: dc = γ·rsqrt(var+eps)·dz
+    * d input = conv_transpose(dc, w); d weight = Σ_{N,H,W} x ⋆ dc (per group)
+
+    Returns:
+        ``(grad_input, grad_weight, grad_bn_weight, grad_bn_bias)``, each in the dtype
+        of the matching input (grad_input in the input's memory format).
+    """
+    dtype = compute_dtype(input.dtype)
+    x, w = input.to(dtype), weight.to(dtype)
+    c = conv(x, w, stride, groups)
+    invstd = torch.rsqrt(var + eps)
+    x_hat = (c - _per_channel(mean)) * _per_channel(invstd)
+    dz = torch.where(out > 0, grad_out.to(dtype), 0)
+    d_bias = dz.sum(dim=(0, 2, 3))
+    d_gamma = (dz * x_hat).sum(dim=(0, 2, 3))
+    g = _per_channel(bn_weight.to(dtype) * invstd)
+    if training:
+        n = max(c.numel() // c.shape[1], 1)
+        dc = g * (dz - _per_channel(d_bias / n) - x_hat * _per_channel(d_gamma / n))
+    else:
+        dc = g * dz
+
+    def empty(like):
+        return like.new_empty(0)
+
+    grad_input = empty(input)
+    if output_mask[0]:
+        grad_input = torch.nn.grad.conv2d_input(
+            x.shape, w, dc, stride=stride, padding=PADDING, groups=groups
+        ).to(input.dtype).contiguous(memory_format=memory_format_of(input))
+    grad_weight = empty(weight)
+    if output_mask[1]:
+        grad_weight = torch.nn.grad.conv2d_weight(
+            x, w.shape, dc, stride=stride, padding=PADDING, groups=groups
+        ).to(weight.dtype).contiguous()
+    grad_bn_weight = d_gamma.to(bn_weight.dtype) if output_mask[2] else empty(bn_weight)
+    grad_bn_bias = d_bias.to(bn_bias.dtype) if output_mask[3] else empty(bn_bias)
+    return grad_input, grad_weight, grad_bn_weight, grad_bn_bias
