@@ -1,0 +1,81 @@
+"""Helpers shared by the tests and resnext-bench: tolerances, error measures and
+random problem instances compared against the float64 reference."""
+
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+
+# Tolerated relative error ‖out − ref‖ / ‖ref‖ against the float64 reference, and
+# the element-wise (atol, rtol) for torch.testing.assert_close, per dtype. The
+# half-precision figures allow the output rounding plus fp32 accumulation over
+# 9·C_in/groups products.
+REL_TOLERANCE = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+ELEMENT_TOLERANCE = {
+    torch.float64: (1e-12, 1e-11),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-2, 1e-2),
+    torch.bfloat16: (1.5e-1, 5e-2),
+}
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖₂ / ‖expected‖₂ in float64 (0 when both are empty)."""
+    a, e = actual.double(), expected.double()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    if actual.numel() == 0:
+        return 0.0
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One layer instance: shapes of the fused op's arguments."""
+
+    n: int
+    c_in: int
+    c_out: int
+    h: int
+    w: int
+    groups: int
+    stride: int
+
+    @property
+    def output_shape(self):
+        return (self.n, self.c_out, reference.output_size(self.h, self.stride),
+                reference.output_size(self.w, self.stride))
+
+
+def make_arguments(problem: Problem, dtype: torch.dtype, device="cpu", *,
+                   channels_last: bool = False, generator: torch.Generator = None):
+    """Fresh random arguments for ``problem``: (input, weight, bn_weight, bn_bias,
+    running_mean, running_var). BN tensors are float32 for half inputs (mixed
+    precision) and the input's dtype otherwise; never zeros, variances positive."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    p = problem
+
+    def randn(*shape, dt):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype=dt, device=device)
+
+    x = randn(p.n, p.c_in, p.h, p.w, dt=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fan_in = 9 * p.c_in // p.groups
+    weight = (randn(p.c_out, p.c_in // p.groups, 3, 3, dt=torch.float64) / fan_in ** 0.5).to(dtype)
+    bn_weight = (randn(p.c_out, dt=torch.float64).abs() + 0.5).to(param_dtype)
+    bn_bias = randn(p.c_out, dt=param_dtype)
+    running_mean = randn(p.c_out, dt=param_dtype) * 0.1
+    running_var = (randn(p.c_out, dt=torch.float64).abs() + 0.5).to(param_dtype)
+    return x, weight, bn_weight, bn_bias, running_mean, running_var

@@ -1,0 +1,16 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Queried only after collection, never at import: test modules load on any machine.
+    if any("gpu" in item.keywords for item in items) and not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device; none is visible")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
