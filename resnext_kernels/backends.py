@@ -90,6 +90,12 @@ def available_backends() -> list[str]:
             if name in _REGISTRY and _REGISTRY[name].device_types & devices]
 
 
+def usable_backends(input: torch.Tensor) -> list[str]:
+    """Names of the registered backends that can take ``input`` (its device and dtype)."""
+    return [name for name in BACKEND_NAMES
+            if name in _REGISTRY and _REGISTRY[name].unsupported_reason(input) is None]
+
+
 def resolve(name: str, input: torch.Tensor) -> Backend:
     """The backend to run for ``input``: ``name`` itself, or the fastest usable one for "auto".
 
