@@ -9,6 +9,50 @@ from .backends import check_backend_name
 from .functional import fused_group_conv_bn_relu
 
 
+def unfusable_reason(conv, bn):
+    """Why ``conv`` + ``bn`` cannot run as the fused op: ``(exception type, message)``,
+    or None when they can."""
+    if type(conv) is not nn.Conv2d:
+        return TypeError, f"conv must be an nn.Conv2d; got {type(conv).__name__}"
+    if type(bn) is not nn.BatchNorm2d:
+        return TypeError, f"bn must be an nn.BatchNorm2d; got {type(bn).__name__}"
+    expected = {"kernel_size": (3, 3), "padding": (1, 1), "dilation": (1, 1),
+                "padding_mode": "zeros"}
+    for attr, want in expected.items():
+        if getattr(conv, attr) != want:
+            return ValueError, f"conv.{attr} must be {want!r}; got {getattr(conv, attr)!r}"
+    if conv.stride not in ((1, 1), (2, 2)):
+        return ValueError, f"conv.stride must be (1, 1) or (2, 2); got {conv.stride!r}"
+    if conv.bias is not None:
+        return ValueError, "conv.bias must be None (a conv bias before BatchNorm is not supported)"
+    if bn.num_features != conv.out_channels:
+        return ValueError, (f"bn.num_features must equal conv.out_channels={conv.out_channels}; "
+                            f"got {bn.num_features}")
+    return None
+
+
+def conv_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, *,
+                 backend: str = "auto") -> torch.Tensor:
+    """``relu(bn(conv(input)))`` through the fused op, with ``bn`` behaving exactly as
+    ``nn.BatchNorm2d.forward`` would: the statistics it uses and updates,
+    ``num_batches_tracked``, ``momentum=None`` as a cumulative average. ``conv`` must
+    satisfy ``FusedGroupConv.from_modules``'s conditions (3x3, padding 1, no bias)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average; a tensor, so graphs don't specialise
+            momentum = 1.0 / bn.num_batches_tracked.to(torch.float64)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep_running = not bn.training or bn.track_running_stats
+    return fused_group_conv_bn_relu(
+        input, conv.weight, bn.weight, bn.bias,
+        bn.running_mean if keep_running else None,
+        bn.running_var if keep_running else None,
+        stride=conv.stride[0], groups=conv.groups, eps=bn.eps,
+        momentum=momentum, training=use_batch_stats, backend=backend,
+    )
+
+
 class FusedGroupConv(nn.Module):
     """Grouped 3x3 conv (padding 1, no bias) + BatchNorm2d + ReLU in one fused op.
 
@@ -44,22 +88,10 @@ class FusedGroupConv(nn.Module):
         no bias and stride 1 or 2 (the same in both directions); ``bn`` a
         ``nn.BatchNorm2d`` over its output channels. Training mode follows ``bn``.
         """
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be an nn.Conv2d; got {type(conv).__name__}")
-        if not isinstance(bn, nn.BatchNorm2d):
-            raise TypeError(f"bn must be an nn.BatchNorm2d; got {type(bn).__name__}")
-        expected = {"kernel_size": (3, 3), "padding": (1, 1), "dilation": (1, 1),
-                    "padding_mode": "zeros"}
-        for attr, want in expected.items():
-            if getattr(conv, attr) != want:
-                raise ValueError(f"conv.{attr} must be {want!r}; got {getattr(conv, attr)!r}")
-        if conv.stride not in ((1, 1), (2, 2)):
-            raise ValueError(f"conv.stride must be (1, 1) or (2, 2); got {conv.stride!r}")
-        if conv.bias is not None:
-            raise ValueError("conv.bias must be None (a conv bias before BatchNorm is not supported)")
-        if bn.num_features != conv.out_channels:
-            raise ValueError(f"bn.num_features must equal conv.out_channels={conv.out_channels}; "
-                             f"got {bn.num_features}")
+        problem = unfusable_reason(conv, bn)
+        if problem is not None:
+            error, message = problem
+            raise error(message)
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.conv = conv
@@ -73,22 +105,7 @@ class FusedGroupConv(nn.Module):
         return self.conv, self.bn
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        bn = self.bn
-        # Mirrors nn.BatchNorm2d.forward: which statistics to use and update, and how.
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:  # cumulative moving average
-                momentum = 1.0 / bn.num_batches_tracked.to(torch.float64)
-        use_batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
-        keep_running = not self.training or bn.track_running_stats
-        return fused_group_conv_bn_relu(
-            input, self.conv.weight, bn.weight, bn.bias,
-            bn.running_mean if keep_running else None,
-            bn.running_var if keep_running else None,
-            stride=self.conv.stride[0], groups=self.conv.groups, eps=bn.eps,
-            momentum=momentum, training=use_batch_stats, backend=self.backend,
-        )
+        return conv_bn_relu(self.conv, self.bn, input, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"{self.conv.in_channels}, {self.conv.out_channels}, groups={self.conv.groups}, "
