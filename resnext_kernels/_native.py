@@ -5,9 +5,11 @@ The package works without it (the reference backend needs no native code);
 """
 
 import importlib
-from typing import Any
+from typing import Any, Optional
 
-import torch  # noqa: F401  (loads libtorch, which _C links against)
+from packaging.version import Version
+
+import torch  # loads libtorch, which _C links against
 
 try:
     _C = importlib.import_module("resnext_kernels._C")
@@ -17,12 +19,25 @@ except ImportError as exc:  # not built, or built against another torch
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
+def torch_mismatch(built: str, running: str) -> Optional[str]:
+    """Why a library built against torch ``built`` must not be used with torch
+    ``running`` (C++ ABI), or None when the versions match."""
+    if Version(Version(built).base_version) != Version(Version(running).base_version):
+        return (f"resnext_kernels._C was built against torch {built} but torch {running} is "
+                "running; rebuild with `pip install --no-build-isolation .`")
+    return None
+
+
 def _info() -> dict[str, Any]:
-    if _C is None:
-        return {"native": False, "import_error": _IMPORT_ERROR, "torch_version": None,
-                "compiler": None, "with_cuda": False, "cuda_version": None,
-                "nvcc_version": None, "cuda_archs": [], "kernel_families": []}
-    return {"native": True, "import_error": None, **_C.build_info()}
+    error = _IMPORT_ERROR
+    if _C is not None:
+        info = _C.build_info()
+        error = torch_mismatch(info["torch_version"], torch.__version__)
+        if error is None:
+            return {"native": True, "import_error": None, **info}
+    return {"native": False, "import_error": error, "torch_version": None,
+            "compiler": None, "with_cuda": False, "cuda_version": None,
+            "nvcc_version": None, "cuda_archs": [], "kernel_families": []}
 
 
 # Computed once at import, so that code traced by torch.compile reads a plain dict.

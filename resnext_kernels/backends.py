@@ -121,6 +121,6 @@ def resolve(name: str, input: torch.Tensor) -> Backend:
 register(Backend(
     name="reference",
     ops=ops.define_backend_ops("reference", {None: (reference.forward, reference.backward)}),
-    device_types=frozenset({"cpu", "cuda"}),
+    device_types=frozenset({"cpu", "cuda", "meta"}),  # meta: shapes only (fake kernels)
     dtypes=ALL_DTYPES,
 ))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from . import reference
 
@@ -73,6 +74,18 @@ def _backward_fake(grad_out, input, weight, bn_weight, bn_bias, out, mean, var,
             like(weight, output_mask[1]),
             like(bn_weight, output_mask[2]),
             like(bn_bias, output_mask[3]))
+
+
+def _forward_flops(input, weight, *args, out_shape=None, **kwargs):
+    # The convolution's 2·MACs, as torch.utils.flop_counter counts F.conv2d (BN and
+    # ReLU are not counted there either). Arguments arrive as shapes.
+    return conv_flop_count(input, weight, out_shape[0], transposed=False)
+
+
+def _backward_flops(grad_out, input, weight, *args, out_shape=None, **kwargs):
+    # grad_input is a transposed conv of the same size; grad_weight a conv of the same size.
+    mask = args[-1]
+    return conv_flop_count(input, weight, grad_out, transposed=False) * (mask[0] + mask[1])
 
 
 def _setup_context(ctx, inputs, output):
@@ -129,6 +142,8 @@ def define_backend_ops(
         forward=getattr(namespace, f"conv_bn_relu_{backend}").default,
         backward=getattr(namespace, f"conv_bn_relu_{backend}_backward").default,
     )
+    register_flop_formula(getattr(namespace, f"conv_bn_relu_{backend}"))(_forward_flops)
+    register_flop_formula(getattr(namespace, f"conv_bn_relu_{backend}_backward"))(_backward_flops)
     torch.library.register_autograd(forward_name, _make_backward(ops.backward),
                                     setup_context=_setup_context, lib=_LIB)
     torch.library.register_autograd(backward_name, _double_backward, lib=_LIB)

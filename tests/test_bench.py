@@ -43,7 +43,7 @@ def test_bench_module_entry_point():
 def test_bench_fails_when_an_error_exceeds_the_tolerance(monkeypatch, capsys):
     import torch
 
-    monkeypatch.setitem(sys.modules["resnext_kernels.bench"].REL_TOLERANCE, torch.float32, 0.0)
+    monkeypatch.setitem(sys.modules["resnext_kernels.bench.check"].REL_TOLERANCE, torch.float32, 0.0)
     assert main(["--device", "cpu", "--layer", "s5", "--batch", "2", "--repeats", "1",
                  "--modes", "eval"]) == 1
     assert "FAIL" in capsys.readouterr().out

@@ -37,3 +37,11 @@ def test_imports_and_runs_without_native_library():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_library_built_for_another_torch_is_refused():
+    from resnext_kernels._native import torch_mismatch
+
+    assert torch_mismatch("2.14.1", "2.14.1+cu130") is None
+    assert "built against torch 2.14.1 but torch 2.13.0+cpu" in torch_mismatch("2.14.1", "2.13.0+cpu")
+    assert torch_mismatch("2.10.0", "2.9.0") is not None  # not a string comparison
