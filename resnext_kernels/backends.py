@@ -120,7 +120,9 @@ def resolve(name: str, input: torch.Tensor) -> Backend:
 
 register(Backend(
     name="reference",
-    ops=ops.define_backend_ops("reference", {None: (reference.forward, reference.backward)}),
+    ops=ops.define_backend_ops("reference", {None: ops.Implementation(
+        reference.forward, reference.backward, reference.batch_moments,
+        reference.backward_reduce, reference.backward_apply)}),
     device_types=frozenset({"cpu", "cuda", "meta"}),  # meta: shapes only (fake kernels)
     dtypes=ALL_DTYPES,
 ))

@@ -27,7 +27,8 @@ def _torchvision_bottleneck_forward(self, x):
     # torchvision.models.resnet.Bottleneck.forward with conv2 → bn2 → relu fused.
     identity = x
     out = self.relu(self.bn1(self.conv1(x)))
-    out = conv_bn_relu(self.conv2, self.bn2, out, backend=self.fused_backend)
+    out = conv_bn_relu(self.conv2, self.bn2, out, backend=self.fused_backend,
+                       process_group=self.fused_process_group)
     out = self.bn3(self.conv3(out))
     if self.downsample is not None:
         identity = self.downsample(x)
@@ -46,7 +47,8 @@ def _timm_bottleneck_forward(self, x):
     # is an Identity in every converted block).
     shortcut = x
     x = self.act1(self.bn1(self.conv1(x)))
-    x = conv_bn_relu(self.conv2, self.bn2, x, backend=self.fused_backend)
+    x = conv_bn_relu(self.conv2, self.bn2, x, backend=self.fused_backend,
+                     process_group=self.fused_process_group)
     x = self.aa(x)
     x = self.bn3(self.conv3(x))
     if self.se is not None:
@@ -129,13 +131,18 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def convert(model: nn.Module, *, backend: str = "auto") -> ConversionReport:
+def convert(model: nn.Module, *, backend: str = "auto", process_group=None) -> ConversionReport:
     """Make every fusable bottleneck of ``model`` run conv2 + bn2 + ReLU through the
     fused op, in place. Returns a ``ConversionReport``.
 
+    ``process_group``: synchronise the training statistics of the fused BatchNorms
+    over this ``torch.distributed`` group, as ``nn.SyncBatchNorm.convert_sync_batchnorm``
+    does for BatchNorm layers (pass ``torch.distributed.group.WORLD`` for all
+    processes; None keeps them local).
+
     Known blocks: ``torchvision.models.resnet.Bottleneck`` and
     ``timm.models.resnet.Bottleneck`` (exact classes: a subclass may have changed
-    ``forward``). Blocks already converted get the new ``backend``.
+    ``forward``). Blocks already converted get the new ``backend`` and group.
     """
     check_backend_name(backend)
     known = _known_classes()
@@ -144,7 +151,7 @@ def convert(model: nn.Module, *, backend: str = "auto") -> ConversionReport:
         cls = type(block)
         original = _original_class(cls)
         if original is not None:  # converted before
-            block.fused_backend = backend
+            block.fused_backend, block.fused_process_group = backend, process_group
             report.converted.append(name)
             continue
         family = known.get(cls)
@@ -159,7 +166,7 @@ def convert(model: nn.Module, *, backend: str = "auto") -> ConversionReport:
         if reason is not None:
             report.skipped[name] = reason
             continue
-        block.fused_backend = backend
+        block.fused_backend, block.fused_process_group = backend, process_group
         block.__class__ = _fused_class(cls, family)
         report.converted.append(name)
     return report
@@ -172,6 +179,6 @@ def unconvert(model: nn.Module) -> list[str]:
         original = _original_class(type(block))
         if original is not None:
             block.__class__ = original
-            del block.fused_backend
+            del block.fused_backend, block.fused_process_group
             restored.append(name)
     return restored

@@ -5,7 +5,9 @@ from typing import Optional, Union
 
 import torch
 
-from . import backends, reference
+import torch.distributed as dist
+
+from . import backends, distributed, reference
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -35,11 +37,12 @@ def _check_int(name: str, value, allowed=None) -> None:
 
 
 def check_arguments(input, weight, bn_weight, bn_bias, running_mean, running_var,
-                    stride, groups, eps, momentum, training) -> None:
+                    stride, groups, eps, momentum, training, synchronized=False) -> None:
     """Validate every argument of ``fused_group_conv_bn_relu`` before any kernel runs.
 
     Raises TypeError / ValueError naming the argument, the value received and what
-    is expected.
+    is expected. ``synchronized``: batch statistics are taken over a process group, so
+    the "more than 1 value per channel" rule applies to the group's total instead.
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor; got {type(input).__name__}")
@@ -79,12 +82,22 @@ def check_arguments(input, weight, bn_weight, bn_bias, running_mean, running_var
         raise ValueError(f"eps must be a non-negative float; got {eps!r}")
     if not isinstance(momentum, (numbers.Real, torch.Tensor)) or isinstance(momentum, bool):
         raise TypeError(f"momentum must be a float; got {type(momentum).__name__}")
-    if training:
+    if training and not synchronized:
         count = input.shape[0] * reference.output_size(input.shape[2], stride) \
             * reference.output_size(input.shape[3], stride)
         if count == 1:
             raise ValueError("Expected more than 1 value per channel when training, got "
                              f"input size {tuple(input.shape)} (stride {stride})")
+
+
+def _group_size(process_group) -> int:
+    """World size of ``process_group`` (1 for None); a clear error if it cannot be used."""
+    if process_group is None:
+        return 1
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group was given but torch.distributed is not initialized "
+                         "(call torch.distributed.init_process_group first)")
+    return dist.get_world_size(process_group)
 
 
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -116,6 +129,7 @@ def fused_group_conv_bn_relu(
     momentum: float = 0.1,
     training: bool = False,
     backend: str = "auto",
+    process_group=None,
 ) -> torch.Tensor:
     """``relu(batch_norm(conv2d(input, weight, stride, padding=1, groups), ...))``, fused.
 
@@ -132,12 +146,17 @@ def fused_group_conv_bn_relu(
         momentum: running-statistics factor (a float, or a 0-D tensor).
         training: normalise with batch statistics (True) or running statistics (False).
         backend: ``"auto"``, ``"reference"``, ``"cuda"``, ``"triton"`` or ``"cuda_emulated"``.
+        process_group: a ``torch.distributed`` process group: in training, the batch
+            statistics (and the backward's per-channel sums) are those of every
+            process's batch together, as with ``nn.SyncBatchNorm``. None: this
+            process's batch alone. No communication in eval.
 
     Returns:
         ``[N, C_out, H_out, W_out]`` with ``H_out = (H - 1) // stride + 1``, input's dtype.
     """
+    synchronized = training and _group_size(process_group) > 1
     check_arguments(input, weight, bn_weight, bn_bias, running_mean, running_var,
-                    stride, groups, eps, momentum, training)
+                    stride, groups, eps, momentum, training, synchronized)
     impl = backends.resolve(backend, input)
     c_out = weight.shape[0]
     param_dtype = torch.float32 if input.dtype in HALF_DTYPES else input.dtype
@@ -145,9 +164,14 @@ def fused_group_conv_bn_relu(
         bn_weight = torch.ones(c_out, dtype=param_dtype, device=input.device)
     if bn_bias is None:
         bn_bias = torch.zeros(c_out, dtype=param_dtype, device=input.device)
-    out, mean, var = impl.ops.forward(input, weight, bn_weight, bn_bias, running_mean,
-                                      running_var, stride, groups, float(eps), training)
-    count = out.numel() // c_out if c_out else 0
+    if synchronized:
+        out, mean, var, count = distributed.sync_forward(impl.ops, input, weight, bn_weight,
+                                                         bn_bias, stride, groups, float(eps),
+                                                         process_group)
+    else:
+        out, mean, var = impl.ops.forward(input, weight, bn_weight, bn_bias, running_mean,
+                                          running_var, stride, groups, float(eps), training)
+        count = out.numel() // c_out if c_out else 0
     if training and running_mean is not None and count > 0:
         update_running_stats(running_mean, running_var, mean, var, momentum, count)
     return out

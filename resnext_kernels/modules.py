@@ -32,11 +32,12 @@ def unfusable_reason(conv, bn):
 
 
 def conv_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, *,
-                 backend: str = "auto") -> torch.Tensor:
+                 backend: str = "auto", process_group=None) -> torch.Tensor:
     """``relu(bn(conv(input)))`` through the fused op, with ``bn`` behaving exactly as
     ``nn.BatchNorm2d.forward`` would: the statistics it uses and updates,
-    ``num_batches_tracked``, ``momentum=None`` as a cumulative average. ``conv`` must
-    satisfy ``FusedGroupConv.from_modules``'s conditions (3x3, padding 1, no bias)."""
+    ``num_batches_tracked``, ``momentum=None`` as a cumulative average — or, with a
+    ``process_group``, as ``nn.SyncBatchNorm`` over it. ``conv`` must satisfy
+    ``FusedGroupConv.from_modules``'s conditions (3x3, padding 1, no bias)."""
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -50,6 +51,7 @@ def conv_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, *,
         bn.running_var if keep_running else None,
         stride=conv.stride[0], groups=conv.groups, eps=bn.eps,
         momentum=momentum, training=use_batch_stats, backend=backend,
+        process_group=process_group,
     )
 
 
@@ -63,13 +65,17 @@ class FusedGroupConv(nn.Module):
     ``eval()``, ``momentum=None`` (cumulative average) and ``num_batches_tracked``
     behave exactly as in ``nn.BatchNorm2d``.
 
+    With a ``process_group`` (e.g. ``torch.distributed.group.WORLD``), training-mode
+    statistics are synchronised over it as by ``nn.SyncBatchNorm``; None (the default)
+    keeps them local. Unlike ``nn.SyncBatchNorm``, None does not mean "the world".
+
     Shapes: input ``[N, in_channels, H, W]`` → output
     ``[N, out_channels, (H - 1) // stride + 1, (W - 1) // stride + 1]``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, groups: int = 32,
                  stride: int = 1, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 backend: str = "auto", device=None, dtype=None):
+                 backend: str = "auto", process_group=None, device=None, dtype=None):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2; got {stride!r}")
@@ -78,10 +84,11 @@ class FusedGroupConv(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum,
                                  device=device, dtype=dtype)
         self.backend = check_backend_name(backend)
+        self.process_group = process_group
 
     @classmethod
-    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, *,
-                     backend: str = "auto") -> "FusedGroupConv":
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, backend: str = "auto",
+                     process_group=None) -> "FusedGroupConv":
         """Wrap an existing ``conv`` + ``bn`` pair (the modules themselves, not copies).
 
         ``conv`` must be a 3x3 ``nn.Conv2d`` with padding 1, dilation 1, zero padding,
@@ -97,6 +104,7 @@ class FusedGroupConv(nn.Module):
         module.conv = conv
         module.bn = bn
         module.backend = check_backend_name(backend)
+        module.process_group = process_group
         module.train(bn.training)
         return module
 
@@ -105,7 +113,8 @@ class FusedGroupConv(nn.Module):
         return self.conv, self.bn
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return conv_bn_relu(self.conv, self.bn, input, backend=self.backend)
+        return conv_bn_relu(self.conv, self.bn, input, backend=self.backend,
+                            process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"{self.conv.in_channels}, {self.conv.out_channels}, groups={self.conv.groups}, "

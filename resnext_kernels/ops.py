@@ -9,7 +9,16 @@ namespace, built from the two schemas below:
   normalised with (batch statistics in training, running statistics in eval);
 * ``resnext_kernels::conv_bn_relu_<backend>_backward``, returning the gradients of
   input, weight, bn_weight and bn_bias (empty ``[0]`` where ``output_mask`` is
-  False).
+  False);
+
+and the same computation split where statistics cross processes
+(``resnext_kernels.distributed``: the per-channel reductions are all-reduced
+between the halves):
+
+* ``..._moments``: per-channel mean and M2 of the conv output (a training
+  forward's first half; the second is the forward op given those statistics);
+* ``..._backward_reduce``: the per-channel sums Σdz and Σdz·x̂;
+* ``..._backward_apply``: input and weight gradients given those sums and their count.
 
 The forward op is functional (it never writes the running statistics), so it can
 carry an autograd formula; ``resnext_kernels.functional`` updates the running
@@ -19,7 +28,7 @@ statistics beside it. Implementations are attached per device type from Python
 """
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
@@ -39,17 +48,47 @@ BACKWARD_SCHEMA = (
     "bool training, bool[4] output_mask) -> (Tensor grad_input, Tensor grad_weight, "
     "Tensor grad_bn_weight, Tensor grad_bn_bias)"
 )
+MOMENTS_SCHEMA = "(Tensor input, Tensor weight, int stride, int groups) -> (Tensor mean, Tensor m2)"
+BACKWARD_REDUCE_SCHEMA = (
+    "(Tensor grad_out, Tensor input, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+    "Tensor out, Tensor mean, Tensor var, int stride, int groups, float eps) "
+    "-> (Tensor sum_dz, Tensor sum_dz_xhat)"
+)
+BACKWARD_APPLY_SCHEMA = (
+    "(Tensor grad_out, Tensor input, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+    "Tensor out, Tensor mean, Tensor var, Tensor sum_dz, Tensor sum_dz_xhat, int count, "
+    "int stride, int groups, float eps, bool[2] output_mask) "
+    "-> (Tensor grad_input, Tensor grad_weight)"
+)
 
 # Keeps the registrations alive for the life of the process.
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 
+class Implementation(NamedTuple):
+    """A backend's functions for one device type, with the schemas' signatures."""
+
+    forward: Callable
+    backward: Callable
+    moments: Callable
+    backward_reduce: Callable
+    backward_apply: Callable
+
+
+# op name suffix and schema, in Implementation's field order
+_OPS = (("", FORWARD_SCHEMA), ("_backward", BACKWARD_SCHEMA), ("_moments", MOMENTS_SCHEMA),
+        ("_backward_reduce", BACKWARD_REDUCE_SCHEMA), ("_backward_apply", BACKWARD_APPLY_SCHEMA))
+
+
 @dataclass(frozen=True)
 class BackendOps:
-    """The registered forward and backward ops of one backend."""
+    """The registered ops of one backend (fields as in ``Implementation``)."""
 
     forward: torch._ops.OpOverload
     backward: torch._ops.OpOverload
+    moments: torch._ops.OpOverload
+    backward_reduce: torch._ops.OpOverload
+    backward_apply: torch._ops.OpOverload
 
 
 def _forward_fake(input, weight, bn_weight, bn_bias, running_mean, running_var,
@@ -88,6 +127,22 @@ def _backward_flops(grad_out, input, weight, *args, out_shape=None, **kwargs):
     return conv_flop_count(input, weight, grad_out, transposed=False) * (mask[0] + mask[1])
 
 
+def _moments_fake(input, weight, stride, groups):
+    stats = reference.compute_dtype(input.dtype)
+    return tuple(input.new_empty((weight.shape[0],), dtype=stats) for _ in range(2))
+
+
+def _backward_reduce_fake(grad_out, input, weight, bn_weight, bn_bias, out, mean, var,
+                          stride, groups, eps):
+    return _moments_fake(input, weight, stride, groups)
+
+
+def _backward_apply_fake(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, sum_dz,
+                         sum_dz_xhat, count, stride, groups, eps, output_mask):
+    return _backward_fake(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, stride,
+                          groups, eps, True, list(output_mask) + [False, False])[:2]
+
+
 def _setup_context(ctx, inputs, output):
     input, weight, bn_weight, bn_bias, _, _, stride, groups, eps, training = inputs
     out, mean, var = output
@@ -114,38 +169,33 @@ def _double_backward(ctx, *grads):
         "through its gradient); use the unfused nn.Conv2d + nn.BatchNorm2d + nn.ReLU for that")
 
 
-def define_backend_ops(
-    backend: str,
-    impls: Optional[dict[str, tuple[Callable, Callable]]] = None,
-) -> BackendOps:
-    """Define the forward/backward ops of ``backend`` with fake kernels and autograd.
+def define_backend_ops(backend: str,
+                       impls: Optional[dict[Optional[str], Implementation]] = None) -> BackendOps:
+    """Define the ops of ``backend`` with fake kernels, FLOP formulas and autograd.
 
     Args:
-        backend: backend name; the ops are ``resnext_kernels::conv_bn_relu_<backend>``
-            and ``..._backward``.
+        backend: backend name; the ops are ``resnext_kernels::conv_bn_relu_<backend>``,
+            ``..._backward``, ``..._moments``, ``..._backward_reduce`` and
+            ``..._backward_apply``.
         impls: device type (``"cpu"``, ``"cuda"``) or ``None`` (every device) mapped to
-            ``(forward_fn, backward_fn)`` with the schemas' signatures. Device types
-            implemented in C++ are left out here.
+            the backend's functions. Device types implemented in C++ are left out here.
     """
-    forward_name = f"{NAMESPACE}::conv_bn_relu_{backend}"
-    backward_name = f"{forward_name}_backward"
-    torch.library.define(forward_name, FORWARD_SCHEMA, lib=_LIB)
-    torch.library.define(backward_name, BACKWARD_SCHEMA, lib=_LIB)
-    for device_type, (forward_fn, backward_fn) in (impls or {}).items():
-        torch.library.register_kernel(forward_name, device_type, forward_fn, lib=_LIB)
-        torch.library.register_kernel(backward_name, device_type, backward_fn, lib=_LIB)
-    torch.library.register_fake(forward_name, _forward_fake, lib=_LIB)
-    torch.library.register_fake(backward_name, _backward_fake, lib=_LIB)
+    base = f"{NAMESPACE}::conv_bn_relu_{backend}"
+    fakes = (_forward_fake, _backward_fake, _moments_fake, _backward_reduce_fake,
+             _backward_apply_fake)
+    for (suffix, schema), fake in zip(_OPS, fakes):
+        torch.library.define(base + suffix, schema, lib=_LIB)
+        torch.library.register_fake(base + suffix, fake, lib=_LIB)
+    for device_type, functions in (impls or {}).items():
+        for (suffix, _), fn in zip(_OPS, functions):
+            torch.library.register_kernel(base + suffix, device_type, fn, lib=_LIB)
 
     namespace = getattr(torch.ops, NAMESPACE)
-    ops = BackendOps(
-        forward=getattr(namespace, f"conv_bn_relu_{backend}").default,
-        backward=getattr(namespace, f"conv_bn_relu_{backend}_backward").default,
-    )
-    register_flop_formula(getattr(namespace, f"conv_bn_relu_{backend}"))(_forward_flops)
-    register_flop_formula(getattr(namespace, f"conv_bn_relu_{backend}_backward"))(_backward_flops)
-    torch.library.register_autograd(forward_name, _make_backward(ops.backward),
+    packets = [getattr(namespace, f"conv_bn_relu_{backend}{suffix}") for suffix, _ in _OPS]
+    ops = BackendOps(*(packet.default for packet in packets))
+    register_flop_formula(packets[0])(_forward_flops)
+    register_flop_formula(packets[1])(_backward_flops)
+    torch.library.register_autograd(base, _make_backward(ops.backward),
                                     setup_context=_setup_context, lib=_LIB)
-    torch.library.register_autograd(backward_name, _double_backward, lib=_LIB)
+    torch.library.register_autograd(base + "_backward", _double_backward, lib=_LIB)
     return ops
-

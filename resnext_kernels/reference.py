@@ -98,6 +98,66 @@ def forward(input, weight, bn_weight, bn_bias, running_mean, running_var,
     return out.to(input.dtype).contiguous(memory_format=memory_format_of(input)), mean, var
 
 
+def batch_moments(input, weight, stride: int, groups: int):
+    """Per-channel mean and M2 = Σ (c − mean)² of the conv output c over (N, H_out, W_out).
+
+    The first half of a training forward, for statistics merged across processes
+    (``resnext_kernels.distributed``); the count is ``N·H_out·W_out``. Returns two
+    ``[C_out]`` in the compute dtype (zeros for an empty batch).
+    """
+    c = conv(input, weight, stride, groups)
+    if c.numel() == 0:
+        return c.new_zeros(c.shape[1]), c.new_zeros(c.shape[1])
+    mean = c.mean(dim=(0, 2, 3))
+    return mean, (c - _per_channel(mean)).square().sum(dim=(0, 2, 3))
+
+
+def _normalized_and_masked(grad_out, input, weight, out, mean, var, stride, groups, eps):
+    """x̂ = (conv(x) − mean)·rsqrt(var + eps) and dz = grad_out·[out > 0], compute dtype."""
+    dtype = compute_dtype(input.dtype)
+    c = conv(input, weight, stride, groups)
+    x_hat = (c - _per_channel(mean.to(dtype))) * _per_channel(torch.rsqrt(var.to(dtype) + eps))
+    return x_hat, torch.where(out > 0, grad_out.to(dtype), 0)
+
+
+def backward_reduce(grad_out, input, weight, bn_weight, bn_bias, out, mean, var,
+                    stride: int, groups: int, eps: float):
+    """The per-channel sums the input gradient needs: ``(Σ dz, Σ dz·x̂)``, each ``[C_out]``
+    in the compute dtype, over (N, H_out, W_out); dz = grad_out·[out > 0]. They are also
+    the gradients of bn_bias and bn_weight."""
+    x_hat, dz = _normalized_and_masked(grad_out, input, weight, out, mean, var, stride, groups, eps)
+    return dz.sum(dim=(0, 2, 3)), (dz * x_hat).sum(dim=(0, 2, 3))
+
+
+def backward_apply(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, sum_dz,
+                   sum_dz_xhat, count: int, stride: int, groups: int, eps: float, output_mask):
+    """Input and weight gradients from the per-channel sums of ``backward_reduce``.
+
+    dc = γ·rsqrt(var+eps)·(dz − Σdz/count − x̂·Σdz·x̂/count); d input = conv_transpose(dc, w),
+    d weight = Σ_{N,H,W} x ⋆ dc per group. With the sums of a whole batch and its count this
+    is the training gradient; with zero sums (count 1) the eval gradient, where the
+    statistics are constants. ``output_mask`` (2 bools) skips a gradient (returned ``[0]``).
+    Returns ``(grad_input, grad_weight)`` in the dtypes (and input memory format) of the inputs.
+    """
+    dtype = compute_dtype(input.dtype)
+    x_hat, dz = _normalized_and_masked(grad_out, input, weight, out, mean, var, stride, groups, eps)
+    g = _per_channel(bn_weight.to(dtype) * torch.rsqrt(var.to(dtype) + eps))
+    dc = g * (dz - _per_channel(sum_dz.to(dtype) / count)
+              - x_hat * _per_channel(sum_dz_xhat.to(dtype) / count))
+    x, w = input.to(dtype), weight.to(dtype)
+    grad_input = input.new_empty(0)
+    if output_mask[0]:
+        grad_input = torch.nn.grad.conv2d_input(
+            x.shape, w, dc, stride=stride, padding=PADDING, groups=groups
+        ).to(input.dtype).contiguous(memory_format=memory_format_of(input))
+    grad_weight = weight.new_empty(0)
+    if output_mask[1]:
+        grad_weight = torch.nn.grad.conv2d_weight(
+            x, w.shape, dc, stride=stride, padding=PADDING, groups=groups
+        ).to(weight.dtype).contiguous()
+    return grad_input, grad_weight
+
+
 def backward(grad_out, input, weight, bn_weight, bn_bias, out, mean, var,
              stride: int, groups: int, eps: float, training: bool, output_mask):
     """Gradients of ``forward`` for (input, weight, bn_weight, bn_bias).
@@ -108,44 +168,21 @@ def backward(grad_out, input, weight, bn_weight, bn_bias, out, mean, var,
         output_mask: four bools; a gradient whose flag is False is returned empty
         (``[0]``) and not computed.
 
-    With dz = grad_out · [out > 0] and n = N·H_out·W_out:
-
-    * dβ = Σ dz, dγ = Σ dz·x̂ (sums over N, H_out, W_out)
-    * training: dc = γ·rsqrt(var+eps) · (dz − dβ/n − x̂·dγ/n); eval: dc = γ·rsqrt(var+eps)·dz
-    * d input = conv_transpose(dc, w); d weight = Σ_{N,H,W} x ⋆ dc (per group)
+    ``backward_reduce`` then ``backward_apply``: dβ = Σ dz, dγ = Σ dz·x̂; in training the
+    input gradient subtracts their means (the statistics depend on the input), in eval
+    it does not.
 
     Returns:
         ``(grad_input, grad_weight, grad_bn_weight, grad_bn_bias)``, each in the dtype
         of the matching input (grad_input in the input's memory format).
     """
-    dtype = compute_dtype(input.dtype)
-    x, w = input.to(dtype), weight.to(dtype)
-    c = conv(x, w, stride, groups)
-    invstd = torch.rsqrt(var + eps)
-    x_hat = (c - _per_channel(mean)) * _per_channel(invstd)
-    dz = torch.where(out > 0, grad_out.to(dtype), 0)
-    d_bias = dz.sum(dim=(0, 2, 3))
-    d_gamma = (dz * x_hat).sum(dim=(0, 2, 3))
-    g = _per_channel(bn_weight.to(dtype) * invstd)
-    if training:
-        n = max(c.numel() // c.shape[1], 1)
-        dc = g * (dz - _per_channel(d_bias / n) - x_hat * _per_channel(d_gamma / n))
-    else:
-        dc = g * dz
-
-    def empty(like):
-        return like.new_empty(0)
-
-    grad_input = empty(input)
-    if output_mask[0]:
-        grad_input = torch.nn.grad.conv2d_input(
-            x.shape, w, dc, stride=stride, padding=PADDING, groups=groups
-        ).to(input.dtype).contiguous(memory_format=memory_format_of(input))
-    grad_weight = empty(weight)
-    if output_mask[1]:
-        grad_weight = torch.nn.grad.conv2d_weight(
-            x, w.shape, dc, stride=stride, padding=PADDING, groups=groups
-        ).to(weight.dtype).contiguous()
-    grad_bn_weight = d_gamma.to(bn_weight.dtype) if output_mask[2] else empty(bn_weight)
-    grad_bn_bias = d_bias.to(bn_bias.dtype) if output_mask[3] else empty(bn_bias)
+    d_bias, d_gamma = backward_reduce(grad_out, input, weight, bn_weight, bn_bias, out, mean,
+                                      var, stride, groups, eps)
+    count = max(out.numel() // out.shape[1], 1) if training else 1
+    sums = (d_bias, d_gamma) if training else (torch.zeros_like(d_bias),) * 2
+    grad_input, grad_weight = backward_apply(grad_out, input, weight, bn_weight, bn_bias, out,
+                                             mean, var, *sums, count, stride, groups, eps,
+                                             output_mask[:2])
+    grad_bn_weight = d_gamma.to(bn_weight.dtype) if output_mask[2] else bn_weight.new_empty(0)
+    grad_bn_bias = d_bias.to(bn_bias.dtype) if output_mask[3] else bn_bias.new_empty(0)
     return grad_input, grad_weight, grad_bn_weight, grad_bn_bias

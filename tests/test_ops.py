@@ -122,3 +122,38 @@ def test_torch_compile_fullgraph_cpu(momentum):
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled_model.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=name)
 
+
+
+@pytest.mark.parametrize("problem,channels_last", PROBLEMS)
+def test_opcheck_split_ops(problem, channels_last):
+    args = forward_args(problem, channels_last, True, requires_grad=False)
+    x, w, g, b = args[:4]
+    out, mean, var = OPS.forward(*args)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(OPS.moments, (x, w, problem.stride, problem.groups))
+    common = (grad_out, x, w, g, b, out, mean, var)
+    torch.library.opcheck(OPS.backward_reduce, common + (problem.stride, problem.groups, 1e-5))
+    sums = OPS.backward_reduce(*common, problem.stride, problem.groups, 1e-5)
+    count = out.numel() // out.shape[1]
+    torch.library.opcheck(OPS.backward_apply, common + sums + (count, problem.stride,
+                                                               problem.groups, 1e-5, [True, True]))
+
+
+def test_split_ops_compose_to_the_fused_ops():
+    """moments + forward(given stats) == training forward; reduce + apply == backward."""
+    problem = Problem(3, 8, 16, 7, 6, groups=4, stride=2)
+    x, w, g, b, rm, rv = make_arguments(problem, torch.float64)
+    out, mean, var = OPS.forward(x, w, g, b, rm, rv, 2, 4, 1e-5, True)
+    m, m2 = OPS.moments(x, w, 2, 4)
+    count = out.numel() // out.shape[1]
+    torch.testing.assert_close(m, mean, atol=1e-14, rtol=1e-13)
+    torch.testing.assert_close(m2 / count, var, atol=1e-14, rtol=1e-13)
+    again, _, _ = OPS.forward(x, w, g, b, m, m2 / count, 2, 4, 1e-5, False)
+    torch.testing.assert_close(again, out, atol=1e-14, rtol=1e-13)
+    grad_out = torch.randn_like(out)
+    expected = OPS.backward(grad_out, x, w, g, b, out, mean, var, 2, 4, 1e-5, True, [True] * 4)
+    sums = OPS.backward_reduce(grad_out, x, w, g, b, out, mean, var, 2, 4, 1e-5)
+    grads = OPS.backward_apply(grad_out, x, w, g, b, out, mean, var, *sums, count, 2, 4, 1e-5,
+                               [True, True])
+    for got, want in zip(grads + sums[::-1], expected):
+        torch.testing.assert_close(got, want, atol=1e-14, rtol=1e-12)
