@@ -1,0 +1,621 @@
+// Host SIMT emulation: lets one CUDA C++ kernel source compile with g++ and run on
+// the CPU, so that the test suite executes every kernel without a GPU.
+//
+// Test infrastructure only: correct, deterministic and strict, not fast.
+//
+// Under nvcc this header only defines the portability macros (RK_LAUNCH,
+// DYNAMIC_SHARED, RK_SYNCTHREADS is plain __syncthreads). Under a host compiler it
+// provides:
+//   * __global__/__device__/__host__/__forceinline__/__launch_bounds__ as no-ops and
+//     __shared__ as `static`: blocks run one at a time, so a function-static array
+//     is exactly one copy per block (static shared memory keeps the previous
+//     block's contents; dynamic shared memory is poisoned with 0xFF before each block);
+//   * threadIdx/blockIdx/blockDim/gridDim as thread_local, set per CUDA thread;
+//   * two interchangeable back-ends, chosen with RK_EMU_BACKEND=fibers|threads:
+//       fibers (default): every CUDA thread is a ucontext fiber on one OS thread,
+//         scheduled cooperatively at barriers; deterministic; odd blocks run their
+//         threads in reverse order, so a missing barrier shows up either way;
+//       threads: one OS thread per CUDA thread (reused across blocks), so
+//         ThreadSanitizer sees real concurrency;
+//   * __syncthreads() recording its call site: two different sites meeting in one
+//     barrier phase abort ("divergent barrier"); threads that returned leave the
+//     barrier count, as on a GPU; no progress at all aborts ("deadlock");
+//   * warp operations (__shfl_sync/_up/_down/_xor with width, __ballot_sync,
+//     __any_sync, __all_sync, __syncwarp) exchanging values between
+//     two warp barriers; a mask that does not cover every live lane of the warp aborts;
+//   * atomicAdd/Sub/Max/Min/Exch/CAS on 32/64-bit integers, float and double, and
+//     atomicAdd on __half and __nv_bfloat16 (16-bit CAS loop).
+// Not emulated: inline PTX, mma/wmma, ldmatrix, cp.async/TMA, cooperative groups;
+// kernels put such code behind a helper with an `#ifdef __CUDA_ARCH__` host branch.
+#pragma once
+
+#if defined(__CUDACC__)
+
+#define RK_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define DYNAMIC_SHARED(T, name)                              \
+  extern __shared__ __align__(16) unsigned char rk_smem_[]; \
+  T* name = reinterpret_cast<T*>(rk_smem_)
+
+#else  // host emulation
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <ucontext.h>
+#include <vector_types.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __shared__
+#undef __launch_bounds__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+
+inline thread_local dim3 threadIdx;
+inline thread_local dim3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+constexpr int warpSize = 32;
+
+namespace rk::emu {
+
+[[noreturn]] inline void fail(const char* what, const char* site) {
+  std::fprintf(stderr, "rk::emu: %s at %s (block %u,%u,%u thread %u,%u,%u)\n", what,
+               site ? site : "?", blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x,
+               threadIdx.y, threadIdx.z);
+  std::fflush(stderr);
+  std::abort();
+}
+
+// One block's execution: the barrier and warp-exchange primitives of a back-end.
+class Block {
+ public:
+  virtual ~Block() = default;
+  virtual void sync_threads(const char* site) = 0;
+  // Every live lane of the calling warp publishes `bytes` (<= 16) of `value`; each
+  // then receives all 32 slots in `all` (16 bytes a lane; exited lanes' slots are
+  // stale). Returns the warp's live-lane mask.
+  virtual unsigned warp_gather(unsigned mask, const void* value, int bytes, void* all,
+                               const char* site) = 0;
+};
+
+inline thread_local Block* current_block = nullptr;
+inline thread_local int linear_tid = 0;  // x + y*bx + z*bx*by
+inline unsigned char* dynamic_smem = nullptr;
+
+inline int block_threads(dim3 b) { return static_cast<int>(b.x * b.y * b.z); }
+
+inline dim3 thread_index(int linear, dim3 b) {
+  return dim3(linear % b.x, linear / b.x % b.y, linear / (b.x * b.y));
+}
+
+// Per-warp exchange slots and the live-lane bookkeeping both back-ends share.
+struct WarpState {
+  unsigned char slot[32][16];
+  unsigned live = 0;      // lanes that have not returned
+  unsigned arrived = 0;   // lanes waiting at the current warp barrier
+  uint64_t generation = 0;  // warp barriers completed (threads back-end)
+  const char* site = nullptr;
+};
+
+inline unsigned initial_live(int warp, int nthreads) {
+  int lanes = nthreads - warp * 32;
+  return lanes >= 32 ? 0xffffffffu : ((1u << lanes) - 1u);
+}
+
+// ---------------------------------------------------------------- fibers ------
+class FiberBlock final : public Block {
+ public:
+  enum State { kReady, kAtBarrier, kAtWarp, kDone };
+
+  struct Fiber {
+    ucontext_t ctx;
+    std::unique_ptr<char[]> stack;
+    State state = kReady;
+    const char* site = nullptr;
+  };
+
+  static constexpr size_t kStackBytes = 256 * 1024;
+
+  FiberBlock(dim3 block, const std::function<void()>& body, bool reverse)
+      : block_(block), body_(body), n_(block_threads(block)), fibers_(n_),
+        warps_((n_ + 31) / 32) {
+    for (int w = 0; w < static_cast<int>(warps_.size()); ++w) warps_[w].live = initial_live(w, n_);
+    for (int i = 0; i < n_; ++i) order_.push_back(reverse ? n_ - 1 - i : i);
+  }
+
+  void run() {
+    for (int i = 0; i < n_; ++i) {
+      Fiber& f = fibers_[i];
+      f.stack.reset(new char[kStackBytes]);
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack.get();
+      f.ctx.uc_stack.ss_size = kStackBytes;
+      f.ctx.uc_link = &scheduler_;
+      makecontext(&f.ctx, reinterpret_cast<void (*)()>(&FiberBlock::entry), 2,
+                  static_cast<unsigned>(reinterpret_cast<uintptr_t>(this) & 0xffffffffu),
+                  static_cast<unsigned>(reinterpret_cast<uintptr_t>(this) >> 32));
+    }
+    while (true) {
+      bool progress = false;
+      for (int i : order_) {
+        if (fibers_[i].state != kReady) continue;
+        resume(i);
+        progress = true;
+      }
+      if (release_warps() | release_barrier()) progress = true;
+      if (all_done()) return;
+      if (!progress) fail("deadlock: no thread can make progress", last_site_);
+    }
+  }
+
+  void sync_threads(const char* site) override {
+    Fiber& f = fibers_[running_];
+    f.state = kAtBarrier;
+    f.site = site;
+    yield();
+  }
+
+  unsigned warp_gather(unsigned mask, const void* value, int bytes, void* all,
+                       const char* site) override {
+    WarpState& w = warps_[running_ / 32];
+    if ((mask & w.live) != w.live) fail("warp mask does not cover every live lane", site);
+    std::memcpy(w.slot[running_ % 32], value, bytes);
+    wait_warp(site);
+    unsigned live = w.live;
+    std::memcpy(all, w.slot, sizeof(w.slot));
+    wait_warp(site);  // nobody overwrites a slot before every lane has read it
+    return live;
+  }
+
+ private:
+  static void entry(unsigned lo, unsigned hi) {
+    auto* self = reinterpret_cast<FiberBlock*>(static_cast<uintptr_t>(lo) |
+                                               (static_cast<uintptr_t>(hi) << 32));
+    self->body_();
+    Fiber& f = self->fibers_[self->running_];
+    f.state = kDone;
+    self->warps_[self->running_ / 32].live &= ~(1u << (self->running_ % 32));
+  }  // returns to uc_link (the scheduler)
+
+  void resume(int i) {
+    running_ = i;
+    threadIdx = thread_index(i, block_);
+    linear_tid = i;
+    swapcontext(&scheduler_, &fibers_[i].ctx);
+  }
+
+  void yield() { swapcontext(&fibers_[running_].ctx, &scheduler_); }
+
+  void wait_warp(const char* site) {
+    Fiber& f = fibers_[running_];
+    f.state = kAtWarp;
+    f.site = site;
+    last_site_ = site;
+    yield();
+  }
+
+  bool release_warps() {
+    bool released = false;
+    for (int w = 0; w < static_cast<int>(warps_.size()); ++w) {
+      unsigned live = warps_[w].live, waiting = 0;
+      for (int lane = 0; lane < 32; ++lane)
+        if ((live >> lane & 1u) && fibers_[w * 32 + lane].state == kAtWarp) waiting |= 1u << lane;
+      if (live && waiting == live) {
+        const char* site = fibers_[w * 32 + __builtin_ctz(live)].site;
+        for (int lane = 0; lane < 32; ++lane) {
+          if (!(live >> lane & 1u)) continue;
+          if (fibers_[w * 32 + lane].site != site) {
+            std::fprintf(stderr, "rk::emu: warp operations at %s and %s\n", site,
+                         fibers_[w * 32 + lane].site);
+            fail("divergent warp operation (lanes of one warp at different call sites)", site);
+          }
+          fibers_[w * 32 + lane].state = kReady;
+        }
+        released = true;
+      }
+    }
+    return released;
+  }
+
+  bool release_barrier() {
+    const char* site = nullptr;
+    for (const Fiber& f : fibers_) {
+      if (f.state == kDone) continue;
+      if (f.state != kAtBarrier) return false;
+      if (site == nullptr) site = f.site;
+      else if (std::strcmp(site, f.site) != 0) {
+        std::fprintf(stderr, "rk::emu: barriers at %s and %s\n", site, f.site);
+        fail("divergent barrier (__syncthreads at different call sites)", f.site);
+      }
+    }
+    if (site == nullptr) return false;
+    last_site_ = site;
+    for (Fiber& f : fibers_)
+      if (f.state == kAtBarrier) f.state = kReady;
+    return true;
+  }
+
+  bool all_done() const {
+    for (const Fiber& f : fibers_)
+      if (f.state != kDone) return false;
+    return true;
+  }
+
+  dim3 block_;
+  std::function<void()> body_;
+  int n_;
+  std::vector<Fiber> fibers_;
+  std::vector<WarpState> warps_;
+  std::vector<int> order_;
+  ucontext_t scheduler_;
+  int running_ = 0;
+  const char* last_site_ = nullptr;
+};
+
+// ---------------------------------------------------------------- threads -----
+class ThreadBlock final : public Block {
+ public:
+  explicit ThreadBlock(int n) : n_(n), warps_((n + 31) / 32) {}
+
+  void start() {
+    live_ = n_;
+    waiting_ = 0;
+    site_ = nullptr;
+    for (int w = 0; w < static_cast<int>(warps_.size()); ++w) {
+      warps_[w] = WarpState();
+      warps_[w].live = initial_live(w, n_);
+    }
+  }
+
+  void sync_threads(const char* site) override {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (waiting_ == 0) site_ = site;
+    else if (std::strcmp(site_, site) != 0) {
+      std::fprintf(stderr, "rk::emu: barriers at %s and %s\n", site_, site);
+      fail("divergent barrier (__syncthreads at different call sites)", site);
+    }
+    wait_for_all(lock, waiting_, live_, generation_);
+  }
+
+  unsigned warp_gather(unsigned mask, const void* value, int bytes, void* all,
+                       const char* site) override {
+    WarpState& w = warps_[linear_tid / 32];
+    std::unique_lock<std::mutex> lock(mutex_);
+    if ((mask & w.live) != w.live) fail("warp mask does not cover every live lane", site);
+    std::memcpy(w.slot[linear_tid % 32], value, bytes);
+    warp_barrier(lock, w, site);
+    unsigned live = w.live;
+    std::memcpy(all, w.slot, sizeof(w.slot));
+    warp_barrier(lock, w, site);
+    return live;
+  }
+
+  void thread_exit() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    --live_;
+    WarpState& w = warps_[linear_tid / 32];
+    w.live &= ~(1u << (linear_tid % 32));
+    if (waiting_ > 0 && waiting_ == live_) release(generation_, waiting_);
+    if (w.arrived && w.arrived == w.live) {
+      w.arrived = 0;
+      ++w.generation;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  void release(uint64_t& generation, int& waiting) {
+    ++generation;
+    waiting = 0;
+    cv_.notify_all();
+  }
+
+  void wait_for_all(std::unique_lock<std::mutex>& lock, int& waiting, int& live,
+                    uint64_t& generation) {
+    uint64_t gen = generation;
+    if (++waiting == live) {
+      release(generation, waiting);
+      return;
+    }
+    cv_.wait(lock, [&] { return generation != gen; });
+  }
+
+  void warp_barrier(std::unique_lock<std::mutex>& lock, WarpState& w, const char* site) {
+    if (w.arrived == 0) w.site = site;
+    else if (w.site != site) {
+      std::fprintf(stderr, "rk::emu: warp operations at %s and %s\n", w.site, site);
+      fail("divergent warp operation (lanes of one warp at different call sites)", site);
+    }
+    w.arrived |= 1u << (linear_tid % 32);
+    uint64_t gen = w.generation;
+    if (w.arrived == w.live) {
+      w.arrived = 0;
+      ++w.generation;
+      cv_.notify_all();
+      return;
+    }
+    cv_.wait(lock, [&] { return w.generation != gen; });
+  }
+
+  int n_;
+  std::vector<WarpState> warps_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int live_ = 0, waiting_ = 0;
+  uint64_t generation_ = 0;
+  const char* site_ = nullptr;
+};
+
+inline bool use_threads() {
+  const char* v = std::getenv("RK_EMU_BACKEND");
+  if (v == nullptr || std::strcmp(v, "fibers") == 0) return false;
+  if (std::strcmp(v, "threads") == 0) return true;
+  fail("RK_EMU_BACKEND must be fibers or threads", v);
+}
+
+inline std::mutex& launch_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+// Runs `kernel(args...)` over the grid, one block at a time.
+template <typename... Params, typename... Args>
+void launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(Params...), Args&&... args) {
+  std::lock_guard<std::mutex> guard(launch_mutex());
+  const int n = block_threads(block);
+  if (n <= 0 || n > 1024) fail("block size must be 1..1024 threads", "launch");
+  std::vector<unsigned char> smem_bytes(smem + 16);
+  auto body = [&] { kernel(static_cast<Params>(args)...); };
+  auto set_block = [&](long b) {
+    blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y));
+    blockDim = block;
+    gridDim = grid;
+  };
+  const long blocks = static_cast<long>(grid.x) * grid.y * grid.z;
+  dynamic_smem = smem_bytes.data();
+  if (!use_threads()) {
+    for (long b = 0; b < blocks; ++b) {
+      set_block(b);
+      std::memset(smem_bytes.data(), 0xFF, smem_bytes.size());
+      FiberBlock fb(block, body, b % 2 == 1);
+      current_block = &fb;
+      fb.run();
+    }
+    current_block = nullptr;
+    return;
+  }
+  ThreadBlock tb(n);
+  std::mutex start_mutex;
+  std::condition_variable start_cv;
+  long started = -1;   // block index the workers may run
+  int finished = 0;    // workers done with it
+  std::vector<std::thread> workers;
+  for (int t = 0; t < n; ++t) {
+    workers.emplace_back([&, t] {
+      for (long b = 0; b < blocks; ++b) {
+        {
+          std::unique_lock<std::mutex> lock(start_mutex);
+          start_cv.wait(lock, [&] { return started >= b; });
+        }
+        set_block(b);
+        threadIdx = thread_index(t, block);
+        linear_tid = t;
+        current_block = &tb;
+        body();
+        tb.thread_exit();
+        std::lock_guard<std::mutex> lock(start_mutex);
+        if (++finished == n) start_cv.notify_all();
+      }
+    });
+  }
+  for (long b = 0; b < blocks; ++b) {
+    std::unique_lock<std::mutex> lock(start_mutex);
+    std::memset(smem_bytes.data(), 0xFF, smem_bytes.size());
+    tb.start();
+    finished = 0;
+    started = b;
+    start_cv.notify_all();
+    start_cv.wait(lock, [&] { return finished == n; });
+  }
+  for (std::thread& w : workers) w.join();
+}
+
+// `value` of lane `src` (one warp-wide exchange).
+template <typename T>
+T warp_op(unsigned mask, T value, int src, const char* site) {
+  static_assert(sizeof(T) <= 16 && std::is_trivially_copyable_v<T>,
+                "warp exchange of a trivially copyable value of at most 16 bytes");
+  unsigned char all[32][16];
+  unsigned live = current_block->warp_gather(mask, &value, sizeof(T), all, site);
+  if (!(live >> src & 1u)) fail("warp shuffle reads an exited lane", site);
+  T out;
+  std::memcpy(&out, all[src], sizeof(T));
+  return out;
+}
+
+inline int lane_id() { return linear_tid % 32; }
+
+}  // namespace rk::emu
+
+#define RK_EMU_STR2(x) #x
+#define RK_EMU_STR(x) RK_EMU_STR2(x)
+#define RK_EMU_SITE __FILE__ ":" RK_EMU_STR(__LINE__)
+
+#define __syncthreads() ::rk::emu::current_block->sync_threads(RK_EMU_SITE)
+#define RK_LAUNCH(kernel, grid, block, smem, stream) \
+  ::rk::emu::Launcher(grid, block, smem, kernel)
+#define DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::rk::emu::dynamic_smem)
+
+namespace rk::emu {
+
+template <typename Kernel>
+struct Launcher {
+  dim3 grid, block;
+  size_t smem;
+  Kernel kernel;
+  Launcher(dim3 g, dim3 b, size_t s, Kernel k) : grid(g), block(b), smem(s), kernel(k) {}
+  template <typename... Args>
+  void operator()(Args&&... args) const {
+    launch(grid, block, smem, kernel, std::forward<Args>(args)...);
+  }
+};
+
+}  // namespace rk::emu
+
+// Warp operations. Each is one warp-wide exchange: the calling lanes must be every
+// live lane of the warp and must all be at the same call site.
+#define __shfl_sync(...) ::rk::emu::shfl_idx(RK_EMU_SITE, __VA_ARGS__)
+#define __shfl_up_sync(...) ::rk::emu::shfl_up(RK_EMU_SITE, __VA_ARGS__)
+#define __shfl_down_sync(...) ::rk::emu::shfl_down(RK_EMU_SITE, __VA_ARGS__)
+#define __shfl_xor_sync(...) ::rk::emu::shfl_xor(RK_EMU_SITE, __VA_ARGS__)
+#define __ballot_sync(mask, pred) ::rk::emu::ballot(RK_EMU_SITE, mask, pred)
+#define __any_sync(mask, pred) (::rk::emu::ballot(RK_EMU_SITE, mask, pred) != 0u)
+#define __all_sync(mask, pred) ::rk::emu::all(RK_EMU_SITE, mask, pred)
+#define __syncwarp(...) ::rk::emu::syncwarp(RK_EMU_SITE __VA_OPT__(, ) __VA_ARGS__)
+
+namespace rk::emu {
+
+// Source lane within a segment of `width` lanes (width a power of two <= 32).
+inline int segment_base(int width) { return lane_id() & ~(width - 1); }
+
+template <typename T>
+T shfl_idx(const char* site, unsigned mask, T var, int src, int width = 32) {
+  return warp_op(mask, var, segment_base(width) + (src & (width - 1)), site);
+}
+
+template <typename T>
+T shfl_up(const char* site, unsigned mask, T var, unsigned delta, int width = 32) {
+  int in_segment = (lane_id() & (width - 1)) - static_cast<int>(delta);
+  return warp_op(mask, var, in_segment >= 0 ? lane_id() - static_cast<int>(delta) : lane_id(), site);
+}
+
+template <typename T>
+T shfl_down(const char* site, unsigned mask, T var, unsigned delta, int width = 32) {
+  int in_segment = (lane_id() & (width - 1)) + static_cast<int>(delta);
+  return warp_op(mask, var, in_segment < width ? lane_id() + static_cast<int>(delta) : lane_id(), site);
+}
+
+template <typename T>
+T shfl_xor(const char* site, unsigned mask, T var, int lane_mask, int width = 32) {
+  int src = lane_id() ^ lane_mask;
+  return warp_op(mask, var, (src & ~(width - 1)) == segment_base(width) ? src : lane_id(), site);
+}
+
+// Bits of the live lanes whose predicate is non-zero; also returns the live mask.
+inline unsigned ballot_live(const char* site, unsigned mask, int pred, unsigned* live) {
+  unsigned char all[32][16];
+  int mine = pred != 0;
+  *live = current_block->warp_gather(mask, &mine, sizeof(mine), all, site);
+  unsigned result = 0;
+  for (int lane = 0; lane < 32; ++lane) {
+    int theirs;
+    std::memcpy(&theirs, all[lane], sizeof(theirs));
+    if ((*live >> lane & 1u) && theirs) result |= 1u << lane;
+  }
+  return result;
+}
+
+inline unsigned ballot(const char* site, unsigned mask, int pred) {
+  unsigned live;
+  return ballot_live(site, mask, pred, &live);
+}
+
+inline bool all(const char* site, unsigned mask, int pred) {
+  unsigned live;
+  return ballot_live(site, mask, pred, &live) == live;
+}
+
+inline void syncwarp(const char* site, unsigned mask = 0xffffffffu) {
+  unsigned live;
+  ballot_live(site, mask, 0, &live);
+}
+
+}  // namespace rk::emu
+
+// Atomics: std::atomic_ref on the host (real atomics for the threads back-end).
+namespace rk::emu {
+
+template <typename T, typename F>
+T atomic_update(T* address, F update) {
+  std::atomic_ref<T> ref(*address);
+  T old = ref.load();
+  while (!ref.compare_exchange_weak(old, update(old))) {
+  }
+  return old;
+}
+
+// 16-bit floating types: a compare-and-swap loop on the raw bits.
+template <typename T, typename ToFloat, typename FromFloat>
+T atomic_add_16(T* address, T value, ToFloat to_float, FromFloat from_float) {
+  static_assert(sizeof(T) == 2);
+  auto* bits = reinterpret_cast<uint16_t*>(address);
+  uint16_t old = atomic_update(bits, [&](uint16_t cur) {
+    T cur_value;
+    std::memcpy(static_cast<void*>(&cur_value), &cur, 2);
+    T sum = from_float(to_float(cur_value) + to_float(value));
+    uint16_t out;
+    std::memcpy(&out, static_cast<const void*>(&sum), 2);
+    return out;
+  });
+  T result;
+  std::memcpy(static_cast<void*>(&result), &old, 2);
+  return result;
+}
+
+}  // namespace rk::emu
+
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+inline T atomicAdd(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_add(value);
+}
+inline __half atomicAdd(__half* address, __half value) {
+  return ::rk::emu::atomic_add_16(address, value, [](__half h) { return __half2float(h); },
+                                  [](float f) { return __float2half_rn(f); });
+}
+inline __nv_bfloat16 atomicAdd(__nv_bfloat16* address, __nv_bfloat16 value) {
+  return ::rk::emu::atomic_add_16(address, value,
+                                  [](__nv_bfloat16 h) { return __bfloat162float(h); },
+                                  [](float f) { return __float2bfloat16_rn(f); });
+}
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+inline T atomicSub(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_sub(value);
+}
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+inline T atomicMax(T* address, T value) {
+  return ::rk::emu::atomic_update(address, [&](T cur) { return cur < value ? value : cur; });
+}
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+inline T atomicMin(T* address, T value) {
+  return ::rk::emu::atomic_update(address, [&](T cur) { return value < cur ? value : cur; });
+}
+template <typename T>
+inline T atomicExch(T* address, T value) {
+  return std::atomic_ref<T>(*address).exchange(value);
+}
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+inline T atomicCAS(T* address, T compare, T value) {
+  std::atomic_ref<T>(*address).compare_exchange_strong(compare, value);
+  return compare;  // the old value either way
+}
+
+#endif  // __CUDACC__
