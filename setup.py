@@ -122,7 +122,10 @@ def configure():
     log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
     log(f"MAX_JOBS={os.environ['MAX_JOBS']}")
 
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+    def files(folder, pattern):
+        return sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).glob(pattern))
+
+    sources = ["csrc/module.cpp"]
     define_macros = []
     extra = {"cxx": ["-O3"]}
     if with_cuda:
@@ -132,7 +135,7 @@ def configure():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
         log(f"CUDA_HOME={cuda_home} ({how}); nvcc {version[0]}.{version[1]}")
         log(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(the visible GPUs)')}")
-        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+        sources += ["csrc/conv_bn_relu.cpp"] + files("csrc/cuda", "*.cu")
         define_macros.append(("RESNEXT_WITH_CUDA", "1"))
         extra["nvcc"] = ["-O3", "-lineinfo"]
         ext_cls = cpp_extension.CUDAExtension
@@ -141,15 +144,31 @@ def configure():
         ext_cls = cpp_extension.CppExtension
         log(f"skipping the CUDA sources: {skip}; building resnext_kernels._C without them")
 
-    ext = ext_cls(
+    extensions = [ext_cls(
         name="resnext_kernels._C",
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra,
-    )
+    )]
+
+    # The same kernels for the host SIMT emulator (backend "cuda_emulated", tests only):
+    # needs the toolkit's headers (cuda_fp16.h, ...), not a CUDA build of torch.
+    headers = cuda_home if with_cuda else find_cuda_home()[0]
+    if headers is not None:
+        extensions.append(cpp_extension.CppExtension(
+            name="resnext_kernels._C_emulated",
+            sources=["csrc/conv_bn_relu.cpp"] + files("csrc/emulated", "*.cpp"),
+            include_dirs=[str(ROOT / "csrc"), str(Path(headers) / "include")],
+            define_macros=[("RESNEXT_EMULATED", "1")],
+            extra_compile_args={"cxx": ["-O2", "-std=c++20", "-pthread", "-Wno-unknown-pragmas"]},
+            extra_link_args=["-pthread"],
+        ))
+        log(f"building resnext_kernels._C_emulated (CUDA headers from {headers})")
+    else:
+        log("skipping resnext_kernels._C_emulated: no CUDA toolkit headers")
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
-    return [ext], cmdclass
+    return extensions, cmdclass
 
 
 ext_modules, cmdclass = configure()

@@ -14,8 +14,12 @@ namespace py = pybind11;
 namespace resnext_kernels {
 namespace {
 
-// Kernel families compiled into this library; each kernel issue adds its own.
+// Kernel families compiled into this library.
+#ifdef RESNEXT_WITH_CUDA
+const std::vector<std::string> kKernelFamilies = {"conv_fwd"};
+#else
 const std::vector<std::string> kKernelFamilies = {};
+#endif
 
 py::dict build_info() {
   py::dict info;

@@ -54,11 +54,13 @@ def _missing_reasons() -> dict[str, str]:
                 "build time); rebuild with `pip install --no-build-isolation .` on a machine "
                 "with nvcc and a CUDA build of torch")
     else:
-        cuda = "no CUDA kernel family is compiled into resnext_kernels._C in this version"
+        cuda = "the conv_fwd kernel family is not compiled into resnext_kernels._C"
     return {
         "cuda": cuda,
         "triton": "the Triton kernels are not part of this version of resnext_kernels",
-        "cuda_emulated": "the emulated CUDA kernels are not part of this version of resnext_kernels",
+        "cuda_emulated": ("resnext_kernels._C_emulated could not be imported "
+                          f"({info['emulated_error']}); it is built when the CUDA toolkit's "
+                          "headers are found at build time"),
     }
 
 
@@ -118,11 +120,34 @@ def resolve(name: str, input: torch.Tensor) -> Backend:
     return backend
 
 
+def _with_reference(forward=reference.forward) -> ops.Implementation:
+    """``forward`` with the reference's backward and split ops (the kernel backends'
+    forward is in C++; their backward kernels are not written yet)."""
+    return ops.Implementation(forward, reference.backward, reference.batch_moments,
+                              reference.backward_reduce, reference.backward_apply)
+
+
 register(Backend(
     name="reference",
-    ops=ops.define_backend_ops("reference", {None: ops.Implementation(
-        reference.forward, reference.backward, reference.batch_moments,
-        reference.backward_reduce, reference.backward_apply)}),
+    ops=ops.define_backend_ops("reference", {None: _with_reference()}),
     device_types=frozenset({"cpu", "cuda", "meta"}),  # meta: shapes only (fake kernels)
     dtypes=ALL_DTYPES,
 ))
+
+KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+if "conv_fwd" in build_info()["kernel_families"]:
+    register(Backend(
+        name="cuda",
+        ops=ops.define_backend_ops("cuda", {"cuda": _with_reference(forward=None)}),
+        device_types=frozenset({"cuda"}),
+        dtypes=KERNEL_DTYPES,
+    ))
+
+if build_info()["emulated"]:
+    register(Backend(
+        name="cuda_emulated",
+        ops=ops.define_backend_ops("cuda_emulated", {"cpu": _with_reference(forward=None)}),
+        device_types=frozenset({"cpu"}),
+        dtypes=KERNEL_DTYPES,
+    ))

@@ -66,7 +66,8 @@ _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 
 class Implementation(NamedTuple):
-    """A backend's functions for one device type, with the schemas' signatures."""
+    """A backend's functions for one device type, with the schemas' signatures; None
+    where C++ registers the implementation (``TORCH_LIBRARY_IMPL``)."""
 
     forward: Callable
     backward: Callable
@@ -188,7 +189,8 @@ def define_backend_ops(backend: str,
         torch.library.register_fake(base + suffix, fake, lib=_LIB)
     for device_type, functions in (impls or {}).items():
         for (suffix, _), fn in zip(_OPS, functions):
-            torch.library.register_kernel(base + suffix, device_type, fn, lib=_LIB)
+            if fn is not None:
+                torch.library.register_kernel(base + suffix, device_type, fn, lib=_LIB)
 
     namespace = getattr(torch.ops, NAMESPACE)
     packets = [getattr(namespace, f"conv_bn_relu_{backend}{suffix}") for suffix, _ in _OPS]

@@ -34,28 +34,36 @@ def test_missing_backend_says_what_is_missing(name):
     if name in available_backends():
         pytest.skip(f"{name} is available in this build")
     args = make_arguments(Problem(2, 4, 4, 3, 3, 2, 1), torch.float32)
-    with pytest.raises(RuntimeError, match=f"backend '{name}' is not available: .+"):
+    with pytest.raises(RuntimeError, match=f"backend '{name}' (is not available: |runs on )"):
         fused_group_conv_bn_relu(*args, groups=2, backend=name)
 
 
 def test_cuda_reason_follows_build_info():
-    if "cuda" in available_backends():
-        pytest.skip("cuda is available in this build")
     info = build_info()
     with pytest.raises(RuntimeError) as err:
-        resolve("cuda", torch.empty(1, 1, 1, 1))
+        resolve("cuda", torch.empty(1, 1, 1, 1))  # a CPU tensor: never for "cuda"
     if not info["native"]:
         assert "could not be imported" in str(err.value)
     elif not info["with_cuda"]:
         assert "built without CUDA" in str(err.value)
-    else:
-        assert "no CUDA kernel family" in str(err.value)
+    else:  # the kernels are built: the error is about the device
+        assert "backend 'cuda' runs on cuda tensors, but input is on cpu" in str(err.value)
+
+
+def test_float64_is_refused_by_the_kernel_backends():
+    if "cuda_emulated" not in available_backends():
+        pytest.skip("cuda_emulated is not built")
+    with pytest.raises(RuntimeError, match="supports dtypes bfloat16, float16, float32, but input "
+                                           "is torch.float64"):
+        resolve("cuda_emulated", torch.empty(1, 1, 1, 1, dtype=torch.float64))
+    assert resolve("auto", torch.empty(1, 1, 1, 1)).name == "reference"  # never emulated
 
 
 def test_build_info_fields():
     info = resnext_kernels.build_info()
     assert set(info) == {"native", "import_error", "torch_version", "compiler", "with_cuda",
-                         "cuda_version", "nvcc_version", "cuda_archs", "kernel_families"}
+                         "cuda_version", "nvcc_version", "cuda_archs", "kernel_families",
+                         "emulated", "emulated_error"}
     if info["native"]:
         assert info["torch_version"] == torch.__version__.split("+")[0]
     if info["with_cuda"]:

@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+import torch
+
+from resnext_kernels.backends import usable_backends
 from resnext_kernels.bench import main
 
 
@@ -15,9 +18,14 @@ def test_bench_checks_every_available_backend(tmp_path, capsys):
                  "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = {(r["provider"], r["mode"]): r for r in data["results"]}
-    assert set(rows) == {(p, m) for p in ("pytorch", "reference") for m in ("eval", "train")}
+    providers = ["pytorch"] + usable_backends(torch.empty(0, 0, 0, 0))
+    assert set(rows) == {(p, m) for p in providers for m in ("eval", "train")}
     for (provider, mode), row in rows.items():
-        assert row["ok"] and row["rel_error"] < row["tolerance"] and row["time_ms"] > 0
+        assert row["ok"] and row["rel_error"] < row["tolerance"]
+        if provider == "cuda_emulated":
+            assert row["time_ms"] is None  # the emulator is not timed
+        else:
+            assert row["time_ms"] > 0
         assert row["shape"] == "2x1024x7x7"
     assert rows[("reference", "train")]["worst"].startswith(("grad_", "running_", "output"))
     assert "reference" in capsys.readouterr().out
@@ -47,3 +55,34 @@ def test_bench_fails_when_an_error_exceeds_the_tolerance(monkeypatch, capsys):
     assert main(["--device", "cpu", "--layer", "s5", "--batch", "2", "--repeats", "1",
                  "--modes", "eval"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+SAMPLE_REPORT = """
+Fatbin elf code:
+================
+arch = sm_90
+ Function _ZN2rk6detail15finalize_kernelENS_14FinalizeParamsE:
+  REG:44 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:584 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z4spillv:
+  REG:255 STACK:64 SHARED:1024 LOCAL:8 CONSTANT[0]:584 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def test_kernel_report_parsing_flags_spills():
+    from resnext_kernels.bench.kernels import parse
+
+    rows = parse(SAMPLE_REPORT)
+    assert [(r.arch, r.registers, r.stack, r.local, r.spills) for r in rows] == [
+        ("sm_90", 44, 0, 0, False), ("sm_90", 255, 64, 8, True)]
+    assert rows[0].name == "rk::detail::finalize_kernel(rk::FinalizeParams)"
+
+
+def test_kernels_report_of_this_build_has_no_spills(tmp_path):
+    import resnext_kernels
+
+    if not resnext_kernels.build_info()["with_cuda"]:
+        pytest.skip("resnext_kernels._C was built without CUDA kernels")
+    out = tmp_path / "kernels.json"
+    assert main(["kernels", "--check", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) >= 73 and all(r["stack"] == 0 and r["local"] == 0 for r in rows)

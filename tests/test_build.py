@@ -20,7 +20,7 @@ def test_imports_and_runs_without_native_library():
 
         info = rk.build_info()
         assert info["native"] is False and "hidden by the test" in info["import_error"], info
-        assert rk.available_backends() == ["reference"], rk.available_backends()
+        assert "cuda" not in rk.available_backends(), rk.available_backends()
         try:
             rk.fused_group_conv_bn_relu(torch.randn(2, 4, 3, 3), torch.randn(4, 2, 3, 3),
                                         None, None, None, None, groups=2, training=True,

@@ -462,17 +462,23 @@ inline int lane_id() { return linear_tid % 32; }
 
 #define __syncthreads() ::rk::emu::current_block->sync_threads(RK_EMU_SITE)
 #define RK_LAUNCH(kernel, grid, block, smem, stream) \
-  ::rk::emu::Launcher(grid, block, smem, kernel)
+  ::rk::emu::Launcher(grid, block, smem, stream, kernel)
 #define DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::rk::emu::dynamic_smem)
 
 namespace rk::emu {
+
+template <typename Kernel>
+struct Launcher;
+template <typename Stream, typename Kernel>
+Launcher(dim3, dim3, size_t, Stream, Kernel) -> Launcher<Kernel>;
 
 template <typename Kernel>
 struct Launcher {
   dim3 grid, block;
   size_t smem;
   Kernel kernel;
-  Launcher(dim3 g, dim3 b, size_t s, Kernel k) : grid(g), block(b), smem(s), kernel(k) {}
+  template <typename Stream>  // ignored: launches run to completion
+  Launcher(dim3 g, dim3 b, size_t s, Stream, Kernel k) : grid(g), block(b), smem(s), kernel(k) {}
   template <typename... Args>
   void operator()(Args&&... args) const {
     launch(grid, block, smem, kernel, std::forward<Args>(args)...);

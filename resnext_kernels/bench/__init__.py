@@ -4,14 +4,15 @@ Commands:
 
 * ``check`` (the default): every available backend against the float64 reference
   on a ResNeXt-50 layer, timed beside PyTorch's Conv2d + BatchNorm2d + ReLU;
-* ``table``: the ResNeXt paper's settings, parameters and multiply-adds.
+* ``table``: the ResNeXt paper's settings, parameters and multiply-adds;
+* ``kernels``: registers, shared memory and spills of every compiled CUDA kernel.
 
 ``resnext-bench COMMAND --help`` lists each command's options.
 """
 
 import sys
 
-COMMANDS = ("check", "table")
+COMMANDS = ("check", "table", "kernels")
 
 
 def main(argv=None) -> int:
@@ -22,6 +23,8 @@ def main(argv=None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "check"
     if command == "table":
         from .table import main as run
+    elif command == "kernels":
+        from .kernels import main as run
     else:
         from .check import main as run
     return run(argv)

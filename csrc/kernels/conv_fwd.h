@@ -1,0 +1,46 @@
+// Torch-free interface of the forward kernels (csrc/kernels/conv_fwd.cuh): the
+// params structs and the launchers, for the torch glue (csrc/conv_bn_relu.cpp).
+#pragma once
+
+namespace rk {
+
+enum class DType { kFloat32, kFloat16, kBFloat16 };
+
+struct ConvFwdParams {
+  const void* x;        // input [N, H, W, C_in] (NHWC), dtype
+  const void* wt;       // weight [C_out, 3, 3, C_in / groups], dtype
+  void* y;              // output [N, H_out, W_out, C_out] (NHWC), dtype
+  const float* scale;   // [C_out]: y = relu(conv * scale + shift)
+  const float* shift;   // [C_out]
+  float* partial;       // [blocks_x, C_out, 3]: per pixel block (count, mean, M2) (training)
+  int n, h, w, c_in, c_out, groups, stride, h_out, w_out;
+  DType dtype;
+};
+
+struct FinalizeParams {
+  const float* partial;  // [blocks, C_out, 3] from the statistics pass
+  int blocks, c_out;
+  const float* gamma;    // [C_out] BatchNorm weight, fp32
+  const float* beta;     // [C_out] BatchNorm bias, fp32
+  float eps;
+  float* mean;           // [C_out] out: batch mean
+  float* var;            // [C_out] out: biased batch variance
+  float* scale;          // [C_out] out: gamma * rsqrt(var + eps)
+  float* shift;          // [C_out] out: beta - mean * scale
+};
+
+constexpr int kPixels = 128;  // threads per block, one output pixel each
+constexpr int kCoTile = 16;   // output channels per block
+
+// Launch the forward: statistics pass (stats=true) or write pass (stats=false), and
+// the statistics merge. `stream` is a cudaStream_t (ignored by the emulator, whose
+// launches run to completion). Defined once per library in conv_fwd.cuh.
+void launch_conv_fwd(const ConvFwdParams& p, bool stats, void* stream);
+void launch_finalize(const FinalizeParams& f, void* stream);
+
+inline int conv_fwd_blocks_x(const ConvFwdParams& p) {
+  const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
+  return static_cast<int>((pixels + kPixels - 1) / kPixels);
+}
+
+}  // namespace rk

@@ -1,0 +1,113 @@
+"""``resnext-bench kernels``: the static resource report of every compiled kernel
+instantiation — registers, shared memory, stack and local (spill) bytes per
+architecture — read from ``resnext_kernels._C`` with ``cuobjdump
+--dump-resource-usage`` (the toolkit's, or the copy Triton's wheel ships). Needs no
+GPU. ``--check`` exits 1 when any kernel uses stack or local memory (spills).
+"""
+
+import argparse
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from .._native import build_info
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    arch: str
+    name: str
+    registers: int
+    shared: int
+    stack: int
+    local: int
+
+    @property
+    def spills(self) -> bool:
+        return self.stack > 0 or self.local > 0
+
+
+def find_cuobjdump() -> Optional[str]:
+    candidates = [shutil.which("cuobjdump")]
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", "cuobjdump"))
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        candidates.append(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin",
+                                       "cuobjdump"))
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def demangle(names: list[str]) -> list[str]:
+    cxxfilt = shutil.which("c++filt")
+    if cxxfilt is None:
+        return names
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
+    return out.stdout.splitlines() if out.returncode == 0 else names
+
+
+def parse(report: str) -> list[KernelResources]:
+    """Parse ``cuobjdump --dump-resource-usage`` output."""
+    rows, arch, pending = [], None, None
+    for line in report.splitlines():
+        if m := re.match(r"\s*arch = (sm_\d+a?)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function (\S+):", line):
+            pending = m.group(1)
+        elif pending and (m := re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)):
+            rows.append((arch, pending, *map(int, m.groups())))
+            pending = None
+    names = demangle([r[1] for r in rows])
+    return [KernelResources(a, n, reg, shared, stack, local)
+            for (a, _, reg, stack, shared, local), n in zip(rows, names)]
+
+
+def library_path() -> Optional[Path]:
+    spec = importlib.util.find_spec("resnext_kernels._C")
+    return Path(spec.origin) if spec is not None and spec.origin else None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="resnext-bench kernels", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="exit 1 on any stack/local use")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    opts = parser.parse_args(argv)
+    console = Console()
+    info = build_info()
+    library = library_path()
+    if not info["with_cuda"] or library is None:
+        console.print("resnext_kernels._C holds no CUDA kernels "
+                      f"({info['import_error'] or 'built without CUDA'}); nothing to report")
+        return 1 if opts.check else 0
+    cuobjdump = find_cuobjdump()
+    if cuobjdump is None:
+        raise SystemExit("resnext-bench kernels: no cuobjdump found (CUDA toolkit or triton)")
+    report = subprocess.run([cuobjdump, "--dump-resource-usage", str(library)],
+                            capture_output=True, text=True, check=True).stdout
+    kernels = [k for k in parse(report) if "rk::" in k.name]
+    table = Table(title=f"{len(kernels)} kernel instantiations in {library.name} "
+                        f"(archs {info['cuda_archs']})")
+    for col in ("arch", "kernel", "regs", "shared B", "stack B", "local B"):
+        table.add_column(col, justify="left" if col in ("arch", "kernel") else "right")
+    for k in sorted(kernels, key=lambda k: (k.arch, k.name)):
+        style = "red" if k.spills else None
+        table.add_row(k.arch, k.name.replace("void ", "").replace("rk::detail::", "")
+                      .replace("(rk::ConvFwdParams)", ""),
+                      str(k.registers), str(k.shared), str(k.stack), str(k.local), style=style)
+    console.print(table)
+    spilled = [k for k in kernels if k.spills]
+    console.print(f"{len(spilled)} of {len(kernels)} kernels use stack or local memory")
+    if opts.json:
+        import json
+
+        with open(opts.json, "w") as f:
+            json.dump([asdict(k) for k in kernels], f, indent=2)
+    return 1 if opts.check and (spilled or not kernels) else 0

@@ -1,0 +1,94 @@
+"""The CUDA forward kernels, executed on the CPU through the host SIMT emulator
+(backend "cuda_emulated"), against the float64 reference: every family of widths x
+strides x dtypes x modes x layouts, on small random shapes with odd sizes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnext_kernels import available_backends, fused_group_conv_bn_relu
+from resnext_kernels.testing import REL_TOLERANCE, Problem, make_arguments, rel_error
+
+pytestmark = pytest.mark.skipif("cuda_emulated" not in available_backends(),
+                                reason="resnext_kernels._C_emulated is not built")
+
+WIDTHS = [4, 8, 16, 32, 64, 12]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def problem_for(width, stride):
+    groups = 3 if width <= 16 else 2
+    n, h, w = (1, 9, 7) if stride == 2 else (2, 7, 5)
+    return Problem(n, groups * width, groups * width, h, w, groups, stride)
+
+
+def torch_same_dtype(args, problem, training):
+    """PyTorch's own result in the tested dtype (conv in that dtype, BN in float32)."""
+    x, w, g, b, rm, rv = [t.clone() for t in args]
+    c = F.conv2d(x, w, stride=problem.stride, padding=1, groups=problem.groups)
+    return F.relu(F.batch_norm(c.float(), rm, rv, g.float(), b.float(), training)).to(x.dtype)
+
+
+def run(backend, args, problem, training):
+    args = [t.clone() for t in args]
+    out = fused_group_conv_bn_relu(*args, stride=problem.stride, groups=problem.groups,
+                                   training=training, backend=backend)
+    return out, args[4], args[5]
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_emulated_forward_matches_reference(width, stride, dtype, training, channels_last):
+    problem = problem_for(width, stride)
+    gen = torch.Generator().manual_seed(width * 100 + stride * 10 + int(training))
+    args = make_arguments(problem, dtype, channels_last=channels_last, generator=gen)
+    out, rm, rv = run("cuda_emulated", args, problem, training)
+    ref, rm64, rv64 = run("reference", [t.double() for t in args], problem, training)
+
+    assert out.dtype == dtype and out.shape == problem.output_shape
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert not out.isnan().any(), "unwritten (poisoned) output elements"
+    err = rel_error(out, ref)
+    assert err <= REL_TOLERANCE[dtype], err
+    if dtype != torch.float32:  # fp32 errors are rounding noise on both sides
+        torch_err = rel_error(torch_same_dtype(args, problem, training), ref)
+        assert err <= 2 * torch_err, (err, torch_err)
+    torch.testing.assert_close(rm.double(), rm64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rv.double(), rv64, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [100.0, 1000.0])
+def test_training_statistics_are_stable_for_large_means(offset):
+    """|mean| >> std: shifted (Chan) merges keep the variance; raw E[x²] − E[x]² would not."""
+    problem = Problem(2, 32, 32, 9, 9, 8, 1)
+    gen = torch.Generator().manual_seed(5)
+    x, w, g, b, rm, rv = make_arguments(problem, torch.float32, channels_last=True, generator=gen)
+    w = w.abs()  # a positive filter keeps the offset in the conv output's mean
+    args = [x + offset, w, g, b, rm, rv]
+    out, _, rv_out = run("cuda_emulated", args, problem, True)
+    ref, _, rv_ref = run("reference", [t.double() for t in args], problem, True)
+    assert rel_error(out, ref) <= REL_TOLERANCE[torch.float32]
+    torch.testing.assert_close(rv_out.double(), rv_ref, atol=0, rtol=1e-4)
+
+
+def test_emulated_forward_with_empty_batch_and_gradients():
+    problem = Problem(2, 16, 16, 5, 5, 4, 1)
+    x, w, g, b, rm, rv = make_arguments(problem, torch.float32)
+    empty = fused_group_conv_bn_relu(x[:0], w, g, b, rm, rv, groups=4, training=True,
+                                     backend="cuda_emulated")
+    assert empty.shape == (0, 16, 5, 5)
+    # The backward of the cuda backends is the reference's until their kernels land.
+    leaves = [t.clone().requires_grad_() for t in (x, w, g, b)]
+    leaves64 = [t.double().requires_grad_() for t in (x, w, g, b)]
+    out = fused_group_conv_bn_relu(*leaves, None, None, groups=4, training=True,
+                                   backend="cuda_emulated")
+    ref = fused_group_conv_bn_relu(*leaves64, None, None, groups=4, training=True,
+                                   backend="reference")
+    grad = torch.randn(ref.shape, dtype=torch.float64)
+    out.backward(grad.float())
+    ref.backward(grad)
+    for got, want in zip(leaves, leaves64):
+        assert rel_error(got.grad, want.grad) <= 1e-5
