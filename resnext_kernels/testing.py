@@ -57,6 +57,21 @@ class Problem:
                 reference.output_size(self.w, self.stride))
 
 
+def resnext_layers(cardinality: int = 32, width: int = 4, image: int = 224):
+    """The grouped 3x3 layers of a ResNeXt with ``cardinality`` x ``width``d at ``image``²:
+    ``{name: (channels, input size, stride)}``, groups = cardinality. Stage s (2..5)
+    has ``cardinality·width·2^(s-2)`` channels; its first block has stride 2 (from
+    stage 3 on) and the rest stride 1."""
+    layers = {}
+    for stage in range(2, 6):
+        channels = cardinality * width * 2 ** (stage - 2)
+        size = image // 2 ** stage  # the stage's output size
+        if stage > 2:
+            layers[f"s{stage}-down"] = (channels, size * 2, 2)
+        layers[f"s{stage}"] = (channels, size, 1)
+    return layers
+
+
 def make_arguments(problem: Problem, dtype: torch.dtype, device="cpu", *,
                    channels_last: bool = False, generator: torch.Generator = None):
     """Fresh random arguments for ``problem``: (input, weight, bn_weight, bn_bias,

@@ -17,14 +17,11 @@ from torch import nn
 
 from .. import available_backends, build_info, fused_group_conv_bn_relu
 from ..backends import resolve, usable_backends
-from ..testing import REL_TOLERANCE, Problem, make_arguments, rel_error
+from ..testing import REL_TOLERANCE, Problem, make_arguments, rel_error, resnext_layers
 
 # Grouped 3x3 layers of ResNeXt-50 32x4d (torchvision resnext50_32x4d) at 224x224:
 # name -> (channels, input size, stride). groups = 32 everywhere.
-RESNEXT50_LAYERS = {
-    "s2": (128, 56, 1), "s3-down": (256, 56, 2), "s3": (256, 28, 1), "s4-down": (512, 28, 2),
-    "s4": (512, 14, 1), "s5-down": (1024, 14, 2), "s5": (1024, 7, 1),
-}
+RESNEXT50_LAYERS = resnext_layers(32, 4)
 GROUPS = 32
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GRAD_NAMES = ("input", "weight", "bn_weight", "bn_bias")

@@ -1,0 +1,64 @@
+"""The `cuda` backend on a GPU against cuDNN (F.conv2d(groups) + BatchNorm + ReLU in
+the same dtype) and the float64 reference, on every grouped-conv layer shape of
+ResNeXt-50 32x4d and ResNeXt-101 32x8d / 64x4d. Skipped without a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnext_kernels import available_backends, fused_group_conv_bn_relu
+from resnext_kernels.testing import REL_TOLERANCE, Problem, make_arguments, rel_error, resnext_layers
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [(f"{c}x{d}d-{name}", c, channels, size, stride)
+          for c, d in ((32, 4), (32, 8), (64, 4))
+          for name, (channels, size, stride) in resnext_layers(c, d).items()]
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_backend():
+    if "cuda" not in available_backends():
+        pytest.skip("the cuda backend is not built")
+
+
+def cudnn(args, problem, training):
+    x, w, g, b, rm, rv = [t.clone() for t in args]
+    c = F.conv2d(x, w, stride=problem.stride, padding=1, groups=problem.groups)
+    return F.relu(F.batch_norm(c, rm, rv, g.to(c.dtype), b.to(c.dtype), training))
+
+
+@pytest.mark.parametrize("name,groups,channels,size,stride", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_cuda_matches_cudnn_on_resnext_layers(name, groups, channels, size, stride, dtype, training):
+    problem = Problem(8, channels, channels, size, size, groups, stride)
+    args = make_arguments(problem, dtype, "cuda", channels_last=True,
+                          generator=torch.Generator().manual_seed(0))
+    mine = [t.clone() for t in args]
+    out = fused_group_conv_bn_relu(*mine, stride=stride, groups=groups, training=training,
+                                   backend="cuda")
+    ref64 = [t.double() for t in args]
+    ref = fused_group_conv_bn_relu(*ref64, stride=stride, groups=groups, training=training,
+                                   backend="reference")
+    err, cudnn_err = rel_error(out, ref), rel_error(cudnn(args, problem, training), ref)
+    assert err <= REL_TOLERANCE[dtype], (err, cudnn_err)
+    assert err <= max(2 * cudnn_err, REL_TOLERANCE[torch.float32]), (err, cudnn_err)
+    torch.testing.assert_close(mine[5].double(), ref64[5], atol=1e-4, rtol=1e-4)
+
+
+def test_cuda_runs_under_cuda_graphs():
+    problem = Problem(4, 128, 128, 14, 14, 32, 1)
+    args = make_arguments(problem, torch.float16, "cuda", channels_last=True)
+    run = lambda: fused_group_conv_bn_relu(*args, groups=32, training=False, backend="cuda")  # noqa: E731
+    expected = run()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        run()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, expected)
