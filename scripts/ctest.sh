@@ -8,6 +8,7 @@ VENV=${VENV:-.venv}
 SANITIZE=${RESNEXT_SANITIZE:-}
 BUILD=build/ctest${SANITIZE:+-$SANITIZE}
 export PATH="$PWD/$VENV/bin:$PATH"  # ninja and cmake's Python come from the venv
+mkdir -p build
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
       -DPython3_EXECUTABLE="$PWD/$VENV/bin/python" -DRESNEXT_SANITIZE="$SANITIZE" >"$BUILD.log" 2>&1 \
   || { cat "$BUILD.log"; exit 1; }

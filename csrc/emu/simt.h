@@ -454,6 +454,12 @@ T warp_op(unsigned mask, T value, int src, const char* site) {
 
 inline int lane_id() { return linear_tid % 32; }
 
+// Every lane of a full warp publishes `bytes` (<= 16); each receives all 32 slots.
+// For helpers that emulate warp-collective instructions (mma.sync, ldmatrix).
+inline void warp_gather_all(const void* value, int bytes, void* all, const char* site) {
+  current_block->warp_gather(0xffffffffu, value, bytes, all, site);
+}
+
 }  // namespace rk::emu
 
 #define RK_EMU_STR2(x) #x

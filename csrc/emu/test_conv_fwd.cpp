@@ -11,6 +11,8 @@
 #include <random>
 #include <vector>
 
+#include <cuda_fp16.h>
+
 #include "kernels/conv_fwd.h"
 
 namespace {
@@ -19,6 +21,7 @@ int failures = 0;
 
 struct Case {
   int n, h, w, c, groups, stride;
+  bool half;  // fp16 input and output (tensor-core path from 8 channels per group)
 };
 
 // Naive conv (NHWC input, [C_out][3][3][Cg] weights) in double.
@@ -51,16 +54,22 @@ void run_case(const Case& k, const char* backend) {
   const int cg = k.c / k.groups;
   const int h_out = (k.h - 1) / k.stride + 1, w_out = (k.w - 1) / k.stride + 1;
   std::vector<float> x(static_cast<size_t>(k.n) * k.h * k.w * k.c), wt(static_cast<size_t>(k.c) * 9 * cg);
-  for (float& v : x) v = normal(rng) + 3.0f;
-  for (float& v : wt) v = normal(rng) / 6.0f;
+  // Half cases: values rounded to fp16, so the float64 reference sees the same inputs.
+  auto round = [&](float v) { return k.half ? __half2float(__float2half_rn(v)) : v; };
+  for (float& v : x) v = round(normal(rng) + 3.0f);
+  for (float& v : wt) v = round(normal(rng) / 6.0f);
+  std::vector<__half> x_h(x.size()), wt_h(wt.size()), y_h;
+  for (size_t i = 0; i < x.size(); ++i) x_h[i] = __float2half_rn(x[i]);
+  for (size_t i = 0; i < wt.size(); ++i) wt_h[i] = __float2half_rn(wt[i]);
   std::vector<float> gamma(k.c), beta(k.c);
   for (int c = 0; c < k.c; ++c) gamma[c] = 0.5f + 0.01f * c, beta[c] = 0.1f * (c % 7) - 0.3f;
 
   rk::ConvFwdParams p{};
-  p.x = x.data();
-  p.wt = wt.data();
+  p.x = k.half ? static_cast<const void*>(x_h.data()) : x.data();
+  p.wt = k.half ? static_cast<const void*>(wt_h.data()) : wt.data();
   p.n = k.n, p.h = k.h, p.w = k.w, p.c_in = k.c, p.c_out = k.c, p.groups = k.groups;
-  p.stride = k.stride, p.h_out = h_out, p.w_out = w_out, p.dtype = rk::DType::kFloat32;
+  p.stride = k.stride, p.h_out = h_out, p.w_out = w_out;
+  p.dtype = k.half ? rk::DType::kFloat16 : rk::DType::kFloat32;
   const int blocks = rk::conv_fwd_blocks_x(p);
   std::vector<float> partial(static_cast<size_t>(blocks) * k.c * 3, NAN);
   std::vector<float> mean(k.c), var(k.c), scale(k.c), shift(k.c);
@@ -70,10 +79,14 @@ void run_case(const Case& k, const char* backend) {
   rk::FinalizeParams f{partial.data(), blocks, k.c, gamma.data(), beta.data(), 1e-5f,
                        mean.data(), var.data(), scale.data(), shift.data()};
   rk::launch_finalize(f, nullptr);
-  p.y = y.data();
+  y_h.assign(y.size(), __float2half_rn(NAN));
+  p.y = k.half ? static_cast<void*>(y_h.data()) : y.data();
   p.scale = scale.data();
   p.shift = shift.data();
   rk::launch_conv_fwd(p, /*stats=*/false, nullptr);
+  if (k.half)
+    for (size_t i = 0; i < y.size(); ++i) y[i] = __half2float(y_h[i]);
+  const double out_tol = k.half ? 2e-3 : 1e-4;
 
   const std::vector<double> c = conv_ref(k, x, wt, h_out, w_out);
   const size_t count = c.size() / k.c;
@@ -90,7 +103,7 @@ void run_case(const Case& k, const char* backend) {
     for (size_t i = 0; i < count; ++i) {
       const double want = std::fmax((c[i * k.c + co] - m) * s + beta[co], 0.0);
       const double got = y[i * k.c + co];
-      if (!(std::fabs(got - want) <= 1e-4 * (1 + std::fabs(want)))) worst = std::fmax(worst, 1.0);
+      if (!(std::fabs(got - want) <= out_tol * (1 + std::fabs(want)))) worst = std::fmax(worst, 1.0);
     }
   }
   if (!(worst < 1e-4)) {
@@ -103,9 +116,11 @@ void run_case(const Case& k, const char* backend) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Case cases[] = {{2, 7, 5, 12, 3, 1}, {1, 9, 7, 24, 3, 2}, {2, 5, 6, 64, 2, 1},
-                        {1, 6, 5, 36, 3, 2}, {3, 3, 4, 32, 8, 1}, {2, 5, 5, 32, 2, 1},
-                        {1, 4, 5, 128, 2, 2}};
+  const Case cases[] = {{2, 7, 5, 12, 3, 1, false}, {1, 9, 7, 24, 3, 2, false},
+                        {2, 5, 6, 64, 2, 1, false},  {1, 6, 5, 36, 3, 2, false},
+                        {3, 3, 4, 32, 8, 1, false},  {2, 5, 5, 32, 2, 1, false},
+                        {1, 4, 5, 128, 2, 2, false}, {2, 5, 5, 16, 2, 1, true},
+                        {1, 5, 3, 64, 2, 2, true}};
   for (const char* backend : {"fibers", "threads"}) {
     bool wanted = argc == 1;
     for (int i = 1; i < argc; ++i) wanted |= std::strcmp(argv[i], backend) == 0;
