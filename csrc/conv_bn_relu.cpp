@@ -12,6 +12,8 @@
 // of the op and name the argument.
 #include <torch/extension.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "kernels/conv_fwd.h"
@@ -49,6 +51,19 @@ bool channels_last_output(const at::Tensor& input) {
   if (input.is_contiguous()) return false;
   if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) return true;
   return input.stride(1) < input.stride(3);
+}
+
+// Training strategy (csrc/kernels/conv_fwd.cuh): "raw" or "recompute", from the
+// environment variable RESNEXT_TRAIN_STRATEGY (read at each call, for tests and
+// benchmarks); unset means "raw": with the present kernels the conv pass is
+// compute-bound, so re-running it costs more than moving the output twice more
+// (docs/kernels.md has the numbers).
+bool raw_strategy() {
+  const char* value = std::getenv("RESNEXT_TRAIN_STRATEGY");
+  if (value == nullptr || std::strcmp(value, "raw") == 0) return true;
+  RK_CHECK(std::strcmp(value, "recompute") == 0,
+           "RESNEXT_TRAIN_STRATEGY must be raw or recompute; got '", value, "'");
+  return false;
 }
 
 void check_launch() {
@@ -127,19 +142,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
 #endif
 
   at::Tensor mean, var, scale, shift;
+  bool written = false;  // out already holds the final values
   if (training) {
     mean = at::zeros({c_out}, f32);
     var = at::ones({c_out}, f32);
     scale = at::empty({c_out}, f32);
     shift = at::empty({c_out}, f32);
     if (!empty) {
+      const bool raw = raw_strategy();
       const int blocks = rk::conv_fwd_blocks_x(p);
       at::Tensor partial = at::empty({blocks, c_out, 3}, f32);
 #ifdef RESNEXT_EMULATED
       partial.fill_(std::numeric_limits<float>::quiet_NaN());
 #endif
       p.partial = partial.data_ptr<float>();
-      rk::launch_conv_fwd(p, /*stats=*/true, stream);
+      rk::launch_conv_fwd(p, raw ? rk::Pass::kStatsRaw : rk::Pass::kStats, stream);
       check_launch();
       rk::FinalizeParams f{partial.data_ptr<float>(), blocks, static_cast<int>(c_out),
                            gamma.data_ptr<float>(), beta.data_ptr<float>(),
@@ -148,6 +165,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
                            shift.data_ptr<float>()};
       rk::launch_finalize(f, stream);
       check_launch();
+      if (raw) {
+        p.scale = scale.data_ptr<float>();
+        p.shift = shift.data_ptr<float>();
+        rk::launch_normalize(p, stream);
+        check_launch();
+        written = true;
+      }
     }
   } else {
     check_vector("running_mean", *running_mean, c_out, input);
@@ -157,10 +181,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     scale = (gamma * (var + eps).rsqrt()).contiguous();
     shift = (beta - mean * scale).contiguous();
   }
-  if (!empty) {
+  if (!empty && !written) {
     p.scale = scale.data_ptr<float>();
     p.shift = shift.data_ptr<float>();
-    rk::launch_conv_fwd(p, /*stats=*/false, stream);
+    rk::launch_conv_fwd(p, rk::Pass::kWrite, stream);
     check_launch();
   }
   if (!channels_last_output(input)) out = out.contiguous();

@@ -36,12 +36,21 @@ def run(backend, args, problem, training):
     return out, args[4], args[5]
 
 
+# Training runs either strategy (csrc/kernels/conv_fwd.cuh): "raw" writes the raw conv
+# output then normalises it in place; "recompute" recomputes the conv to write.
+MODES = [pytest.param(False, None, id="eval"), pytest.param(True, "raw", id="train-raw"),
+         pytest.param(True, "recompute", id="train-recompute")]
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("training,strategy", MODES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_emulated_forward_matches_reference(width, stride, dtype, training, channels_last):
+def test_emulated_forward_matches_reference(width, stride, dtype, training, strategy,
+                                            channels_last, monkeypatch):
+    if strategy is not None:
+        monkeypatch.setenv("RESNEXT_TRAIN_STRATEGY", strategy)
     problem = problem_for(width, stride)
     gen = torch.Generator().manual_seed(width * 100 + stride * 10 + int(training))
     args = make_arguments(problem, dtype, channels_last=channels_last, generator=gen)
@@ -61,8 +70,10 @@ def test_emulated_forward_matches_reference(width, stride, dtype, training, chan
 
 
 @pytest.mark.parametrize("offset", [100.0, 1000.0])
-def test_training_statistics_are_stable_for_large_means(offset):
+@pytest.mark.parametrize("strategy", ["raw", "recompute"])
+def test_training_statistics_are_stable_for_large_means(offset, strategy, monkeypatch):
     """|mean| >> std: shifted (Chan) merges keep the variance; raw E[x²] − E[x]² would not."""
+    monkeypatch.setenv("RESNEXT_TRAIN_STRATEGY", strategy)
     problem = Problem(2, 32, 32, 9, 9, 8, 1)
     gen = torch.Generator().manual_seed(5)
     x, w, g, b, rm, rv = make_arguments(problem, torch.float32, channels_last=True, generator=gen)
@@ -72,6 +83,13 @@ def test_training_statistics_are_stable_for_large_means(offset):
     ref, _, rv_ref = run("reference", [t.double() for t in args], problem, True)
     assert rel_error(out, ref) <= REL_TOLERANCE[torch.float32]
     torch.testing.assert_close(rv_out.double(), rv_ref, atol=0, rtol=1e-4)
+
+
+def test_unknown_training_strategy_is_refused(monkeypatch):
+    monkeypatch.setenv("RESNEXT_TRAIN_STRATEGY", "fast")
+    args = make_arguments(Problem(2, 16, 16, 5, 5, 4, 1), torch.float32)
+    with pytest.raises(ValueError, match="RESNEXT_TRAIN_STRATEGY must be raw or recompute"):
+        fused_group_conv_bn_relu(*args, groups=4, training=True, backend="cuda_emulated")
 
 
 def test_emulated_forward_with_empty_batch_and_gradients():

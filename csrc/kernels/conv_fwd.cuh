@@ -5,13 +5,19 @@
 // defines the launchers declared in conv_fwd.h. Torch-free: the launchers take a
 // params struct of raw pointers; csrc/conv_bn_relu.cpp is the torch glue.
 //
-// Training uses two passes over the input (NOTES §5, strategy "statistics, then
-// recompute"): conv_fwd_kernel<STATS=true> writes per-block (count, mean, M2)
-// partials, finalize_kernel merges them per channel (Chan's formula, fixed order:
-// deterministic and stable for |mean| >> std) into mean/var and the folded
-// scale/shift, and conv_fwd_kernel<STATS=false> recomputes the conv and writes
-// relu(conv * scale + shift) once. Eval folds the running statistics into
-// scale/shift and runs only the second kernel.
+// Training has two strategies (NOTES §5), both built from the same kernels; the
+// glue picks one (csrc/conv_bn_relu.cpp):
+//   "raw":       conv pass kStatsRaw writes the raw conv output and per-block
+//                (count, mean, M2) partials; finalize_kernel merges the partials per
+//                channel (Chan's formula, fixed order: deterministic and stable for
+//                |mean| >> std) into mean/var and the folded scale/shift;
+//                normalize_kernel turns the raw output into relu(y * scale + shift)
+//                in place. Reads the input once, moves the output three times.
+//   "recompute": conv pass kStats (partials only), finalize, then conv pass kWrite
+//                recomputes the conv and writes relu(conv * scale + shift) once.
+//                Reads the input twice, writes the output once, never rounds the
+//                raw conv output to fp16/bf16.
+// Eval folds the running statistics into scale/shift and runs only kWrite.
 //
 // Work split: a block of kPixels threads covers kPixels output pixels (one per
 // thread) and a tile of min(channels per group, kCoTile) output channels of one
@@ -288,8 +294,8 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
 }
 
 // CG: channels per group (in = out), 0 for any other width; STRIDE: 1 or 2.
-template <typename T, int CG, int STRIDE, bool STATS>
-__global__ void __launch_bounds__(kPixels) conv_fwd_kernel(ConvFwdParams p) {
+template <typename T, int CG, int STRIDE, Pass PASS>
+__global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
   constexpr int TILE = co_tile<CG>();
   const int cg_out = CG ? CG : p.c_out / p.groups;
   const int tiles = (cg_out + TILE - 1) / TILE;
@@ -307,7 +313,19 @@ __global__ void __launch_bounds__(kPixels) conv_fwd_kernel(ConvFwdParams p) {
   __syncthreads();
 
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
-  if constexpr (STATS) {
+  if constexpr (PASS != Pass::kStats) {
+    const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
+    if (pix < pixels) {
+      T* y = static_cast<T*>(p.y) + pix * p.c_out + co0;
+      for (int co = 0; co < co_count; ++co) {
+        const float v = tile.vals[co][threadIdx.x];
+        y[co] = from_float<T>(PASS == Pass::kStatsRaw
+                                  ? v
+                                  : fmaxf(fmaf(v, p.scale[co0 + co], p.shift[co0 + co]), 0.0f));
+      }
+    }
+  }
+  if constexpr (PASS != Pass::kWrite) {
     // Per-channel (count, mean, M2) of this block's pixels, two-pass.
     if (static_cast<int>(threadIdx.x) < co_count) {
       const int co = threadIdx.x;
@@ -326,14 +344,18 @@ __global__ void __launch_bounds__(kPixels) conv_fwd_kernel(ConvFwdParams p) {
       out[1] = mean;
       out[2] = m2;
     }
-  } else {
-    const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
-    if (pix < pixels) {
-      T* y = static_cast<T*>(p.y) + pix * p.c_out + co0;
-      for (int co = 0; co < co_count; ++co)
-        y[co] = from_float<T>(
-            fmaxf(fmaf(tile.vals[co][threadIdx.x], p.scale[co0 + co], p.shift[co0 + co]), 0.0f));
-    }
+  }
+}
+
+// In place over an NHWC output: y = relu(y * scale[c] + shift[c]) (strategy "raw").
+template <typename T>
+__global__ void __launch_bounds__(256) normalize_kernel(ConvFwdParams p) {
+  const long total = static_cast<long>(p.n) * p.h_out * p.w_out * p.c_out;
+  T* y = static_cast<T*>(p.y);
+  for (long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<long>(gridDim.x) * blockDim.x) {
+    const int c = static_cast<int>(i % p.c_out);
+    y[i] = from_float<T>(fmaxf(fmaf(to_float(y[i]), p.scale[c], p.shift[c]), 0.0f));
   }
 }
 
@@ -367,46 +389,57 @@ inline void* as_stream(void* stream) { return stream; }
 #endif
 
 template <typename T, int CG, int STRIDE>
-void launch_typed(const ConvFwdParams& p, bool stats, void* stream) {
+void launch_typed(const ConvFwdParams& p, Pass pass, void* stream) {
   constexpr int TILE = co_tile<CG>();
   const int cg_out = p.c_out / p.groups;
   const dim3 grid(conv_fwd_blocks_x(p), p.groups * ((cg_out + TILE - 1) / TILE));
   const int k = 9 * (p.c_in / p.groups);
   const size_t smem = use_mma<T, CG>() ? sizeof(T) * TILE * ((k + 15) / 16 * 16)
                                        : sizeof(float) * TILE * k;
-  void (*kernel)(ConvFwdParams) =
-      stats ? conv_fwd_kernel<T, CG, STRIDE, true> : conv_fwd_kernel<T, CG, STRIDE, false>;
+  void (*kernel)(ConvFwdParams) = pass == Pass::kStats ? conv_fwd_kernel<T, CG, STRIDE, Pass::kStats>
+                                  : pass == Pass::kStatsRaw
+                                      ? conv_fwd_kernel<T, CG, STRIDE, Pass::kStatsRaw>
+                                      : conv_fwd_kernel<T, CG, STRIDE, Pass::kWrite>;
   RK_LAUNCH(kernel, grid, dim3(kPixels), smem, as_stream(stream))(p);
 }
 
 // Widths with their own instantiation; any other runs the generic (CG = 0) one.
 template <typename T, int STRIDE>
-void launch_width(const ConvFwdParams& p, bool stats, void* stream) {
+void launch_width(const ConvFwdParams& p, Pass pass, void* stream) {
   const int cg_in = p.c_in / p.groups, cg_out = p.c_out / p.groups;
   switch (cg_in == cg_out ? cg_in : 0) {
-    case 4: return launch_typed<T, 4, STRIDE>(p, stats, stream);
-    case 8: return launch_typed<T, 8, STRIDE>(p, stats, stream);
-    case 16: return launch_typed<T, 16, STRIDE>(p, stats, stream);
-    case 32: return launch_typed<T, 32, STRIDE>(p, stats, stream);
-    case 64: return launch_typed<T, 64, STRIDE>(p, stats, stream);
-    default: return launch_typed<T, 0, STRIDE>(p, stats, stream);
+    case 4: return launch_typed<T, 4, STRIDE>(p, pass, stream);
+    case 8: return launch_typed<T, 8, STRIDE>(p, pass, stream);
+    case 16: return launch_typed<T, 16, STRIDE>(p, pass, stream);
+    case 32: return launch_typed<T, 32, STRIDE>(p, pass, stream);
+    case 64: return launch_typed<T, 64, STRIDE>(p, pass, stream);
+    default: return launch_typed<T, 0, STRIDE>(p, pass, stream);
   }
 }
 
 template <typename T>
-void launch_stride(const ConvFwdParams& p, bool stats, void* stream) {
-  if (p.stride == 1) return launch_width<T, 1>(p, stats, stream);
-  return launch_width<T, 2>(p, stats, stream);
+void launch_stride(const ConvFwdParams& p, Pass pass, void* stream) {
+  if (p.stride == 1) return launch_width<T, 1>(p, pass, stream);
+  return launch_width<T, 2>(p, pass, stream);
 }
 
 }  // namespace detail
 
-void launch_conv_fwd(const ConvFwdParams& p, bool stats, void* stream) {
+void launch_conv_fwd(const ConvFwdParams& p, Pass pass, void* stream) {
   switch (p.dtype) {
-    case DType::kFloat32: return detail::launch_stride<float>(p, stats, stream);
-    case DType::kFloat16: return detail::launch_stride<__half>(p, stats, stream);
-    case DType::kBFloat16: return detail::launch_stride<__nv_bfloat16>(p, stats, stream);
+    case DType::kFloat32: return detail::launch_stride<float>(p, pass, stream);
+    case DType::kFloat16: return detail::launch_stride<__half>(p, pass, stream);
+    case DType::kBFloat16: return detail::launch_stride<__nv_bfloat16>(p, pass, stream);
   }
+}
+
+void launch_normalize(const ConvFwdParams& p, void* stream) {
+  const long total = static_cast<long>(p.n) * p.h_out * p.w_out * p.c_out;
+  const dim3 grid(static_cast<unsigned>((total + 255) / 256 < 65535 ? (total + 255) / 256 : 65535));
+  void (*kernel)(ConvFwdParams) = p.dtype == DType::kFloat32   ? detail::normalize_kernel<float>
+                                  : p.dtype == DType::kFloat16 ? detail::normalize_kernel<__half>
+                                                               : detail::normalize_kernel<__nv_bfloat16>;
+  RK_LAUNCH(kernel, grid, dim3(256), 0, detail::as_stream(stream))(p);
 }
 
 void launch_finalize(const FinalizeParams& f, void* stream) {

@@ -29,14 +29,23 @@ struct FinalizeParams {
   float* shift;          // [C_out] out: beta - mean * scale
 };
 
+// What a conv pass does after its main loop.
+enum class Pass {
+  kStats,     // per-block (count, mean, M2) partials only (training, strategy "recompute")
+  kStatsRaw,  // partials and the raw conv output into y (training, strategy "raw")
+  kWrite,     // y = relu(conv * scale + shift) (eval; second pass of "recompute")
+};
+
 constexpr int kPixels = 128;  // threads per block, one output pixel each
 constexpr int kCoTile = 16;   // output channels per block
 
-// Launch the forward: statistics pass (stats=true) or write pass (stats=false), and
-// the statistics merge. `stream` is a cudaStream_t (ignored by the emulator, whose
-// launches run to completion). Defined once per library in conv_fwd.cuh.
-void launch_conv_fwd(const ConvFwdParams& p, bool stats, void* stream);
+// Launch a conv pass, the statistics merge, or the in-place normalise + ReLU of a
+// raw output (y = relu(y * scale + shift)). `stream` is a cudaStream_t (ignored by
+// the emulator, whose launches run to completion). Defined once per library in
+// conv_fwd.cuh.
+void launch_conv_fwd(const ConvFwdParams& p, Pass pass, void* stream);
 void launch_finalize(const FinalizeParams& f, void* stream);
+void launch_normalize(const ConvFwdParams& p, void* stream);
 
 inline int conv_fwd_blocks_x(const ConvFwdParams& p) {
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
