@@ -55,12 +55,15 @@ bool channels_last_output(const at::Tensor& input) {
 
 // Training strategy (csrc/kernels/conv_fwd.cuh): "raw" or "recompute", from the
 // environment variable RESNEXT_TRAIN_STRATEGY (read at each call, for tests and
-// benchmarks); unset means "raw": with the present kernels the conv pass is
-// compute-bound, so re-running it costs more than moving the output twice more
-// (docs/kernels.md has the numbers).
-bool raw_strategy() {
+// benchmarks). Unset: "raw" for float32 (the conv pass is compute-bound, so
+// re-running it costs more than moving the output twice more), "recompute" for
+// float16/bfloat16, whose raw conv output would be rounded to 8-11 bits before
+// normalising — with |mean| >> std that loses the signal (found by
+// tests/test_fuzz.py). docs/kernels.md has the numbers.
+bool raw_strategy(rk::DType dtype) {
   const char* value = std::getenv("RESNEXT_TRAIN_STRATEGY");
-  if (value == nullptr || std::strcmp(value, "raw") == 0) return true;
+  if (value == nullptr) return dtype == rk::DType::kFloat32;
+  if (std::strcmp(value, "raw") == 0) return true;
   RK_CHECK(std::strcmp(value, "recompute") == 0,
            "RESNEXT_TRAIN_STRATEGY must be raw or recompute; got '", value, "'");
   return false;
@@ -149,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     scale = at::empty({c_out}, f32);
     shift = at::empty({c_out}, f32);
     if (!empty) {
-      const bool raw = raw_strategy();
+      const bool raw = raw_strategy(dtype);
       const int blocks = rk::conv_fwd_blocks_x(p);
       at::Tensor partial = at::empty({blocks, c_out, 3}, f32);
 #ifdef RESNEXT_EMULATED

@@ -33,6 +33,17 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / denom if denom > 0 else diff
 
 
+def pytorch_same_dtype(args, stride: int, groups: int, training: bool) -> torch.Tensor:
+    """PyTorch's own unfused result in the arguments' dtype: ``F.conv2d`` in that dtype,
+    BatchNorm in float32 (as autocast does), ReLU. Running statistics are not touched.
+    The baseline for "within 2x of PyTorch's own error"."""
+    import torch.nn.functional as F
+
+    x, w, g, b, rm, rv = [t.clone() for t in args]
+    c = F.conv2d(x, w, stride=stride, padding=1, groups=groups)
+    return F.relu(F.batch_norm(c.float(), rm, rv, g.float(), b.float(), training)).to(x.dtype)
+
+
 def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if actual.numel() == 0:
         return 0.0

@@ -1,0 +1,59 @@
+"""Differential fuzzing (quick profile): hypothesis draws shapes, widths, strides, dtypes,
+layouts, modes and value offsets; every CPU backend is compared with the float64
+reference. Derandomised, so CI is reproducible; raise RESNEXT_FUZZ_EXAMPLES for a
+long run (e.g. RESNEXT_FUZZ_EXAMPLES=10000 python -m pytest tests/test_fuzz.py)."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from resnext_kernels import fused_group_conv_bn_relu
+from resnext_kernels.backends import usable_backends
+from resnext_kernels.testing import ELEMENT_TOLERANCE, Problem, make_arguments, pytorch_same_dtype
+
+EXAMPLES = int(os.environ.get("RESNEXT_FUZZ_EXAMPLES", "40"))
+BACKENDS = usable_backends(torch.empty(0, 0, 0, 0))  # the ones that take float32 on the CPU
+
+
+@st.composite
+def cases(draw):
+    groups = draw(st.integers(1, 4))
+    width = draw(st.sampled_from([1, 2, 3, 4, 5, 8, 12, 16, 32]))
+    stride = draw(st.sampled_from([1, 2]))
+    n, h, w = draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    training = draw(st.booleans())
+    problem = Problem(n, groups * width, groups * width, h, w, groups, stride)
+    if training and n * problem.output_shape[2] * problem.output_shape[3] < 2:
+        training = False  # PyTorch refuses a single value per channel in training
+    return dict(problem=problem, training=training,
+                dtype=draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16])),
+                channels_last=draw(st.booleans()), offset=draw(st.sampled_from([0.0, 5.0, 50.0])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases())
+def test_backend_matches_float64_reference(backend, case):
+    problem, dtype = case["problem"], case["dtype"]
+    args = list(make_arguments(problem, dtype, channels_last=case["channels_last"],
+                               generator=torch.Generator().manual_seed(case["seed"])))
+    args[0] = args[0] + case["offset"]
+    mine = [t.clone() for t in args]
+    ref = [t.double() for t in args]
+    kwargs = dict(stride=problem.stride, groups=problem.groups, training=case["training"])
+    out = fused_group_conv_bn_relu(*mine, backend=backend, **kwargs)
+    expected = fused_group_conv_bn_relu(*ref, backend="reference", **kwargs)
+    atol, rtol = ELEMENT_TOLERANCE[dtype]
+    # Outputs are normalised (O(1)). With few values per channel and a large offset the
+    # problem itself is ill-conditioned: then the bound is 2x PyTorch's own error.
+    err = (out.double() - expected).abs().max().item() if out.numel() else 0.0
+    torch_out = pytorch_same_dtype(args, problem.stride, problem.groups, case["training"])
+    torch_err = (torch_out.double() - expected).abs().max().item() if out.numel() else 0.0
+    assert err <= max(atol + rtol * expected.abs().max().item(), 2 * torch_err), (err, torch_err)
+    torch.testing.assert_close(mine[4].double(), ref[4], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mine[5].double(), ref[5], atol=1e-4, rtol=1e-4)
