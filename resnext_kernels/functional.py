@@ -90,6 +90,16 @@ def check_arguments(input, weight, bn_weight, bn_bias, running_mean, running_var
                              f"input size {tuple(input.shape)} (stride {stride})")
 
 
+def _autocast_dtype(input) -> Optional[torch.dtype]:
+    """The autocast dtype for ``input``'s device when autocast is on there, else None."""
+    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+        return None
+    device = input.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def _group_size(process_group) -> int:
     """World size of ``process_group`` (1 for None); a clear error if it cannot be used."""
     if process_group is None:
@@ -146,6 +156,8 @@ def fused_group_conv_bn_relu(
         momentum: running-statistics factor (a float, or a 0-D tensor).
         training: normalise with batch statistics (True) or running statistics (False).
         backend: ``"auto"``, ``"reference"``, ``"cuda"``, ``"triton"`` or ``"cuda_emulated"``.
+            Under ``torch.autocast`` input and weight run in the autocast dtype (the
+            BatchNorm tensors stay as they are), like ``nn.Conv2d`` + ``nn.BatchNorm2d``.
         process_group: a ``torch.distributed`` process group: in training, the batch
             statistics (and the backward's per-channel sums) are those of every
             process's batch together, as with ``nn.SyncBatchNorm``. None: this
@@ -154,6 +166,17 @@ def fused_group_conv_bn_relu(
     Returns:
         ``[N, C_out, H_out, W_out]`` with ``H_out = (H - 1) // stride + 1``, input's dtype.
     """
+    autocast_dtype = _autocast_dtype(input)
+    if autocast_dtype is not None and input.dtype != autocast_dtype:
+        # As nn.Conv2d + nn.BatchNorm2d under autocast: the conv runs in the autocast
+        # dtype; BatchNorm parameters and statistics stay in their (float32) dtype.
+        input, weight = input.to(autocast_dtype), weight.to(autocast_dtype)
+    if autocast_dtype is not None:
+        with torch.autocast(input.device.type, enabled=False):
+            return fused_group_conv_bn_relu(
+                input, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+                groups=groups, eps=eps, momentum=momentum, training=training, backend=backend,
+                process_group=process_group)
     synchronized = training and _group_size(process_group) > 1
     check_arguments(input, weight, bn_weight, bn_bias, running_mean, running_var,
                     stride, groups, eps, momentum, training, synchronized)

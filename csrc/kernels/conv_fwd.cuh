@@ -68,6 +68,9 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// ReLU that propagates NaN as torch.relu does (fmaxf(NaN, 0) would return 0).
+__device__ __forceinline__ float relu(float v) { return v > 0.0f || v != v ? v : 0.0f; }
+
 // Output channels per block: the group's width when it is smaller than kCoTile.
 template <int CG>
 __host__ __device__ constexpr int co_tile() {
@@ -321,7 +324,7 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
         const float v = tile.vals[co][threadIdx.x];
         y[co] = from_float<T>(PASS == Pass::kStatsRaw
                                   ? v
-                                  : fmaxf(fmaf(v, p.scale[co0 + co], p.shift[co0 + co]), 0.0f));
+                                  : relu(fmaf(v, p.scale[co0 + co], p.shift[co0 + co])));
       }
     }
   }
@@ -355,7 +358,7 @@ __global__ void __launch_bounds__(256) normalize_kernel(ConvFwdParams p) {
   for (long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<long>(gridDim.x) * blockDim.x) {
     const int c = static_cast<int>(i % p.c_out);
-    y[i] = from_float<T>(fmaxf(fmaf(to_float(y[i]), p.scale[c], p.shift[c]), 0.0f));
+    y[i] = from_float<T>(relu(fmaf(to_float(y[i]), p.scale[c], p.shift[c])));
   }
 }
 

@@ -1,0 +1,86 @@
+"""Robustness of every CPU backend: NaN/Inf propagation as PyTorch's, bit-identical
+results in deterministic mode, autocast, and no memory growth over many calls."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from resnext_kernels import FusedGroupConv, fused_group_conv_bn_relu
+from resnext_kernels.backends import usable_backends
+from resnext_kernels.testing import Problem, make_arguments
+
+BACKENDS = usable_backends(torch.empty(0, 0, 0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_nan_and_inf_propagate_like_pytorch(backend, training):
+    module = FusedGroupConv(16, 16, groups=4, backend=backend)
+    seq = nn.Sequential(*copy.deepcopy(module.to_modules()), nn.ReLU())
+    module.train(training), seq.train(training)
+    x = torch.randn(2, 16, 6, 6)
+    x[0, 1, 2, 3] = float("nan")  # group 0
+    x[1, 9, 0, 0] = float("inf")  # group 2
+    out, expected = module(x), seq(x)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.isinf(), expected.isinf())
+    assert out.isnan().any() and out.isnan().float().mean() < 1  # not all NaN
+    finite = expected.isfinite()
+    torch.testing.assert_close(out[finite], expected[finite], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_mode_is_bit_identical(backend):
+    problem = Problem(3, 32, 32, 9, 7, 4, 2)
+    args = make_arguments(problem, torch.float32, channels_last=True)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in args[:4]]
+        stats = [t.clone() for t in args[4:]]
+        out = fused_group_conv_bn_relu(*leaves, *stats, stride=2, groups=4, training=True,
+                                       backend=backend)
+        out.backward(torch.ones_like(out).cumsum(1))
+        return [out.detach()] + [t.grad for t in leaves] + stats
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cpu_autocast_bfloat16_like_conv_and_batchnorm(backend):
+    module = FusedGroupConv(32, 32, groups=8, backend=backend)
+    seq = nn.Sequential(*copy.deepcopy(module.to_modules()), nn.ReLU())
+    x = torch.randn(2, 32, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = module(x), seq(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert module.bn.running_mean.dtype == torch.float32
+    torch.testing.assert_close(out.float(), expected.float(), atol=0.1, rtol=0.05)
+    torch.testing.assert_close(module.bn.running_var, seq[1].running_var, atol=2e-2, rtol=2e-2)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ten_thousand_calls_keep_memory_stable(backend):
+    args = make_arguments(Problem(2, 8, 8, 4, 4, 2, 1), torch.float32)
+    call = lambda: fused_group_conv_bn_relu(*args, groups=2, training=True, backend=backend)  # noqa: E731
+    for _ in range(1000):  # warm caches and allocators
+        call()
+    before = rss_bytes()
+    for _ in range(9000):
+        call()
+    grown = rss_bytes() - before
+    assert grown < 8 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB over 9000 calls"
