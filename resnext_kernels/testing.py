@@ -44,12 +44,6 @@ def pytorch_same_dtype(args, stride: int, groups: int, training: bool) -> torch.
     return F.relu(F.batch_norm(c.float(), rm, rv, g.float(), b.float(), training)).to(x.dtype)
 
 
-def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    if actual.numel() == 0:
-        return 0.0
-    return (actual.double() - expected.double()).abs().max().item()
-
-
 @dataclass(frozen=True)
 class Problem:
     """One layer instance: shapes of the fused op's arguments."""
