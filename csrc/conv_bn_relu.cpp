@@ -1,10 +1,12 @@
-// Torch glue of the forward kernels (csrc/kernels/conv_fwd.cuh), compiled twice:
+// Torch glue of the forward and backward kernels (csrc/kernels/conv_fwd.cuh,
+// conv_bwd.cuh), compiled twice:
 //
 //   * into resnext_kernels._C (nvcc kernels): the CUDA implementation of
-//     resnext_kernels::conv_bn_relu_cuda;
+//     resnext_kernels::conv_bn_relu_cuda and its _backward, _backward_reduce and
+//     _backward_apply ops;
 //   * with RESNEXT_EMULATED into resnext_kernels._C_emulated (the same kernels
 //     compiled by g++ against the host SIMT emulator): the CPU implementation of
-//     resnext_kernels::conv_bn_relu_cuda_emulated.
+//     the resnext_kernels::conv_bn_relu_cuda_emulated ops.
 //
 // The op schemas are defined in Python (resnext_kernels/ops.py); this file only
 // registers implementations. The Python layer has already validated the arguments
@@ -12,10 +14,15 @@
 // of the op and name the argument.
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <utility>
 
+#include "kernels/conv_bwd.h"
 #include "kernels/conv_fwd.h"
 
 #ifdef RESNEXT_EMULATED
@@ -69,6 +76,18 @@ bool raw_strategy(rk::DType dtype) {
   return false;
 }
 
+// How the backward's reduce pass gets x̂ (csrc/kernels/conv_bwd.h): "recover" from
+// the saved output or "recompute" the conv, from RESNEXT_BWD_XHAT (read at each
+// call). Unset: recover for float32, recompute for float16/bfloat16.
+bool recover_xhat(rk::DType dtype) {
+  const char* value = std::getenv("RESNEXT_BWD_XHAT");
+  if (value == nullptr) return dtype == rk::DType::kFloat32;
+  if (std::strcmp(value, "recover") == 0) return true;
+  RK_CHECK(std::strcmp(value, "recompute") == 0,
+           "RESNEXT_BWD_XHAT must be recover or recompute; got '", value, "'");
+  return false;
+}
+
 void check_launch() {
 #ifndef RESNEXT_EMULATED
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -82,67 +101,101 @@ void check_vector(const char* name, const at::Tensor& t, int64_t c_out, const at
            t.device());
 }
 
+void check_nchw(const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                const at::Tensor& input) {
+  RK_CHECK(t.sizes() == shape, name, " must have shape ", shape, "; got ", t.sizes());
+  RK_CHECK(t.scalar_type() == input.scalar_type() && t.device() == input.device(), name,
+           " must match the input's dtype and device");
+}
+
+#ifdef RESNEXT_EMULATED
+// Tests run here: poison what the kernels must write, so unwritten elements show.
+void poison(at::Tensor& t) { t.fill_(std::numeric_limits<double>::quiet_NaN()); }
+#else
+void poison(at::Tensor&) {}
+#endif
+
+// Channels per group above which the staged weights and weight-gradient tiles
+// would not fit in shared memory.
+constexpr int64_t kMaxGroupWidth = 256;
+
+// The checked shapes of one call and the kernels' view of its input and weight:
+// input as NHWC, weight as [C_out, 3, 3, C_in / groups].
+struct Conv {
+  at::Tensor x, w_ohwi;
+  int64_t n, c_in, h, w, c_out, h_out, w_out;
+  rk::ConvFwdParams p{};
+  void* stream = nullptr;
+#ifndef RESNEXT_EMULATED
+  std::optional<c10::cuda::CUDAGuard> guard;
+#endif
+
+  Conv(const at::Tensor& input, const at::Tensor& weight, int64_t stride, int64_t groups) {
+    p.dtype = kernel_dtype(input);
+    RK_CHECK(input.dim() == 4, "input must be 4-D [N, C, H, W]; got ", input.sizes());
+    RK_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2; got ", stride);
+    RK_CHECK(groups > 0 && input.size(1) % groups == 0, "groups=", groups,
+             " must be positive and divide the input channels ", input.size(1));
+    n = input.size(0), c_in = input.size(1), h = input.size(2), w = input.size(3);
+    c_out = weight.size(0);
+    RK_CHECK(weight.dim() == 4 && weight.size(1) == c_in / groups && weight.size(2) == 3 &&
+                 weight.size(3) == 3 && c_out % groups == 0,
+             "weight must have shape [C_out, ", c_in / groups,
+             ", 3, 3] with C_out divisible by ", groups, "; got ", weight.sizes());
+    RK_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(),
+             "weight must match the input's dtype and device");
+    RK_CHECK(c_in / groups <= kMaxGroupWidth && c_out / groups <= kMaxGroupWidth,
+             "at most ", kMaxGroupWidth, " channels per group are supported; got ",
+             c_in / groups, " in and ", c_out / groups, " out");
+    h_out = (h - 1) / stride + 1, w_out = (w - 1) / stride + 1;
+    const int64_t tiles = (std::max(c_in, c_out) / groups + rk::kCoTile - 1) / rk::kCoTile;
+    RK_CHECK(groups * tiles <= 65535, "too many channel tiles (", groups * tiles,
+             ") for one grid");
+    RK_CHECK(n * h * w < (int64_t{1} << 31) * rk::kPixels / 2,
+             "input too large: N * H * W = ", n * h * w);
+#ifndef RESNEXT_EMULATED
+    guard.emplace(input.device());
+    stream = c10::cuda::getCurrentCUDAStream().stream();
+#endif
+    x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    w_ohwi = weight.permute({0, 2, 3, 1}).contiguous();
+    p.x = x.data_ptr();
+    p.wt = w_ohwi.data_ptr();
+    p.n = static_cast<int>(n);
+    p.h = static_cast<int>(h);
+    p.w = static_cast<int>(w);
+    p.c_in = static_cast<int>(c_in);
+    p.c_out = static_cast<int>(c_out);
+    p.groups = static_cast<int>(groups);
+    p.stride = static_cast<int>(stride);
+    p.h_out = static_cast<int>(h_out);
+    p.w_out = static_cast<int>(w_out);
+  }
+
+  bool empty() const { return n * h_out * w_out == 0; }
+  std::vector<int64_t> out_shape() const { return {n, c_out, h_out, w_out}; }
+};
+
+at::Tensor fp32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, int64_t stride, int64_t groups, double eps,
     bool training) {
-  const rk::DType dtype = kernel_dtype(input);
-  RK_CHECK(input.dim() == 4, "input must be 4-D [N, C, H, W]; got ", input.sizes());
-  RK_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2; got ", stride);
-  RK_CHECK(groups > 0 && input.size(1) % groups == 0, "groups=", groups,
-           " must be positive and divide the input channels ", input.size(1));
-  const int64_t n = input.size(0), c_in = input.size(1), h = input.size(2), w = input.size(3);
-  const int64_t c_out = weight.size(0);
-  RK_CHECK(weight.dim() == 4 && weight.size(1) == c_in / groups && weight.size(2) == 3 &&
-               weight.size(3) == 3 && c_out % groups == 0,
-           "weight must have shape [C_out, ", c_in / groups, ", 3, 3] with C_out divisible by ",
-           groups, "; got ", weight.sizes());
-  RK_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(),
-           "weight must match the input's dtype and device");
+  Conv conv(input, weight, stride, groups);
+  const int64_t c_out = conv.c_out;
   check_vector("bn_weight", bn_weight, c_out, input);
   check_vector("bn_bias", bn_bias, c_out, input);
   RK_CHECK(training || (running_mean.has_value() && running_var.has_value()),
            "running_mean and running_var are required when training=False");
-  const int64_t h_out = (h - 1) / stride + 1, w_out = (w - 1) / stride + 1;
-  const int64_t tiles = (c_out / groups + rk::kCoTile - 1) / rk::kCoTile;
-  RK_CHECK(groups * tiles <= 65535, "too many channel tiles (", groups * tiles, ") for one grid");
-  RK_CHECK(n * h_out * w_out < (int64_t{1} << 31) * rk::kPixels / 2,
-           "input too large: N * H_out * W_out = ", n * h_out * w_out);
-
-#ifdef RESNEXT_EMULATED
-  void* stream = nullptr;
-#else
-  const c10::cuda::CUDAGuard guard(input.device());
-  void* stream = c10::cuda::getCurrentCUDAStream().stream();
-#endif
-  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor w_ohwi = weight.permute({0, 2, 3, 1}).contiguous();
-  at::Tensor out = at::empty({n, c_out, h_out, w_out},
+  rk::ConvFwdParams& p = conv.p;
+  at::Tensor out = at::empty(conv.out_shape(),
                              input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const auto f32 = input.options().dtype(at::kFloat);
-  const at::Tensor gamma = bn_weight.to(at::kFloat).contiguous();
-  const at::Tensor beta = bn_bias.to(at::kFloat).contiguous();
-
-  rk::ConvFwdParams p{};
-  p.x = x.data_ptr();
-  p.wt = w_ohwi.data_ptr();
+  poison(out);
   p.y = out.data_ptr();
-  p.n = static_cast<int>(n);
-  p.h = static_cast<int>(h);
-  p.w = static_cast<int>(w);
-  p.c_in = static_cast<int>(c_in);
-  p.c_out = static_cast<int>(c_out);
-  p.groups = static_cast<int>(groups);
-  p.stride = static_cast<int>(stride);
-  p.h_out = static_cast<int>(h_out);
-  p.w_out = static_cast<int>(w_out);
-  p.dtype = dtype;
-  const bool empty = n * h_out * w_out == 0;
-#ifdef RESNEXT_EMULATED
-  // Tests run here: poison what the kernels must write, so unwritten elements show.
-  out.fill_(std::numeric_limits<double>::quiet_NaN());
-#endif
+  const auto f32 = input.options().dtype(at::kFloat);
+  const at::Tensor gamma = fp32(bn_weight), beta = fp32(bn_bias);
 
   at::Tensor mean, var, scale, shift;
   bool written = false;  // out already holds the final values
@@ -151,27 +204,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     var = at::ones({c_out}, f32);
     scale = at::empty({c_out}, f32);
     shift = at::empty({c_out}, f32);
-    if (!empty) {
-      const bool raw = raw_strategy(dtype);
+    if (!conv.empty()) {
+      const bool raw = raw_strategy(p.dtype);
       const int blocks = rk::conv_fwd_blocks_x(p);
       at::Tensor partial = at::empty({blocks, c_out, 3}, f32);
-#ifdef RESNEXT_EMULATED
-      partial.fill_(std::numeric_limits<float>::quiet_NaN());
-#endif
+      poison(partial);
       p.partial = partial.data_ptr<float>();
-      rk::launch_conv_fwd(p, raw ? rk::Pass::kStatsRaw : rk::Pass::kStats, stream);
+      rk::launch_conv_fwd(p, raw ? rk::Pass::kStatsRaw : rk::Pass::kStats, conv.stream);
       check_launch();
       rk::FinalizeParams f{partial.data_ptr<float>(), blocks, static_cast<int>(c_out),
                            gamma.data_ptr<float>(), beta.data_ptr<float>(),
                            static_cast<float>(eps), mean.data_ptr<float>(),
                            var.data_ptr<float>(), scale.data_ptr<float>(),
                            shift.data_ptr<float>()};
-      rk::launch_finalize(f, stream);
+      rk::launch_finalize(f, conv.stream);
       check_launch();
       if (raw) {
         p.scale = scale.data_ptr<float>();
         p.shift = shift.data_ptr<float>();
-        rk::launch_normalize(p, stream);
+        rk::launch_normalize(p, conv.stream);
         check_launch();
         written = true;
       }
@@ -184,26 +235,197 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     scale = (gamma * (var + eps).rsqrt()).contiguous();
     shift = (beta - mean * scale).contiguous();
   }
-  if (!empty && !written) {
+  if (!conv.empty() && !written) {
     p.scale = scale.data_ptr<float>();
     p.shift = shift.data_ptr<float>();
-    rk::launch_conv_fwd(p, rk::Pass::kWrite, stream);
+    rk::launch_conv_fwd(p, rk::Pass::kWrite, conv.stream);
     check_launch();
   }
   if (!channels_last_output(input)) out = out.contiguous();
   return {out, mean, var};
 }
 
+// ---- backward (csrc/kernels/conv_bwd.cuh) ------------------------------------
+
+// The kernels' view of a backward call: the forward's tensors (NHWC) and the
+// per-channel vectors in fp32.
+struct Backward {
+  Conv conv;
+  at::Tensor dy, y, gamma, beta, mean, invstd;
+  rk::ConvBwdParams b{};
+
+  Backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+           const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& out,
+           const at::Tensor& mean_, const at::Tensor& var, int64_t stride, int64_t groups,
+           double eps)
+      : conv(input, weight, stride, groups) {
+    const int64_t c_out = conv.c_out;
+    check_nchw("grad_out", grad_out, conv.out_shape(), input);
+    check_nchw("out", out, conv.out_shape(), input);
+    check_vector("bn_weight", bn_weight, c_out, input);
+    check_vector("bn_bias", bn_bias, c_out, input);
+    check_vector("mean", mean_, c_out, input);
+    check_vector("var", var, c_out, input);
+    dy = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
+    y = out.contiguous(at::MemoryFormat::ChannelsLast);
+    gamma = fp32(bn_weight);
+    beta = fp32(bn_bias);
+    mean = fp32(mean_);
+    invstd = (var.to(at::kDouble) + eps).rsqrt().to(at::kFloat).contiguous();
+    b.conv = conv.p;
+    b.dy = dy.data_ptr();
+    b.y = y.data_ptr();
+    b.gamma = gamma.data_ptr<float>();
+    b.beta = beta.data_ptr<float>();
+    b.mean = mean.data_ptr<float>();
+    b.invstd = invstd.data_ptr<float>();
+    b.recover_xhat = recover_xhat(conv.p.dtype);
+  }
+
+  at::TensorOptions f32() const { return conv.x.options().dtype(at::kFloat); }
+
+  // (Σdz, Σdz·x̂) per channel: block partials from the kernel, merged in block order.
+  std::tuple<at::Tensor, at::Tensor> reduce() {
+    if (conv.empty()) return {at::zeros({conv.c_out}, f32()), at::zeros({conv.c_out}, f32())};
+    at::Tensor partial = at::empty({rk::conv_fwd_blocks_x(conv.p), conv.c_out, 2}, f32());
+    poison(partial);
+    b.partial = partial.data_ptr<float>();
+    rk::launch_bwd_reduce(b, conv.stream);
+    check_launch();
+    const at::Tensor sums = partial.to(at::kDouble).sum(0).to(at::kFloat);
+    return {sums.select(1, 0).contiguous(), sums.select(1, 1).contiguous()};
+  }
+
+  // Input and weight gradients. With sums: dc from the batch sums over `count`
+  // pixels (training; a dc pass writes dc). Without: the eval gradient
+  // dc = γ·invstd·dz, formed while loading.
+  std::tuple<at::Tensor, at::Tensor> apply(const std::optional<std::pair<at::Tensor, at::Tensor>>& sums,
+                                           int64_t count, bool want_input, bool want_weight,
+                                           const at::Tensor& input, const at::Tensor& weight) {
+    const at::Tensor dz_scale = (gamma * invstd).contiguous();
+    b.dz_scale = dz_scale.data_ptr<float>();
+    at::Tensor dc_shift, dc_xhat, dc;
+    rk::GradSource source = rk::GradSource::kMaskedGrad;
+    if (sums.has_value() && !conv.empty()) {
+      dc_shift = (dz_scale * fp32(sums->first) / static_cast<double>(count)).contiguous();
+      dc_xhat = (dz_scale * fp32(sums->second) / static_cast<double>(count)).contiguous();
+      b.dc_shift = dc_shift.data_ptr<float>();
+      b.dc_xhat = dc_xhat.data_ptr<float>();
+      dc = at::empty(conv.out_shape(),
+                     conv.x.options().memory_format(at::MemoryFormat::ChannelsLast));
+      poison(dc);
+      b.dc = dc.data_ptr();
+      rk::launch_bwd_dc(b, conv.stream);
+      check_launch();
+      source = rk::GradSource::kConvGrad;
+    }
+    at::Tensor grad_input = input.new_empty({0}), grad_weight = weight.new_empty({0});
+    if (want_input) {
+      grad_input = at::empty({conv.n, conv.c_in, conv.h, conv.w},
+                             conv.x.options().memory_format(at::MemoryFormat::ChannelsLast));
+      poison(grad_input);
+      if (!conv.empty()) {
+        b.dx = grad_input.data_ptr();
+        rk::launch_bwd_dgrad(b, source, conv.stream);
+        check_launch();
+      } else {
+        grad_input.zero_();
+      }
+      if (!channels_last_output(input)) grad_input = grad_input.contiguous();
+    }
+    if (want_weight) {
+      const int64_t k_size = 9 * (conv.c_in / conv.p.groups);
+      at::Tensor dw;
+      if (conv.empty()) {
+        dw = at::zeros({conv.c_out, k_size}, f32());
+      } else {
+        b.wgrad_chunks = rk::wgrad_chunks(conv.p);
+        b.deterministic = at::globalContext().deterministicAlgorithms();
+        if (b.deterministic) {
+          at::Tensor partial = at::empty({b.wgrad_chunks, conv.c_out, k_size}, f32());
+          poison(partial);
+          b.dw = partial.data_ptr<float>();
+          rk::launch_bwd_wgrad(b, source, conv.stream);
+          check_launch();
+          dw = partial.sum(0);
+        } else {
+          dw = at::zeros({conv.c_out, k_size}, f32());
+          b.dw = dw.data_ptr<float>();
+          rk::launch_bwd_wgrad(b, source, conv.stream);
+          check_launch();
+        }
+      }
+      grad_weight = dw.view({conv.c_out, 3, 3, k_size / 9})
+                        .permute({0, 3, 1, 2})
+                        .to(weight.scalar_type())
+                        .contiguous();
+    }
+    return {grad_input, grad_weight};
+  }
+};
+
+int64_t batch_count(const Backward& bw) { return bw.conv.n * bw.conv.h_out * bw.conv.w_out; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& out,
+    const at::Tensor& mean, const at::Tensor& var, int64_t stride, int64_t groups, double eps,
+    bool training, std::array<bool, 4> output_mask) {
+  Backward bw(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, stride, groups, eps);
+  const bool want_conv = output_mask[0] || output_mask[1];
+  std::optional<std::pair<at::Tensor, at::Tensor>> sums;
+  if (output_mask[2] || output_mask[3] || (training && want_conv)) {
+    auto [sum_dz, sum_dz_xhat] = bw.reduce();
+    sums.emplace(sum_dz, sum_dz_xhat);
+  }
+  at::Tensor grad_input = input.new_empty({0}), grad_weight = weight.new_empty({0});
+  if (want_conv) {
+    std::tie(grad_input, grad_weight) =
+        bw.apply(training ? sums : std::nullopt, std::max<int64_t>(batch_count(bw), 1),
+                 output_mask[0], output_mask[1], input, weight);
+  }
+  const at::Tensor grad_bn_weight =
+      output_mask[2] ? sums->second.to(bn_weight.scalar_type()) : bn_weight.new_empty({0});
+  const at::Tensor grad_bn_bias =
+      output_mask[3] ? sums->first.to(bn_bias.scalar_type()) : bn_bias.new_empty({0});
+  return {grad_input, grad_weight, grad_bn_weight, grad_bn_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& out,
+    const at::Tensor& mean, const at::Tensor& var, int64_t stride, int64_t groups, double eps) {
+  Backward bw(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, stride, groups, eps);
+  return bw.reduce();
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_apply(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& out,
+    const at::Tensor& mean, const at::Tensor& var, const at::Tensor& sum_dz,
+    const at::Tensor& sum_dz_xhat, int64_t count, int64_t stride, int64_t groups, double eps,
+    std::array<bool, 2> output_mask) {
+  Backward bw(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, stride, groups, eps);
+  check_vector("sum_dz", sum_dz, bw.conv.c_out, input);
+  check_vector("sum_dz_xhat", sum_dz_xhat, bw.conv.c_out, input);
+  RK_CHECK(count > 0, "count must be positive; got ", count);
+  return bw.apply(std::make_pair(sum_dz, sum_dz_xhat), count, output_mask[0], output_mask[1],
+                  input, weight);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnext_kernels, RK_DISPATCH_KEY, m) {
   m.impl("conv_bn_relu_" RK_BACKEND, &forward);
+  m.impl("conv_bn_relu_" RK_BACKEND "_backward", &backward);
+  m.impl("conv_bn_relu_" RK_BACKEND "_backward_reduce", &backward_reduce);
+  m.impl("conv_bn_relu_" RK_BACKEND "_backward_apply", &backward_apply);
 }
 
 }  // namespace resnext_kernels
 
 #ifdef RESNEXT_EMULATED
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "The CUDA forward kernels compiled for the host SIMT emulator (tests only)";
+  m.doc() = "The CUDA kernels compiled for the host SIMT emulator (tests only)";
 }
 #endif

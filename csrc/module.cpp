@@ -16,7 +16,7 @@ namespace {
 
 // Kernel families compiled into this library.
 #ifdef RESNEXT_WITH_CUDA
-const std::vector<std::string> kKernelFamilies = {"conv_fwd"};
+const std::vector<std::string> kKernelFamilies = {"conv_fwd", "conv_bwd"};
 #else
 const std::vector<std::string> kKernelFamilies = {};
 #endif

@@ -120,16 +120,17 @@ def resolve(name: str, input: torch.Tensor) -> Backend:
     return backend
 
 
-def _with_reference(forward=reference.forward) -> ops.Implementation:
-    """``forward`` with the reference's backward and split ops (the kernel backends'
-    forward is in C++; their backward kernels are not written yet)."""
-    return ops.Implementation(forward, reference.backward, reference.batch_moments,
-                              reference.backward_reduce, reference.backward_apply)
+# A kernel backend's functions: forward, backward and the split backward ops are
+# registered from C++ (csrc/conv_bn_relu.cpp); the moments op, used only to merge
+# statistics across processes, is the reference's.
+KERNEL_IMPLEMENTATION = ops.Implementation(None, None, reference.batch_moments, None, None)
 
 
 register(Backend(
     name="reference",
-    ops=ops.define_backend_ops("reference", {None: _with_reference()}),
+    ops=ops.define_backend_ops("reference", {None: ops.Implementation(
+        reference.forward, reference.backward, reference.batch_moments,
+        reference.backward_reduce, reference.backward_apply)}),
     device_types=frozenset({"cpu", "cuda", "meta"}),  # meta: shapes only (fake kernels)
     dtypes=ALL_DTYPES,
 ))
@@ -139,7 +140,7 @@ KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 if "conv_fwd" in build_info()["kernel_families"]:
     register(Backend(
         name="cuda",
-        ops=ops.define_backend_ops("cuda", {"cuda": _with_reference(forward=None)}),
+        ops=ops.define_backend_ops("cuda", {"cuda": KERNEL_IMPLEMENTATION}),
         device_types=frozenset({"cuda"}),
         dtypes=KERNEL_DTYPES,
     ))
@@ -147,7 +148,7 @@ if "conv_fwd" in build_info()["kernel_families"]:
 if build_info()["emulated"]:
     register(Backend(
         name="cuda_emulated",
-        ops=ops.define_backend_ops("cuda_emulated", {"cpu": _with_reference(forward=None)}),
+        ops=ops.define_backend_ops("cuda_emulated", {"cpu": KERNEL_IMPLEMENTATION}),
         device_types=frozenset({"cpu"}),
         dtypes=KERNEL_DTYPES,
     ))

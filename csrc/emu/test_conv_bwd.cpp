@@ -1,0 +1,212 @@
+// The backward kernels run by the host SIMT emulator, without torch, against a naive
+// float64 backward: lets ctest run them under ASan/UBSan and ThreadSanitizer (the
+// wgrad shared-memory accumulation, the reduce pass's block-uniform recompute, the
+// float atomics). The full numerical matrix lives in tests/test_cuda_backward.py.
+//
+// Usage: conv_bwd_tests [fibers] [threads]   (default: both)
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include <cuda_fp16.h>
+
+#include "kernels/conv_bwd.h"
+
+namespace {
+
+int failures = 0;
+
+struct Case {
+  int n, h, w, c, groups, stride;
+  bool half;  // fp16 tensors
+};
+
+size_t nhwc(int n, int h, int w, int c, int H, int W, int C) {
+  return ((static_cast<size_t>(n) * H + h) * W + w) * C + c;
+}
+
+// The tensors in the kernels' dtype: fp32 values kept as float, or as __half.
+struct Buffer {
+  bool half;
+  std::vector<float> f;
+  std::vector<__half> h;
+  Buffer(bool half_, size_t size, float fill) : half(half_), f(size, fill), h(half_ ? size : 0) {
+    for (auto& v : h) v = __float2half_rn(fill);
+  }
+  void set(const std::vector<float>& values) {  // rounds to the dtype
+    f = values;
+    if (half)
+      for (size_t i = 0; i < f.size(); ++i) h[i] = __float2half_rn(f[i]), f[i] = __half2float(h[i]);
+  }
+  void* data() { return half ? static_cast<void*>(h.data()) : f.data(); }
+  double at(size_t i) const { return half ? __half2float(h[i]) : f[i]; }
+};
+
+void expect(const char* what, const Case& k, const char* backend, double err, double tol) {
+  if (!(err <= tol)) {
+    std::fprintf(stderr, "[%s] %s: n=%d %dx%d c=%d groups=%d stride=%d half=%d: error %g > %g\n",
+                 backend, what, k.n, k.h, k.w, k.c, k.groups, k.stride, k.half, err, tol);
+    ++failures;
+  }
+}
+
+// max |got − want| / (max |want| + tiny)
+template <typename Got>
+double rel_max(size_t size, Got got, const std::vector<double>& want) {
+  double diff = 0, scale = 1e-30;
+  for (size_t i = 0; i < size; ++i) {
+    const double d = std::fabs(got(i) - want[i]);
+    diff = std::isnan(d) ? INFINITY : std::fmax(diff, d);
+    scale = std::fmax(scale, std::fabs(want[i]));
+  }
+  return diff / scale;
+}
+
+void run_case(const Case& k, const char* backend) {
+  std::mt19937 rng(k.c * 17 + k.stride + k.half);
+  std::normal_distribution<float> normal;
+  const int cg = k.c / k.groups;
+  const int ho = (k.h - 1) / k.stride + 1, wo = (k.w - 1) / k.stride + 1;
+  const size_t in_size = static_cast<size_t>(k.n) * k.h * k.w * k.c;
+  const size_t out_size = static_cast<size_t>(k.n) * ho * wo * k.c;
+  const size_t pixels = out_size / k.c;
+  std::vector<float> values(in_size);
+  Buffer x(k.half, in_size, 0), wt(k.half, static_cast<size_t>(k.c) * 9 * cg, 0);
+  for (float& v : values) v = normal(rng);
+  x.set(values);
+  values.assign(wt.f.size(), 0);
+  for (float& v : values) v = normal(rng) / 6;
+  wt.set(values);
+  std::vector<float> gamma(k.c), beta(k.c);
+  for (int c = 0; c < k.c; ++c) gamma[c] = 0.5f + 0.02f * c, beta[c] = 0.1f * (c % 5) - 0.2f;
+  gamma[1] = 0.0f;  // one channel tile recomputes even when recovering
+
+  // Float64 forward: c, batch statistics, y (rounded to the dtype), random dy.
+  std::vector<double> c(out_size, 0.0), mean(k.c, 0.0), var(k.c, 0.0);
+  for (int n = 0; n < k.n; ++n)
+    for (int oh = 0; oh < ho; ++oh)
+      for (int ow = 0; ow < wo; ++ow)
+        for (int co = 0; co < k.c; ++co)
+          for (int tap = 0; tap < 9; ++tap) {
+            const int ih = oh * k.stride - 1 + tap / 3, iw = ow * k.stride - 1 + tap % 3;
+            if (ih < 0 || ih >= k.h || iw < 0 || iw >= k.w) continue;
+            for (int ci = 0; ci < cg; ++ci)
+              c[nhwc(n, oh, ow, co, ho, wo, k.c)] +=
+                  x.at(nhwc(n, ih, iw, co / cg * cg + ci, k.h, k.w, k.c)) *
+                  wt.at((static_cast<size_t>(co) * 9 + tap) * cg + ci);
+          }
+  for (size_t i = 0; i < out_size; ++i) mean[i % k.c] += c[i] / pixels;
+  for (size_t i = 0; i < out_size; ++i) var[i % k.c] += (c[i] - mean[i % k.c]) * (c[i] - mean[i % k.c]) / pixels;
+  std::vector<float> mean_f(k.c), invstd_f(k.c), y_values(out_size), dy_values(out_size);
+  for (int co = 0; co < k.c; ++co) mean_f[co] = mean[co], invstd_f[co] = 1 / std::sqrt(var[co] + 1e-5);
+  for (size_t i = 0; i < out_size; ++i) {
+    const int co = i % k.c;
+    y_values[i] = std::fmax((c[i] - mean[co]) * invstd_f[co] * gamma[co] + beta[co], 0.0);
+    dy_values[i] = normal(rng);
+  }
+  Buffer y(k.half, out_size, 0), dy(k.half, out_size, 0);
+  y.set(y_values);
+  dy.set(dy_values);
+
+  // Float64 backward.
+  std::vector<double> sum_dz(k.c, 0.0), sum_dz_xhat(k.c, 0.0), dc(out_size), dx(in_size, 0.0),
+      dw(wt.f.size(), 0.0);
+  auto dz = [&](size_t i) { return y.at(i) > 0 ? dy.at(i) : 0.0; };
+  auto xhat = [&](size_t i) { return (c[i] - mean[i % k.c]) * invstd_f[i % k.c]; };
+  for (size_t i = 0; i < out_size; ++i) sum_dz[i % k.c] += dz(i), sum_dz_xhat[i % k.c] += dz(i) * xhat(i);
+  std::vector<float> dz_scale(k.c), dc_shift(k.c), dc_xhat(k.c);
+  for (int co = 0; co < k.c; ++co) {
+    dz_scale[co] = gamma[co] * invstd_f[co];
+    dc_shift[co] = dz_scale[co] * sum_dz[co] / pixels;
+    dc_xhat[co] = dz_scale[co] * sum_dz_xhat[co] / pixels;
+  }
+  for (size_t i = 0; i < out_size; ++i) {
+    const int co = i % k.c;
+    dc[i] = dz_scale[co] * dz(i) - dc_shift[co] - dc_xhat[co] * xhat(i);
+  }
+  for (int n = 0; n < k.n; ++n)
+    for (int oh = 0; oh < ho; ++oh)
+      for (int ow = 0; ow < wo; ++ow)
+        for (int co = 0; co < k.c; ++co)
+          for (int tap = 0; tap < 9; ++tap) {
+            const int ih = oh * k.stride - 1 + tap / 3, iw = ow * k.stride - 1 + tap % 3;
+            if (ih < 0 || ih >= k.h || iw < 0 || iw >= k.w) continue;
+            const double d = dc[nhwc(n, oh, ow, co, ho, wo, k.c)];
+            for (int ci = 0; ci < cg; ++ci) {
+              const size_t xi = nhwc(n, ih, iw, co / cg * cg + ci, k.h, k.w, k.c);
+              const size_t wi = (static_cast<size_t>(co) * 9 + tap) * cg + ci;
+              dx[xi] += d * wt.at(wi);
+              dw[wi] += d * x.at(xi);
+            }
+          }
+
+  // The kernels, as the glue (csrc/conv_bn_relu.cpp) runs them in training.
+  rk::ConvBwdParams b{};
+  rk::ConvFwdParams& p = b.conv;
+  p.x = x.data();
+  p.wt = wt.data();
+  p.n = k.n, p.h = k.h, p.w = k.w, p.c_in = k.c, p.c_out = k.c, p.groups = k.groups;
+  p.stride = k.stride, p.h_out = ho, p.w_out = wo;
+  p.dtype = k.half ? rk::DType::kFloat16 : rk::DType::kFloat32;
+  b.dy = dy.data();
+  b.y = y.data();
+  b.gamma = gamma.data();
+  b.beta = beta.data();
+  b.mean = mean_f.data();
+  b.invstd = invstd_f.data();
+  const int blocks = rk::conv_fwd_blocks_x(p);
+  const double tol = k.half ? 1e-2 : 1e-4;
+  for (bool recover : {true, false}) {
+    std::vector<float> partial(static_cast<size_t>(blocks) * k.c * 2, NAN);
+    b.partial = partial.data();
+    b.recover_xhat = recover;
+    rk::launch_bwd_reduce(b, nullptr);
+    std::vector<double> sums(2 * k.c, 0.0), want(2 * k.c);
+    for (size_t i = 0; i < partial.size(); ++i) sums[i % (2 * k.c)] += partial[i];
+    for (int co = 0; co < k.c; ++co) want[2 * co] = sum_dz[co], want[2 * co + 1] = sum_dz_xhat[co];
+    expect(recover ? "reduce (recover)" : "reduce (recompute)", k, backend,
+           rel_max(sums.size(), [&](size_t i) { return sums[i]; }, want), tol);
+  }
+  b.dz_scale = dz_scale.data();
+  b.dc_shift = dc_shift.data();
+  b.dc_xhat = dc_xhat.data();
+  Buffer dc_k(k.half, out_size, NAN), dx_k(k.half, in_size, NAN);
+  b.dc = dc_k.data();
+  rk::launch_bwd_dc(b, nullptr);
+  expect("dc", k, backend, rel_max(out_size, [&](size_t i) { return dc_k.at(i); }, dc), tol);
+  b.dx = dx_k.data();
+  rk::launch_bwd_dgrad(b, rk::GradSource::kConvGrad, nullptr);
+  expect("dgrad", k, backend, rel_max(in_size, [&](size_t i) { return dx_k.at(i); }, dx), tol);
+  b.wgrad_chunks = rk::wgrad_chunks(p);
+  for (bool deterministic : {false, true}) {
+    b.deterministic = deterministic;
+    std::vector<float> dw_k(static_cast<size_t>(deterministic ? b.wgrad_chunks : 1) * dw.size(),
+                            deterministic ? NAN : 0.0f);
+    b.dw = dw_k.data();
+    rk::launch_bwd_wgrad(b, rk::GradSource::kConvGrad, nullptr);
+    std::vector<double> total(dw.size(), 0.0);
+    for (size_t i = 0; i < dw_k.size(); ++i) total[i % dw.size()] += dw_k[i];
+    expect(deterministic ? "wgrad (partials)" : "wgrad (atomics)", k, backend,
+           rel_max(dw.size(), [&](size_t i) { return total[i]; }, dw), tol);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Case cases[] = {{2, 7, 5, 12, 3, 1, false}, {1, 8, 6, 24, 3, 2, false},
+                        {3, 4, 5, 32, 8, 1, false}, {1, 5, 5, 36, 3, 2, false},
+                        {2, 5, 5, 32, 2, 1, true},  {1, 7, 6, 32, 4, 2, true}};
+  for (const char* backend : {"fibers", "threads"}) {
+    bool wanted = argc == 1;
+    for (int i = 1; i < argc; ++i) wanted |= std::strcmp(argv[i], backend) == 0;
+    if (!wanted) continue;
+    setenv("RK_EMU_BACKEND", backend, 1);
+    for (const Case& k : cases) run_case(k, backend);
+  }
+  std::printf("emulated backward kernel tests: %s\n", failures ? "FAILED" : "all passed");
+  return failures ? 1 : 0;
+}

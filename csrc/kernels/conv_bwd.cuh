@@ -1,0 +1,351 @@
+// Backward kernels of the fused grouped 3x3 conv (padding 1) + BatchNorm + ReLU, NHWC.
+//
+// One source for nvcc (csrc/cuda/conv_bwd.cu) and g++ + the host SIMT emulator
+// (csrc/emulated/conv_bwd.cpp), like conv_fwd.cuh, whose main loops it reuses
+// (conv_common.cuh). Saved for backward: the input x, the output y and per-channel
+// vectors; the conv output c is never stored. Notation in conv_bwd.h.
+//
+//   reduce:  per (pixel block, channel tile) partial sums Σdz and Σdz·x̂, with x̂
+//            recovered from y where y > 0 (fp32; tiles holding a channel whose γ
+//            makes that unsafe recompute c with the forward main loop instead), or
+//            from the recomputed c (fp16/bf16). Recovering reads only dy and y.
+//            The glue merges the partials in block order (fp64).
+//   dc:      training only: dc needs x̂ at every pixel, also where the ReLU zeroed
+//            y, so this pass recomputes c (forward main loop) and writes
+//            dc = dz_scale·dz − dc_shift − dc_xhat·x̂ once, which dgrad and wgrad
+//            read (docs/kernels.md has the byte count against recomputing c in both).
+//   dgrad:   dx = transposed grouped conv of dc: thread per input pixel, a tile of
+//            input channels per block; stride 2 keeps only taps landing on an
+//            output pixel (input rows/columns the forward never reached get 0).
+//   wgrad:   dw[co][tap][ci] = Σ_pixels dc·x: blocks split the pixels into
+//            wgrad_chunks chunks; each accumulates its chunk in shared memory, then
+//            adds it to dw with float atomics, or (deterministic) writes it as a
+//            partial that the glue sums in chunk order.
+// In eval dgrad and wgrad form dc = dz_scale·dy·[y > 0] while loading (no dc pass,
+// no dc tensor, no recomputed conv).
+#pragma once
+
+#include "kernels/conv_bwd.h"
+#include "kernels/conv_common.cuh"
+
+namespace rk {
+namespace detail {
+
+// Output-channel tile of one block, as in the forward kernels.
+struct ChannelTile {
+  int g, c0, count;  // group, first channel (global), channels in the tile
+};
+
+template <int CG>
+__device__ __forceinline__ ChannelTile channel_tile(int channels, int groups) {
+  constexpr int TILE = co_tile<CG>();
+  const int per_group = CG ? CG : channels / groups;
+  const int tiles = (per_group + TILE - 1) / TILE;
+  const int g = blockIdx.y / tiles;
+  const int c0 = g * per_group + (blockIdx.y % tiles) * TILE;
+  return {g, c0, imin(TILE, g * per_group + per_group - c0)};
+}
+
+__device__ __forceinline__ bool recoverable(float gamma, float beta) {
+  return fabsf(gamma) >= kRecoverMinGamma && fabsf(beta) <= kRecoverMaxRatio * fabsf(gamma);
+}
+
+// dc at output element i (NHWC offset, channel c).
+template <typename T, GradSource SOURCE>
+__device__ __forceinline__ float load_dc(const ConvBwdParams& b, long i, int c) {
+  if constexpr (SOURCE == GradSource::kConvGrad) {
+    return to_float(static_cast<const T*>(b.dc)[i]);
+  } else {
+    const float y = to_float(static_cast<const T*>(b.y)[i]);
+    return y > 0.0f ? b.dz_scale[c] * to_float(static_cast<const T*>(b.dy)[i]) : 0.0f;
+  }
+}
+
+template <typename T, int CG, int STRIDE>
+__global__ void __launch_bounds__(kPixels, 4) bwd_reduce_kernel(ConvBwdParams b) {
+  constexpr int TILE = co_tile<CG>();
+  const ConvFwdParams& p = b.conv;
+  const ChannelTile t = channel_tile<CG>(p.c_out, p.groups);
+  __shared__ Tile<TILE> xhat_dz;  // c when recomputed, then dz·x̂
+  __shared__ Tile<TILE> dz_s;
+  __shared__ int recompute;
+  if (threadIdx.x == 0) {
+    int any = !b.recover_xhat;
+    for (int co = 0; co < t.count; ++co)
+      any |= !recoverable(b.gamma[t.c0 + co], b.beta[t.c0 + co]);
+    recompute = any;
+  }
+  __syncthreads();
+  if (recompute) {  // block-uniform
+    conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, xhat_dz.vals);
+    __syncthreads();
+  }
+  const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
+  const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
+  for (int co = 0; co < t.count; ++co) {
+    float dz = 0.0f, dz_xhat = 0.0f;
+    if (pix < pixels) {
+      const int c = t.c0 + co;
+      const long i = pix * p.c_out + c;
+      const float y = to_float(static_cast<const T*>(b.y)[i]);
+      dz = y > 0.0f ? to_float(static_cast<const T*>(b.dy)[i]) : 0.0f;
+      const float xhat = recompute ? (xhat_dz.vals[co][threadIdx.x] - b.mean[c]) * b.invstd[c]
+                                   : (y - b.beta[c]) / b.gamma[c];
+      dz_xhat = dz * xhat;
+    }
+    dz_s.vals[co][threadIdx.x] = dz;
+    xhat_dz.vals[co][threadIdx.x] = dz_xhat;
+  }
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < t.count) {
+    const int co = threadIdx.x;
+    const int count = static_cast<int>(
+        imin(static_cast<long>(kPixels), pixels - static_cast<long>(blockIdx.x) * kPixels));
+    float sum_dz = 0.0f, sum_dz_xhat = 0.0f;
+    for (int i = 0; i < count; ++i) {
+      sum_dz += dz_s.vals[co][i];
+      sum_dz_xhat += xhat_dz.vals[co][i];
+    }
+    float* out = b.partial + (static_cast<long>(blockIdx.x) * p.c_out + t.c0 + co) * 2;
+    out[0] = sum_dz;
+    out[1] = sum_dz_xhat;
+  }
+}
+
+template <typename T, int CG, int STRIDE>
+__global__ void __launch_bounds__(kPixels, 4) bwd_dc_kernel(ConvBwdParams b) {
+  constexpr int TILE = co_tile<CG>();
+  const ConvFwdParams& p = b.conv;
+  const ChannelTile t = channel_tile<CG>(p.c_out, p.groups);
+  __shared__ Tile<TILE> tile;
+  conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, tile.vals);
+  __syncthreads();
+  const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
+  const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
+  if (pix >= pixels) return;
+  for (int co = 0; co < t.count; ++co) {
+    const int c = t.c0 + co;
+    const long i = pix * p.c_out + c;
+    const float xhat = (tile.vals[co][threadIdx.x] - b.mean[c]) * b.invstd[c];
+    const float dz = to_float(static_cast<const T*>(b.y)[i]) > 0.0f
+                         ? to_float(static_cast<const T*>(b.dy)[i])
+                         : 0.0f;
+    static_cast<T*>(b.dc)[i] =
+        from_float<T>(fmaf(b.dz_scale[c], dz, -fmaf(b.dc_xhat[c], xhat, b.dc_shift[c])));
+  }
+}
+
+// Thread per input pixel, TILE input channels of one group per block (grid.y =
+// groups x channel tiles). Weights staged as fp32 [cg_out][9][TILE].
+template <typename T, int CG, int STRIDE, GradSource SOURCE>
+__global__ void __launch_bounds__(kPixels, 4) bwd_dgrad_kernel(ConvBwdParams b) {
+  constexpr int TILE = co_tile<CG>();
+  const ConvFwdParams& p = b.conv;
+  const int cg_in = CG ? CG : p.c_in / p.groups;
+  const int cg_out = CG ? CG : p.c_out / p.groups;
+  const ChannelTile t = channel_tile<CG>(p.c_in, p.groups);
+  const int ci0 = t.c0 - t.g * cg_in;  // within the group
+
+  DYNAMIC_SHARED(float, w_s);
+  const T* w = static_cast<const T*>(p.wt) + static_cast<long>(t.g) * cg_out * 9 * cg_in;
+  for (int i = threadIdx.x; i < cg_out * 9 * TILE; i += kPixels) {
+    const int ci = i % TILE, row = i / TILE;  // row = co * 9 + tap
+    w_s[i] = ci < t.count ? to_float(w[static_cast<long>(row) * cg_in + ci0 + ci]) : 0.0f;
+  }
+  __syncthreads();
+
+  const long pixels = static_cast<long>(p.n) * p.h * p.w;
+  const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
+  if (pix >= pixels) return;
+  const int iw = static_cast<int>(pix % p.w);
+  const int ih = static_cast<int>(pix / p.w % p.h);
+  const long img = pix / (static_cast<long>(p.w) * p.h);
+  float acc[TILE];
+#pragma unroll
+  for (int ci = 0; ci < TILE; ++ci) acc[ci] = 0.0f;
+  for (int kh = 0; kh < 3; ++kh) {
+    const int row = ih + 1 - kh;  // = oh * STRIDE for a tap that reaches an output pixel
+    if (row < 0 || row % STRIDE != 0 || row / STRIDE >= p.h_out) continue;
+    for (int kw = 0; kw < 3; ++kw) {
+      const int col = iw + 1 - kw;
+      if (col < 0 || col % STRIDE != 0 || col / STRIDE >= p.w_out) continue;
+      const long o = ((img * p.h_out + row / STRIDE) * p.w_out + col / STRIDE) * p.c_out +
+                     static_cast<long>(t.g) * cg_out;
+      const float* wp = w_s + (kh * 3 + kw) * TILE;
+      for (int co = 0; co < cg_out; ++co) {
+        const float v = load_dc<T, SOURCE>(b, o + co, t.g * cg_out + co);
+#pragma unroll
+        for (int ci = 0; ci < TILE; ++ci) acc[ci] = fmaf(v, wp[co * 9 * TILE + ci], acc[ci]);
+      }
+    }
+  }
+  T* dx = static_cast<T*>(b.dx) + pix * p.c_in + t.c0;
+#pragma unroll  // constant indices keep acc[] in registers
+  for (int ci = 0; ci < TILE; ++ci)
+    if (ci < t.count) dx[ci] = from_float<T>(acc[ci]);
+}
+
+// Block (chunk, channel tile): the tile's [TILE][9·cg_in] weight gradient over the
+// pixel tiles chunk, chunk + wgrad_chunks, ... accumulated in shared memory (each
+// entry owned by one thread), then added to dw (atomics) or written as a partial.
+template <typename T, int CG, int STRIDE, GradSource SOURCE>
+__global__ void __launch_bounds__(kPixels, 4) bwd_wgrad_kernel(ConvBwdParams b) {
+  constexpr int TILE = co_tile<CG>();
+  const ConvFwdParams& p = b.conv;
+  const int cg_in = CG ? CG : p.c_in / p.groups;
+  const int k_size = 9 * cg_in;
+  const ChannelTile t = channel_tile<CG>(p.c_out, p.groups);
+  const int entries = t.count * k_size;
+
+  DYNAMIC_SHARED(float, acc_s);  // [t.count][k_size]
+  __shared__ float dc_s[TILE][kPixels];
+  __shared__ long base_s[kPixels];  // input offset of image (pixel's img, 0, 0)
+  __shared__ int oh0_s[kPixels], ow0_s[kPixels];
+  for (int e = threadIdx.x; e < entries; e += kPixels) acc_s[e] = 0.0f;
+
+  const T* x = static_cast<const T*>(p.x) + t.g * cg_in;
+  const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
+  const long pixel_tiles = (pixels + kPixels - 1) / kPixels;
+  for (long tile = blockIdx.x; tile < pixel_tiles; tile += gridDim.x) {
+    __syncthreads();  // the previous tile's readers are done
+    const long pix = tile * kPixels + threadIdx.x;
+    if (pix < pixels) {
+      const int ow = static_cast<int>(pix % p.w_out);
+      const int oh = static_cast<int>(pix / p.w_out % p.h_out);
+      base_s[threadIdx.x] = pix / (static_cast<long>(p.w_out) * p.h_out) * p.h * p.w;
+      oh0_s[threadIdx.x] = oh * STRIDE - 1;
+      ow0_s[threadIdx.x] = ow * STRIDE - 1;
+      for (int co = 0; co < t.count; ++co)
+        dc_s[co][threadIdx.x] = load_dc<T, SOURCE>(b, pix * p.c_out + t.c0 + co, t.c0 + co);
+    }
+    __syncthreads();
+    const int count = static_cast<int>(imin(static_cast<long>(kPixels), pixels - tile * kPixels));
+    for (int e = threadIdx.x; e < entries; e += kPixels) {
+      const int co = e / k_size, k = e % k_size;
+      const int tap = k / cg_in, ci = k % cg_in;
+      const int kh = tap / 3, kw = tap % 3;
+      float sum = 0.0f;
+      for (int i = 0; i < count; ++i) {
+        const int ih = oh0_s[i] + kh, iw = ow0_s[i] + kw;
+        if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) continue;
+        const float xv = to_float(x[(base_s[i] + static_cast<long>(ih) * p.w + iw) * p.c_in + ci]);
+        sum = fmaf(dc_s[co][i], xv, sum);
+      }
+      acc_s[e] += sum;
+    }
+  }
+  const long first = static_cast<long>(t.c0) * k_size;
+  for (int e = threadIdx.x; e < entries; e += kPixels) {
+    if (b.deterministic) {
+      b.dw[static_cast<long>(blockIdx.x) * p.c_out * k_size + first + e] = acc_s[e];
+    } else {
+      atomicAdd(b.dw + first + e, acc_s[e]);
+    }
+  }
+}
+
+template <typename T, int CG, int STRIDE>
+struct BwdLauncher {
+  static constexpr int TILE = co_tile<CG>();
+
+  static dim3 conv_grid(const ConvFwdParams& p) {
+    return dim3(conv_fwd_blocks_x(p), p.groups * ((p.c_out / p.groups + TILE - 1) / TILE));
+  }
+
+  static void reduce(const ConvBwdParams& b, void* stream) {
+    void (*kernel)(ConvBwdParams) = bwd_reduce_kernel<T, CG, STRIDE>;
+    const size_t smem = mainloop_smem<T, CG>(b.conv);
+    allow_dynamic_smem(kernel, smem);
+    RK_LAUNCH(kernel, conv_grid(b.conv), dim3(kPixels), smem, as_stream(stream))(b);
+  }
+
+  static void dc(const ConvBwdParams& b, void* stream) {
+    void (*kernel)(ConvBwdParams) = bwd_dc_kernel<T, CG, STRIDE>;
+    const size_t smem = mainloop_smem<T, CG>(b.conv);
+    allow_dynamic_smem(kernel, smem);
+    RK_LAUNCH(kernel, conv_grid(b.conv), dim3(kPixels), smem, as_stream(stream))(b);
+  }
+
+  static void dgrad(const ConvBwdParams& b, GradSource source, void* stream) {
+    const ConvFwdParams& p = b.conv;
+    void (*kernel)(ConvBwdParams) = source == GradSource::kConvGrad
+                                        ? bwd_dgrad_kernel<T, CG, STRIDE, GradSource::kConvGrad>
+                                        : bwd_dgrad_kernel<T, CG, STRIDE, GradSource::kMaskedGrad>;
+    const long pixels = static_cast<long>(p.n) * p.h * p.w;
+    const dim3 grid(static_cast<unsigned>((pixels + kPixels - 1) / kPixels),
+                    p.groups * ((p.c_in / p.groups + TILE - 1) / TILE));
+    const size_t smem = sizeof(float) * (p.c_out / p.groups) * 9 * TILE;
+    allow_dynamic_smem(kernel, smem);
+    RK_LAUNCH(kernel, grid, dim3(kPixels), smem, as_stream(stream))(b);
+  }
+
+  static void wgrad(const ConvBwdParams& b, GradSource source, void* stream) {
+    const ConvFwdParams& p = b.conv;
+    void (*kernel)(ConvBwdParams) = source == GradSource::kConvGrad
+                                        ? bwd_wgrad_kernel<T, CG, STRIDE, GradSource::kConvGrad>
+                                        : bwd_wgrad_kernel<T, CG, STRIDE, GradSource::kMaskedGrad>;
+    const dim3 grid(b.wgrad_chunks, conv_grid(p).y);
+    const size_t smem = sizeof(float) * TILE * 9 * (p.c_in / p.groups);
+    allow_dynamic_smem(kernel, smem);
+    RK_LAUNCH(kernel, grid, dim3(kPixels), smem, as_stream(stream))(b);
+  }
+};
+
+// The launcher for the input's dtype, stride and group width (widths with their own
+// instantiation as in the forward; any other runs the generic CG = 0 one).
+template <typename Fn>
+void dispatch(const ConvFwdParams& p, Fn&& fn) {
+  auto by_width = [&](auto type, auto stride) {
+    using T = decltype(type);
+    constexpr int S = decltype(stride)::value;
+    const int cg_in = p.c_in / p.groups, cg_out = p.c_out / p.groups;
+    switch (cg_in == cg_out ? cg_in : 0) {
+      case 4: return fn(BwdLauncher<T, 4, S>{});
+      case 8: return fn(BwdLauncher<T, 8, S>{});
+      case 16: return fn(BwdLauncher<T, 16, S>{});
+      case 32: return fn(BwdLauncher<T, 32, S>{});
+      case 64: return fn(BwdLauncher<T, 64, S>{});
+      default: return fn(BwdLauncher<T, 0, S>{});
+    }
+  };
+  auto by_stride = [&](auto type) {
+    if (p.stride == 1) return by_width(type, std::integral_constant<int, 1>{});
+    return by_width(type, std::integral_constant<int, 2>{});
+  };
+  switch (p.dtype) {
+    case DType::kFloat32: return by_stride(float{});
+    case DType::kFloat16: return by_stride(__half{});
+    case DType::kBFloat16: return by_stride(__nv_bfloat16{});
+  }
+}
+
+}  // namespace detail
+
+void launch_bwd_reduce(const ConvBwdParams& b, void* stream) {
+  detail::dispatch(b.conv, [&](auto launcher) { launcher.reduce(b, stream); });
+}
+
+void launch_bwd_dc(const ConvBwdParams& b, void* stream) {
+  detail::dispatch(b.conv, [&](auto launcher) { launcher.dc(b, stream); });
+}
+
+void launch_bwd_dgrad(const ConvBwdParams& b, GradSource source, void* stream) {
+  detail::dispatch(b.conv, [&](auto launcher) { launcher.dgrad(b, source, stream); });
+}
+
+void launch_bwd_wgrad(const ConvBwdParams& b, GradSource source, void* stream) {
+  detail::dispatch(b.conv, [&](auto launcher) { launcher.wgrad(b, source, stream); });
+}
+
+int wgrad_chunks(const ConvFwdParams& p) {
+  constexpr long kTargetBlocks = 2048;  // ~16 per SM on an H200's 132 SMs
+  const long pixel_tiles = conv_fwd_blocks_x(p);
+  const long tiles = static_cast<long>(p.groups) * ((p.c_out / p.groups + kCoTile - 1) / kCoTile);
+  const long weight = static_cast<long>(p.c_out) * 9 * (p.c_in / p.groups);
+  long chunks = (kTargetBlocks + tiles - 1) / tiles;
+  if (chunks > pixel_tiles) chunks = pixel_tiles;
+  if (chunks * weight > kWgradPartialFloats) chunks = kWgradPartialFloats / weight;
+  return static_cast<int>(chunks < 1 ? 1 : chunks);
+}
+
+}  // namespace rk

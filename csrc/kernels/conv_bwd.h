@@ -1,0 +1,69 @@
+// Torch-free interface of the backward kernels (csrc/kernels/conv_bwd.cuh): the
+// params struct and the launchers, for the torch glue (csrc/conv_bn_relu.cpp).
+#pragma once
+
+#include "kernels/conv_fwd.h"
+
+namespace rk {
+
+// Notation: c = conv(x) (recomputed, never saved), x̂ = (c − mean)·invstd,
+// y = relu(γ·x̂ + β) (the saved forward output), dz = dy·[y > 0] (ReLU + BN-affine
+// gradient), dc the gradient of c:
+//   dc = dz_scale·dz − dc_shift − dc_xhat·x̂,
+// with dz_scale = γ·invstd and, in training, dc_shift = dz_scale·Σdz/M and
+// dc_xhat = dz_scale·Σdz·x̂/M (M = N·H_out·W_out); in eval both are 0.
+struct ConvBwdParams {
+  ConvFwdParams conv;    // x, wt (OHWI), shapes and dtype of the forward; conv.y unused
+  const void* dy;        // gradient of the output [N, H_out, W_out, C_out] (NHWC), dtype
+  const void* y;         // the forward's output, same layout
+  const float* gamma;    // [C_out] BatchNorm weight
+  const float* beta;     // [C_out] BatchNorm bias
+  const float* mean;     // [C_out] the statistics the forward normalised with
+  const float* invstd;   // [C_out] rsqrt(var + eps)
+  const float* dz_scale;  // [C_out]
+  const float* dc_shift;  // [C_out]
+  const float* dc_xhat;   // [C_out]
+  void* dc;              // [N, H_out, W_out, C_out] dtype: dc, written by the dc pass (training)
+  void* dx;              // [N, H, W, C_in] dtype: the input gradient
+  float* dw;             // fp32 weight gradient, OHWI: [C_out, 9·C_in/groups] (atomic), or
+                         // [wgrad_chunks, C_out, 9·C_in/groups] partials (deterministic)
+  float* partial;        // [conv_fwd_blocks_x, C_out, 2]: per block (Σdz, Σdz·x̂) (reduce)
+  int wgrad_chunks;      // blocks along the pixels in wgrad (grid.x), see wgrad_chunks()
+  bool deterministic;    // wgrad writes per-chunk partials instead of float atomics
+  bool recover_xhat;     // reduce recovers x̂ from y where it can (see below), else
+                         // recomputes c for every channel
+};
+
+// Where dgrad and wgrad take dc from.
+enum class GradSource {
+  kConvGrad,    // the dc tensor written by the dc pass (training)
+  kMaskedGrad,  // formed while loading: dz_scale·dy·[y > 0] (eval: dc_shift = dc_xhat = 0)
+};
+
+// With recover_xhat, the reduce pass recovers x̂ from the saved output,
+// x̂ = (y − β)/γ where y > 0 (the only pixels whose dz is non-zero), for channels
+// with |γ| ≥ kRecoverMinGamma and |β| ≤ kRecoverMaxRatio·|γ|: there the rounding of
+// y costs at most (|x̂| + kRecoverMaxRatio) units of y's precision. Channel tiles
+// holding any other channel (γ ≈ 0, or β dominating) recompute c instead. The glue
+// recovers for fp32 (y carries 24 bits) and recomputes for fp16/bf16, where y's
+// 8-11 bits made dγ several times less accurate than PyTorch's (tests/test_cuda_backward.py).
+constexpr float kRecoverMinGamma = 1e-3f;
+constexpr float kRecoverMaxRatio = 4.0f;
+
+// The most floats the deterministic wgrad partials may take (64 MiB).
+constexpr long kWgradPartialFloats = 16L << 20;
+
+// Per-block (Σdz, Σdz·x̂) partials into b.partial (conv_fwd_blocks_x(b.conv) blocks).
+void launch_bwd_reduce(const ConvBwdParams& b, void* stream);
+// dc into b.dc (training), recomputing the conv.
+void launch_bwd_dc(const ConvBwdParams& b, void* stream);
+// The input gradient into b.dx: a grouped transposed conv of dc.
+void launch_bwd_dgrad(const ConvBwdParams& b, GradSource source, void* stream);
+// The weight gradient into b.dw (see ConvBwdParams::dw): Σ over pixels of x ⋆ dc.
+void launch_bwd_wgrad(const ConvBwdParams& b, GradSource source, void* stream);
+
+// Blocks along the pixels in wgrad: enough blocks to fill a GPU, at most one per
+// pixel tile, and partials within kWgradPartialFloats.
+int wgrad_chunks(const ConvFwdParams& p);
+
+}  // namespace rk

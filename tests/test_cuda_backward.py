@@ -1,0 +1,230 @@
+"""The CUDA backward kernels, executed on the CPU through the host SIMT emulator
+(backend "cuda_emulated"), against the float64 reference: the gradients of all four
+inputs for every family of widths x strides x dtypes x modes x layouts, with random
+upstream gradients; the γ ≈ 0 fallback, the deterministic path, the split ops, the
+bytes saved for backward and double backward."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from resnext_kernels import available_backends, fused_group_conv_bn_relu
+from resnext_kernels.backends import resolve
+from resnext_kernels.testing import REL_TOLERANCE, Problem, make_arguments, rel_error
+
+pytestmark = pytest.mark.skipif("cuda_emulated" not in available_backends(),
+                                reason="resnext_kernels._C_emulated is not built")
+
+WIDTHS = [4, 8, 16, 32, 64, 12]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NAMES = ("input", "weight", "bn_weight", "bn_bias")
+
+
+def problem_for(width, stride, even=False):
+    groups = 3 if width <= 16 else 2
+    if stride == 2:
+        n, h, w = (2, 8, 6) if even else (1, 9, 7)
+    else:
+        n, h, w = (2, 7, 5)
+    return Problem(n, groups * width, groups * width, h, w, groups, stride)
+
+
+def gradients(backend, args, problem, training, grad, dtype=None):
+    """Gradients of (input, weight, bn_weight, bn_bias) for upstream gradient ``grad``,
+    the arguments converted to ``dtype`` (kept when None)."""
+    x, w, g, b, rm, rv = [t.to(dtype) if dtype else t.clone() for t in args]
+    leaves = [t.detach().requires_grad_() for t in (x, w, g, b)]
+    out = fused_group_conv_bn_relu(*leaves, rm, rv, stride=problem.stride,
+                                   groups=problem.groups, training=training, backend=backend)
+    out.backward(grad.to(out.dtype))
+    return [t.grad for t in leaves]
+
+
+def pytorch_gradients(args, problem, training, grad):
+    """PyTorch's own unfused gradients in the arguments' dtype (BatchNorm in float32, as
+    under autocast): the baseline for "within 2x of PyTorch's own error"."""
+    x, w, g, b, rm, rv = [t.clone() for t in args]
+    leaves = [t.detach().requires_grad_() for t in (x, w, g, b)]
+    c = nn.functional.conv2d(leaves[0], leaves[1], stride=problem.stride, padding=1,
+                             groups=problem.groups)
+    out = nn.functional.relu(nn.functional.batch_norm(c.float(), rm, rv, leaves[2].float(),
+                                                      leaves[3].float(), training))
+    out.backward(grad.float())
+    return [t.grad for t in leaves]
+
+
+def check_gradients(got, want, dtype, baseline=None):
+    for name, g, r, *base in zip(NAMES, got, want, *([baseline] if baseline else [])):
+        assert g.shape == r.shape and g.dtype in (torch.float32, dtype), name
+        assert not g.isnan().any(), f"{name}: NaN (unwritten, poisoned) elements"
+        err = rel_error(g, r)
+        if base:  # half precision: within 2x of PyTorch's own error in that dtype
+            bound = max(2 * rel_error(base[0], r), REL_TOLERANCE[dtype] / 4)
+        else:
+            bound = REL_TOLERANCE[dtype]
+        assert err <= bound, (name, err, bound)
+
+
+# How the reduce pass gets x̂ (csrc/kernels/conv_bwd.h): fp32 runs both ways,
+# fp16/bf16 their default (recompute; recovering from a half-precision output loses
+# several times PyTorch's accuracy in dγ).
+XHAT = [pytest.param(torch.float32, "recover", id="float32-recover"),
+        pytest.param(torch.float32, "recompute", id="float32-recompute"),
+        pytest.param(torch.float16, None, id="float16"),
+        pytest.param(torch.bfloat16, None, id="bfloat16")]
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype,xhat", XHAT)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_emulated_gradients_match_reference(width, stride, dtype, xhat, training, channels_last,
+                                            monkeypatch):
+    if xhat is not None:
+        monkeypatch.setenv("RESNEXT_BWD_XHAT", xhat)
+    problem = problem_for(width, stride, even=channels_last)
+    gen = torch.Generator().manual_seed(width * 100 + stride * 10 + int(training))
+    args = make_arguments(problem, dtype, channels_last=channels_last, generator=gen)
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
+    got = gradients("cuda_emulated", args, problem, training, grad)
+    want = gradients("reference", args, problem, training, grad, dtype=torch.float64)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    baseline = None if dtype == torch.float32 else pytorch_gradients(args, problem, training, grad)
+    check_gradients(got, want, dtype, baseline)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channels_with_tiny_gamma_recompute_the_conv(training, monkeypatch):
+    """x̂ cannot be recovered from the output where γ ≈ 0 or β ≫ γ: those channel tiles
+    recompute the conv (csrc/kernels/conv_bwd.h); the others recover x̂."""
+    monkeypatch.setenv("RESNEXT_BWD_XHAT", "recover")
+    dtype = torch.float32
+    problem = Problem(2, 64, 64, 6, 5, 4, 1)  # 16 channels per group: one tile per group
+    gen = torch.Generator().manual_seed(7)
+    x, w, g, b, rm, rv = make_arguments(problem, dtype, generator=gen)
+    g = g.clone()
+    b = b.clone()
+    g[0:16:3] = 0.0  # group 0: exact zeros
+    g[16:32:5] = 1e-6  # group 1: tiny
+    b[32:48] = 10 * g[32:48]  # group 2: β dominates; group 3 recovers
+    args = (x, w, g, b, rm, rv)
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
+    got = gradients("cuda_emulated", args, problem, training, grad)
+    want = gradients("reference", args, problem, training, grad, dtype=torch.float64)
+    check_gradients(got, want, dtype)
+    # and with every channel tile recomputing
+    monkeypatch.setenv("RESNEXT_BWD_XHAT", "recompute")
+    check_gradients(gradients("cuda_emulated", args, problem, training, grad), want, dtype)
+
+
+def test_unknown_xhat_mode_is_refused(monkeypatch):
+    monkeypatch.setenv("RESNEXT_BWD_XHAT", "guess")
+    args = make_arguments(Problem(2, 16, 16, 5, 5, 4, 1), torch.float32)
+    leaves = [t.detach().requires_grad_() for t in args[:4]]
+    out = fused_group_conv_bn_relu(*leaves, *args[4:], groups=4, training=True,
+                                   backend="cuda_emulated")
+    with pytest.raises(ValueError, match="RESNEXT_BWD_XHAT must be recover or recompute"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("width,dtype", [(4, torch.float32), (16, torch.bfloat16), (12, torch.float16)])
+def test_deterministic_mode_gives_bit_identical_gradients(width, dtype):
+    problem = problem_for(width, 1)
+    gen = torch.Generator().manual_seed(3)
+    args = make_arguments(problem, dtype, channels_last=True, generator=gen)
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
+    default = gradients("cuda_emulated", args, problem, True, grad)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [gradients("cuda_emulated", args, problem, True, grad) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name, a, b, d in zip(NAMES, *runs, default):
+        assert torch.equal(a, b), name
+        # the atomic (default) path sums in another order: equal up to rounding
+        torch.testing.assert_close(d.float(), a.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_split_ops_match_reference():
+    """backward_reduce + backward_apply (the distributed path) of the kernels."""
+    problem = Problem(2, 24, 24, 7, 6, 3, 2)
+    gen = torch.Generator().manual_seed(11)
+    x, w, g, b, rm, rv = make_arguments(problem, torch.float32, generator=gen)
+    ops = {name: resolve(name, x).ops for name in ("cuda_emulated", "reference")}
+    results = {}
+    for name, op in ops.items():
+        dtype = torch.float32 if name == "cuda_emulated" else torch.float64
+        xs, ws, gs, bs = (t.to(dtype) for t in (x, w, g, b))
+        out, mean, var = op.forward(xs, ws, gs, bs, None, None, 2, 3, 1e-5, True)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64).to(dtype)
+        sums = op.backward_reduce(grad, xs, ws, gs, bs, out, mean, var, 2, 3, 1e-5)
+        count = out.numel() // out.shape[1]
+        results[name] = [*sums, *op.backward_apply(grad, xs, ws, gs, bs, out, mean, var, *sums,
+                                                   count, 2, 3, 1e-5, [True, True])]
+    for got, want in zip(results["cuda_emulated"], results["reference"]):
+        assert rel_error(got, want) <= REL_TOLERANCE[torch.float32]
+
+
+def saved_bytes(fn):
+    """Bytes of the distinct tensors autograd saves while running ``fn``."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = \
+            t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_saved_for_backward_is_smaller_than_unfused(dtype):
+    """Saved: input, output and per-channel vectors (and the parameters); the unfused
+    sequence also keeps the conv output. The figures are in docs/kernels.md."""
+    problem = Problem(4, 64, 64, 14, 14, 16, 1)
+    x, w, g, b, rm, rv = make_arguments(problem, dtype, channels_last=True)
+    x.requires_grad_()
+    conv = nn.Conv2d(64, 64, 3, padding=1, groups=16, bias=False).to(dtype)
+    bn = nn.BatchNorm2d(64)
+    unfused = nn.Sequential(conv, bn, nn.ReLU())
+    params = [t.detach().requires_grad_() for t in (w, g, b)]
+
+    def fused():
+        fused_group_conv_bn_relu(x, *params, rm.clone(), rv.clone(), groups=16, training=True,
+                                 backend="cuda_emulated")
+
+    def pytorch():
+        c = conv(x)
+        unfused[2](bn(c.float())).to(dtype)
+
+    fused_bytes, unfused_bytes = saved_bytes(fused), saved_bytes(pytorch)
+    activation = x.numel() * x.element_size()
+    assert fused_bytes <= unfused_bytes - activation, (fused_bytes, unfused_bytes)
+
+
+def test_double_backward_raises():
+    problem = Problem(2, 8, 8, 5, 5, 2, 1)
+    x, w, g, b, rm, rv = make_arguments(problem, torch.float32)
+    x.requires_grad_()
+    out = fused_group_conv_bn_relu(x, w, g, b, rm, rv, groups=2, training=True,
+                                   backend="cuda_emulated")
+    (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        gx.sum().backward()
+
+
+def test_empty_batch_gradients():
+    problem = Problem(2, 16, 16, 5, 5, 4, 1)
+    x, w, g, b, rm, rv = make_arguments(problem, torch.float32)
+    leaves = [t.detach().requires_grad_() for t in (x[:0], w, g, b)]
+    out = fused_group_conv_bn_relu(*leaves, rm, rv, groups=4, training=False,
+                                   backend="cuda_emulated")
+    out.sum().backward()
+    assert leaves[0].grad.shape == (0, 16, 5, 5)
+    for t in leaves[1:]:
+        assert torch.equal(t.grad, torch.zeros_like(t))
