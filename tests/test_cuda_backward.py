@@ -228,3 +228,17 @@ def test_empty_batch_gradients():
     assert leaves[0].grad.shape == (0, 16, 5, 5)
     for t in leaves[1:]:
         assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.slow
+def test_wide_layer_where_wgrad_blocks_loop_over_pixel_tiles():
+    """64 groups x 4 channels (ResNeXt 64x4d's s2 width) at 48x48: 36 pixel tiles over
+    32 wgrad chunks, so some blocks accumulate two tiles (the C++ test covers 1 and 2
+    chunks on both emulator back-ends)."""
+    problem = Problem(2, 256, 256, 48, 48, 64, 1)
+    gen = torch.Generator().manual_seed(13)
+    args = make_arguments(problem, torch.float32, channels_last=True, generator=gen)
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
+    got = gradients("cuda_emulated", args, problem, True, grad)
+    want = gradients("reference", args, problem, True, grad, dtype=torch.float64)
+    check_gradients(got, want, torch.float32)

@@ -180,8 +180,10 @@ void run_case(const Case& k, const char* backend) {
   b.dx = dx_k.data();
   rk::launch_bwd_dgrad(b, rk::GradSource::kConvGrad, nullptr);
   expect("dgrad", k, backend, rel_max(in_size, [&](size_t i) { return dx_k.at(i); }, dx), tol);
-  b.wgrad_chunks = rk::wgrad_chunks(p);
+  // The default split, and blocks looping over several pixel tiles (1 and 2 chunks).
+  for (int chunks : {rk::wgrad_chunks(p), 1, 2})
   for (bool deterministic : {false, true}) {
+    b.wgrad_chunks = chunks;
     b.deterministic = deterministic;
     std::vector<float> dw_k(static_cast<size_t>(deterministic ? b.wgrad_chunks : 1) * dw.size(),
                             deterministic ? NAN : 0.0f);
@@ -199,7 +201,9 @@ void run_case(const Case& k, const char* backend) {
 int main(int argc, char** argv) {
   const Case cases[] = {{2, 7, 5, 12, 3, 1, false}, {1, 8, 6, 24, 3, 2, false},
                         {3, 4, 5, 32, 8, 1, false}, {1, 5, 5, 36, 3, 2, false},
-                        {2, 5, 5, 32, 2, 1, true},  {1, 7, 6, 32, 4, 2, true}};
+                        {2, 5, 5, 32, 2, 1, true},  {1, 7, 6, 32, 4, 2, true},
+                        // more than one pixel tile (128 output pixels) per block in wgrad
+                        {2, 12, 13, 8, 2, 1, false}, {1, 21, 25, 16, 1, 2, true}};
   for (const char* backend : {"fibers", "threads"}) {
     bool wanted = argc == 1;
     for (int i = 1; i < argc; ++i) wanted |= std::strcmp(argv[i], backend) == 0;
