@@ -62,3 +62,75 @@ def test_cuda_runs_under_cuda_graphs():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, expected)
+
+
+def grads(fn, args, problem, training, grad, backend=None):
+    leaves = [t.detach().clone().requires_grad_() for t in args[:4]]
+    stats = [t.clone() for t in args[4:]]
+    if backend is None:
+        out = fn(leaves + stats, problem, training)
+    else:
+        out = fused_group_conv_bn_relu(*leaves, *stats, stride=problem.stride,
+                                       groups=problem.groups, training=training, backend=backend)
+    out.backward(grad.to(out.dtype))
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("name,groups,channels,size,stride", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_cuda_gradients_match_cudnn_on_resnext_layers(name, groups, channels, size, stride, dtype,
+                                                     training):
+    problem = Problem(8, channels, channels, size, size, groups, stride)
+    gen = torch.Generator().manual_seed(1)
+    args = make_arguments(problem, dtype, "cuda", channels_last=True, generator=gen)
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64).cuda()
+    mine = grads(None, args, problem, training, grad, backend="cuda")
+    ref = grads(None, [t.double() for t in args], problem, training, grad, backend="reference")
+    theirs = grads(cudnn, args, problem, training, grad)
+    for label, m, r, t in zip(("input", "weight", "bn_weight", "bn_bias"), mine, ref, theirs):
+        err, cudnn_err = rel_error(m, r), rel_error(t, r)
+        assert err <= max(2 * cudnn_err, REL_TOLERANCE[torch.float32]), (label, err, cudnn_err)
+
+
+def test_cuda_deterministic_gradients_are_bit_identical():
+    problem = Problem(16, 256, 256, 28, 28, 32, 1)
+    args = make_arguments(problem, torch.bfloat16, "cuda", channels_last=True)
+    grad = torch.randn(problem.output_shape, device="cuda", dtype=torch.float64)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [grads(None, args, problem, True, grad, backend="cuda") for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_cuda_training_step_under_cuda_graphs():
+    problem = Problem(4, 128, 128, 14, 14, 32, 1)
+    args = make_arguments(problem, torch.bfloat16, "cuda", channels_last=True)
+    leaves = [t.detach().clone().requires_grad_() for t in args[:4]]
+    grad = torch.randn(problem.output_shape, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = fused_group_conv_bn_relu(*leaves, None, None, groups=32, training=True,
+                                       backend="cuda")
+        out.backward(grad)
+        return out
+
+    expected = [step()] + [t.grad.clone() for t in leaves]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip([captured] + [t.grad for t in leaves], expected):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
