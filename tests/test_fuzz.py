@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from resnext_kernels import fused_group_conv_bn_relu
+from resnext_kernels import fused_group_conv_bn_relu, reference
 from resnext_kernels.backends import usable_backends
 from resnext_kernels.testing import ELEMENT_TOLERANCE, Problem, make_arguments, pytorch_same_dtype
 
@@ -57,3 +57,53 @@ def test_backend_matches_float64_reference(backend, case):
     assert err <= max(atol + rtol * expected.abs().max().item(), 2 * torch_err), (err, torch_err)
     torch.testing.assert_close(mine[4].double(), ref[4], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(mine[5].double(), ref[5], atol=1e-4, rtol=1e-4)
+
+
+def _gradients(args, kwargs, grad, backend=None):
+    """Gradients of (input, weight, bn_weight, bn_bias): of the fused op with ``backend``,
+    or of PyTorch's own unfused sequence in the arguments' dtype (BatchNorm in float32)."""
+    leaves = [t.detach().clone().requires_grad_() for t in args[:4]]
+    stats = [t.clone() for t in args[4:]]
+    if backend is None:
+        c = torch.nn.functional.conv2d(leaves[0], leaves[1], stride=kwargs["stride"], padding=1,
+                                       groups=kwargs["groups"])
+        out = torch.relu(torch.nn.functional.batch_norm(
+            c.float(), *stats, leaves[2].float(), leaves[3].float(), kwargs["training"]))
+    else:
+        out = fused_group_conv_bn_relu(*leaves, *stats, backend=backend, **kwargs)
+    out.backward(grad.to(out.dtype))
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases())
+def test_backend_gradients_match_float64_reference(backend, case):
+    problem, dtype = case["problem"], case["dtype"]
+    gen = torch.Generator().manual_seed(case["seed"])
+    args = list(make_arguments(problem, dtype, channels_last=case["channels_last"], generator=gen))
+    args[0] = args[0] + case["offset"]
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
+    kwargs = dict(stride=problem.stride, groups=problem.groups, training=case["training"])
+    mine = _gradients(args, kwargs, grad, backend)
+    args64 = [t.double() for t in args]
+    expected = _gradients(args64, kwargs, grad, "reference")
+    theirs = _gradients(args, kwargs, grad)
+    # The scale errors are measured against: the gradient with the batch statistics
+    # held constant. In training the input and weight gradients subtract the
+    # statistics' terms, which can cancel almost exactly (2 values per channel, both
+    # past the ReLU: the true input gradient is ~eps/var); measured against what
+    # cancelled, every implementation's rounding is small, PyTorch's included.
+    mean, var = reference.batch_statistics(reference.conv(args64[0], args64[1], problem.stride,
+                                                          problem.groups))
+    held = _gradients(args64[:4] + [mean, var], dict(kwargs, training=False), grad, "reference")
+    atol, rtol = ELEMENT_TOLERANCE[dtype]
+    for name, m, e, t, h in zip(("input", "weight", "bn_weight", "bn_bias"), mine, expected,
+                                theirs, held):
+        # Errors relative to the gradient's largest element; an ill-conditioned case
+        # (few values per channel, large offset) is bounded by 2x PyTorch's own error.
+        scale = max(e.abs().max().item(), h.abs().max().item(), 1e-30)
+        err = (m.double() - e).abs().max().item() / scale
+        torch_err = (t.double() - e).abs().max().item() / scale
+        assert err <= max(rtol, 2 * torch_err), (name, err, torch_err)
