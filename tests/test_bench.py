@@ -1,88 +1,146 @@
-"""resnext-bench on the CPU: runs, checks against the reference, writes JSON, fails loudly."""
+"""resnext-bench on the CPU: every subcommand runs with --quick, checks against the
+float64 reference, writes JSON / CSV / PNG, and fails loudly (one line) on bad options
+and on wrong results."""
 
 import json
 import subprocess
 import sys
 
 import pytest
-
 import torch
 
 from resnext_kernels.backends import usable_backends
-from resnext_kernels.bench import main
+from resnext_kernels.bench import common, main
+
+CPU_BACKENDS = usable_backends(torch.empty(0, 0, 0, 0))
+LAYERS = ("s2", "s3-down", "s3", "s4-down", "s4", "s5-down", "s5")
 
 
-def test_bench_checks_every_available_backend(tmp_path, capsys):
-    out = tmp_path / "results.json"
-    assert main(["--device", "cpu", "--layer", "s5-down", "--batch", "2", "--repeats", "1",
-                 "--json", str(out)]) == 0
-    data = json.loads(out.read_text())
-    rows = {(r["provider"], r["mode"]): r for r in data["results"]}
-    providers = ["pytorch"] + usable_backends(torch.empty(0, 0, 0, 0))
-    assert set(rows) == {(p, m) for p in providers for m in ("eval", "train")}
-    for (provider, mode), row in rows.items():
-        assert row["ok"] and row["rel_error"] < row["tolerance"]
-        if provider == "cuda_emulated":
-            assert row["time_ms"] is None  # the emulator is not timed
+def test_layers_quick_writes_json_csv_and_plots(tmp_path, capsys):
+    paths = {k: tmp_path / f"r.{k}" for k in ("json", "csv")}
+    assert main(["layers", "--device", "cpu", "--quick", "--json", str(paths["json"]),
+                 "--csv", str(paths["csv"]), "--plot", str(tmp_path / "plots" / "l")]) == 0
+    data = json.loads(paths["json"].read_text())
+    for key in ("device", "torch", "triton", "cuda", "timestamp", "copy_gbps", "rows"):
+        assert key in data, key
+    rows = data["rows"]
+    assert {(r["layer"], r["provider"]) for r in rows} == {
+        (layer, p) for layer in LAYERS for p in ["pytorch"] + CPU_BACKENDS}
+    for r in rows:
+        assert {"layer", "provider", "mode", "dtype", "median_ms"} <= set(r)
+        assert r["mode"] == "eval" and r["dtype"] == "float32" and r["ok"]
+        assert r["max_error"] < 1e-5
+        if r["provider"] in common.UNTIMED:
+            assert r["median_ms"] is None  # the emulator is never timed
         else:
-            assert row["time_ms"] > 0
-        assert row["shape"] == "2x1024x7x7"
-    assert rows[("reference", "train")]["worst"].startswith(("grad_", "running_", "output"))
-    assert "reference" in capsys.readouterr().out
+            assert r["median_ms"] > 0 and r["q1_ms"] <= r["median_ms"] <= r["q3_ms"]
+            assert r["gbps"] > 0 and r["pct_floor"] > 0 and r["tflops"] > 0
+            assert r["speedup"] > 0
+    assert len(paths["csv"].read_text().splitlines()) == len(rows) + 1
+    for name in ("l-speedup.png", "l-roofline.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "pytorch" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--backends", "cudnn"], "backend must be one of"),
-    (["--modes", "fast"], "--modes takes eval and/or train"),
-])
-def test_bench_rejects_bad_options(args, message):
-    with pytest.raises(SystemExit, match=message):
-        main(["--device", "cpu", "--layer", "s5", "--batch", "2"] + args)
+def test_layers_training_backward_rows(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["layers", "--device", "cpu", "--quick", "--layers", "s5", "--mode",
+                 "train,train-backward", "--backends", "pytorch,reference",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["mode"], r["provider"]) for r in rows} == {
+        (m, p) for m in ("train", "train-backward") for p in ("pytorch", "reference")}
+    backward = [r for r in rows if r["mode"] == "train-backward"]
+    assert all(r["worst"].startswith(("grad_", "output")) for r in backward)
 
 
-def test_bench_module_entry_point():
-    result = subprocess.run([sys.executable, "-m", "resnext_kernels.bench", "--device", "cpu",
-                             "--layer", "s5", "--batch", "2", "--repeats", "1", "--modes", "eval"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "reference" in result.stdout
+def test_floor_bytes_and_flops():
+    problem = common.Problem(256, 128, 128, 56, 56, 32, 1)
+    inp, out = common.tensor_bytes(problem, torch.bfloat16)
+    assert inp == out == 256 * 128 * 56 * 56 * 2
+    assert common.floor_bytes(problem, torch.bfloat16, "eval") == 2 * inp
+    assert common.floor_bytes(problem, torch.bfloat16, "train") == 3 * inp  # 2·in + out
+    assert common.floor_bytes(problem, torch.bfloat16, "train-backward") == 9 * inp
+    assert common.flops(problem, "eval") == 2 * 256 * 56 * 56 * 128 * 9 * 4  # 7.4 GFLOP
+    assert common.flops(problem, "train-backward") == 3 * common.flops(problem, "eval")
 
 
-def test_bench_fails_when_an_error_exceeds_the_tolerance(monkeypatch, capsys):
-    import torch
+def test_validate_quick_passes_and_reports(tmp_path):
+    out = tmp_path / "v.json"
+    assert main(["validate", "--device", "cpu", "--quick", "--layers", "s5-down",
+                 "--steps", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["provider"] for r in rows} == set(CPU_BACKENDS)
+    assert {r["mode"] for r in rows} == {"eval", "train-backward", "step 1"}
+    assert {r["tensor"] for r in rows if r["mode"] == "train-backward"} == {
+        "output", "grad_input", "grad_weight", "grad_bn_weight", "grad_bn_bias"}
+    assert all(r["ok"] and r["rel_error"] <= r["bound"] for r in rows)
 
-    monkeypatch.setitem(sys.modules["resnext_kernels.bench.check"].REL_TOLERANCE, torch.float32, 0.0)
-    assert main(["--device", "cpu", "--layer", "s5", "--batch", "2", "--repeats", "1",
-                 "--modes", "eval"]) == 1
+
+def test_validate_fails_on_a_wrong_backend(monkeypatch, capsys):
+    """A planted 1 % error in one backend's output makes validate exit 1."""
+    run = common.Provider.run
+
+    def wrong(self, args):
+        result = run(self, args)
+        planted = self.name == "reference" and args[0].dtype != torch.float64  # not the oracle
+        return {k: v * 1.01 if planted and k == "output" else v for k, v in result.items()}
+
+    monkeypatch.setattr(common.Provider, "run", wrong)
+    assert main(["validate", "--device", "cpu", "--quick", "--layers", "s5", "--steps", "0",
+                 "--backends", "reference", "--mode", "eval"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
-SAMPLE_REPORT = """
-Fatbin elf code:
-================
-arch = sm_90
- Function _ZN2rk6detail15finalize_kernelENS_14FinalizeParamsE:
-  REG:44 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:584 TEXTURE:0 SURFACE:0 SAMPLER:0
- Function _Z4spillv:
-  REG:255 STACK:64 SHARED:1024 LOCAL:8 CONSTANT[0]:584 TEXTURE:0 SURFACE:0 SAMPLER:0
-"""
+def test_model_quick_reports_the_headline(tmp_path):
+    out = tmp_path / "m.json"
+    assert main(["model", "--device", "cpu", "--quick", "--backends", "reference",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["layer"], r["provider"]) for r in rows} == {
+        ("resnet50", "pytorch"), ("resnext50_32x4d", "pytorch"), ("resnext50_32x4d", "reference")}
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["median_ms"] > 0
+        if r["layer"] == "resnet50":
+            assert r["vs_resnet50"] == 1.0
 
 
-def test_kernel_report_parsing_flags_spills():
-    from resnext_kernels.bench.kernels import parse
+@pytest.mark.parametrize("args,message", [
+    (["layers", "--backends", "cudnn"], "--backends: invalid value 'cudnn'"),
+    (["layers", "--mode", "fast"], "--mode: invalid value 'fast'; choose from eval, train"),
+    (["layers", "--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+    (["layers", "--layers", "s9"], "--layers: invalid value 's9'; choose from s2"),
+    (["validate", "--backends", "pytorch"], "pytorch is the baseline"),
+    (["model", "--batch", "1"], "--batch must be at least 2"),
+])
+def test_bad_options_give_one_line_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args[:1] + ["--device", "cpu", "--quick"] + args[1:])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
 
-    rows = parse(SAMPLE_REPORT)
-    assert [(r.arch, r.registers, r.stack, r.local, r.spills) for r in rows] == [
-        ("sm_90", 44, 0, 0, False), ("sm_90", 255, 64, 8, True)]
-    assert rows[0].name == "rk::detail::finalize_kernel(rk::FinalizeParams)"
+
+def test_unknown_command_is_refused(capsys):
+    assert main(["bogus"]) == 2
+    assert "unknown command 'bogus'; choose from layers" in capsys.readouterr().err
 
 
-def test_kernels_report_of_this_build_has_no_spills(tmp_path):
-    import resnext_kernels
+def test_module_entry_point_defaults_to_layers():
+    result = subprocess.run([sys.executable, "-m", "resnext_kernels.bench", "--device", "cpu",
+                             "--quick", "--layers", "s5", "--backends", "pytorch"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "grouped-conv layers" in result.stdout and "pytorch" in result.stdout
 
-    if not resnext_kernels.build_info()["with_cuda"]:
-        pytest.skip("resnext_kernels._C was built without CUDA kernels")
-    out = tmp_path / "kernels.json"
-    assert main(["kernels", "--check", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())
-    assert len(rows) >= 73 and all(r["stack"] == 0 and r["local"] == 0 for r in rows)
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_gpu_check_script_stops_clearly_without_a_gpu(tmp_path):
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert result.returncode == 1
+    assert "no CUDA device is visible" in result.stderr
+    assert "Nothing was run" in (tmp_path / "log.txt").read_text()

@@ -2,17 +2,24 @@
 
 Commands:
 
-* ``check`` (the default): every available backend against the float64 reference
-  on a ResNeXt-50 layer, timed beside PyTorch's Conv2d + BatchNorm2d + ReLU;
-* ``table``: the ResNeXt paper's settings, parameters and multiply-adds;
-* ``kernels``: registers, shared memory and spills of every compiled CUDA kernel.
+* ``layers`` (the default): every grouped-conv layer of a ResNeXt, PyTorch
+  (cuDNN), ``torch.compile`` and each backend side by side: time, GB/s, % of the
+  memory floor, TFLOP/s, speedup and error against float64;
+* ``model``: images/s of ResNet-50, ResNeXt-50 and ResNeXt-50 on each backend,
+  forward and training step;
+* ``validate``: every backend against float64 on every layer (forward and
+  gradients) and over SGD steps of a whole model; exits 1 on any failure;
+* ``kernels``: registers, shared memory and spills of every compiled CUDA kernel;
+* ``table``: the ResNeXt paper's settings, parameters and multiply-adds.
 
-``resnext-bench COMMAND --help`` lists each command's options.
+``resnext-bench COMMAND --help`` lists each command's options; ``--quick`` makes
+any of them finish in under a minute on a 2-core CPU.
 """
 
+import importlib
 import sys
 
-COMMANDS = ("check", "table", "kernels")
+COMMANDS = ("layers", "model", "validate", "kernels", "table")
 
 
 def main(argv=None) -> int:
@@ -20,11 +27,9 @@ def main(argv=None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
-    command = argv.pop(0) if argv and argv[0] in COMMANDS else "check"
-    if command == "table":
-        from .table import main as run
-    elif command == "kernels":
-        from .kernels import main as run
-    else:
-        from .check import main as run
-    return run(argv)
+    command = argv.pop(0) if argv and not argv[0].startswith("-") else "layers"
+    if command not in COMMANDS:
+        print(f"resnext-bench: error: unknown command {command!r}; choose from "
+              f"{', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return importlib.import_module(f".{command}", __name__).main(argv)

@@ -5,7 +5,6 @@ architecture — read from ``resnext_kernels._C`` with ``cuobjdump
 GPU. ``--check`` exits 1 when any kernel uses stack or local memory (spills).
 """
 
-import argparse
 import importlib.util
 import os
 import re
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .._native import build_info
+from .common import Parser
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,9 @@ def library_path() -> Optional[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="resnext-bench kernels", description=__doc__)
+    parser = Parser(prog="resnext-bench kernels", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="accepted like every command's; this one is always quick")
     parser.add_argument("--check", action="store_true", help="exit 1 on any stack/local use")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     opts = parser.parse_args(argv)

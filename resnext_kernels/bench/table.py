@@ -8,7 +8,6 @@ Parameters are counted on the fused model and equal torchvision's
 registers its convolution's count), on the meta device so nothing is computed.
 """
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -19,6 +18,7 @@ from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..models import resnext
+from .common import Parser
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ def measure(setting: Setting, image_size: int = 224) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="resnext-bench table", description=__doc__)
+    parser = Parser(prog="resnext-bench table", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="accepted like every command's; this one is always quick")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     opts = parser.parse_args(argv)
 
