@@ -134,3 +134,39 @@ def test_cuda_training_step_under_cuda_graphs():
     torch.cuda.synchronize()
     for got, want in zip([captured] + [t.grad for t in leaves], expected):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_autocast_runs_in_the_autocast_dtype_like_conv_and_batchnorm(dtype):
+    from torch import nn
+
+    from resnext_kernels import FusedGroupConv
+
+    module = FusedGroupConv(128, 128, groups=32, backend="cuda").cuda()
+    seq = nn.Sequential(*[m.cuda() for m in module.to_modules()], nn.ReLU())
+    x = torch.randn(8, 128, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=dtype):
+        out, expected = module(x), seq(x)
+    assert out.dtype == expected.dtype == dtype
+    assert module.bn.running_mean.dtype == torch.float32
+    torch.testing.assert_close(out.float(), expected.float(), atol=0.1, rtol=0.05)
+
+
+def test_cuda_ten_thousand_calls_keep_memory_stable():
+    problem = Problem(4, 64, 64, 14, 14, 16, 1)
+    args = make_arguments(problem, torch.bfloat16, "cuda", channels_last=True)
+    leaves = [t.requires_grad_() for t in args[:4]]
+
+    def call():
+        out = fused_group_conv_bn_relu(*leaves, *args[4:], groups=16, training=True,
+                                       backend="cuda")
+        out.sum().backward()
+
+    for _ in range(200):
+        call()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(10_000):
+        call()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before < 2**20
