@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from . import ops, reference
+from . import ops, reference, triton_backend
 from ._native import build_info
 
 BACKEND_NAMES = ("auto", "reference", "cuda", "triton", "cuda_emulated")
@@ -57,7 +57,10 @@ def _missing_reasons() -> dict[str, str]:
         cuda = "the conv_fwd kernel family is not compiled into resnext_kernels._C"
     return {
         "cuda": cuda,
-        "triton": "the Triton kernels are not part of this version of resnext_kernels",
+        "triton": (f"triton cannot be imported ({triton_backend.IMPORT_ERROR})"
+                   if triton_backend.triton is None else
+                   "the Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 set before "
+                   "importing resnext_kernels: the CPU interpreter, for tests)"),
         "cuda_emulated": ("resnext_kernels._C_emulated could not be imported "
                           f"({info['emulated_error']}); it is built when the CUDA toolkit's "
                           "headers are found at build time"),
@@ -152,3 +155,33 @@ if build_info()["emulated"]:
         device_types=frozenset({"cpu"}),
         dtypes=KERNEL_DTYPES,
     ))
+
+if triton_backend.triton is not None and (triton_backend.INTERPRET or torch.cuda.is_available()):
+    TRITON_IMPLEMENTATION = ops.Implementation(
+        triton_backend.forward, triton_backend.backward, reference.batch_moments,
+        triton_backend.backward_reduce, triton_backend.backward_apply)
+    if triton_backend.INTERPRET:
+        # CPU tensors through the interpreter (tests); bf16 loads are broken there.
+        register(Backend(
+            name="triton",
+            ops=ops.define_backend_ops("triton", {"cpu": TRITON_IMPLEMENTATION}),
+            device_types=frozenset({"cpu"}),
+            dtypes=frozenset({torch.float16, torch.float32}),
+        ))
+    elif hasattr(torch.library, "triton_op"):
+        register(Backend(
+            name="triton",
+            ops=ops.define_backend_ops(
+                "triton", {None: ops.Implementation(None, None, reference.batch_moments, None,
+                                                    None)},
+                triton_ops=TRITON_IMPLEMENTATION._replace(moments=None)),
+            device_types=frozenset({"cuda"}),
+            dtypes=KERNEL_DTYPES,
+        ))
+    else:  # torch without triton_op: plain ops, eager mode
+        register(Backend(
+            name="triton",
+            ops=ops.define_backend_ops("triton", {"cuda": TRITON_IMPLEMENTATION}),
+            device_types=frozenset({"cuda"}),
+            dtypes=KERNEL_DTYPES,
+        ))

@@ -171,7 +171,8 @@ def _double_backward(ctx, *grads):
 
 
 def define_backend_ops(backend: str,
-                       impls: Optional[dict[Optional[str], Implementation]] = None) -> BackendOps:
+                       impls: Optional[dict[Optional[str], Implementation]] = None,
+                       triton_ops: Optional[Implementation] = None) -> BackendOps:
     """Define the ops of ``backend`` with fake kernels, FLOP formulas and autograd.
 
     Args:
@@ -180,11 +181,18 @@ def define_backend_ops(backend: str,
             ``..._backward_apply``.
         impls: device type (``"cpu"``, ``"cuda"``) or ``None`` (every device) mapped to
             the backend's functions. Device types implemented in C++ are left out here.
+        triton_ops: functions built from Triton kernels called through
+            ``torch.library.wrap_triton``: their ops are defined with
+            ``torch.library.triton_op`` (so ``torch.compile`` sees into them; the fake
+            kernel comes from tracing the function); None entries are defined as usual.
     """
     base = f"{NAMESPACE}::conv_bn_relu_{backend}"
     fakes = (_forward_fake, _backward_fake, _moments_fake, _backward_reduce_fake,
              _backward_apply_fake)
-    for (suffix, schema), fake in zip(_OPS, fakes):
+    for (suffix, schema), fake, fn in zip(_OPS, fakes, triton_ops or (None,) * len(_OPS)):
+        if fn is not None:
+            torch.library.triton_op(base + suffix, fn, mutates_args=(), schema=schema)
+            continue
         torch.library.define(base + suffix, schema, lib=_LIB)
         torch.library.register_fake(base + suffix, fake, lib=_LIB)
     for device_type, functions in (impls or {}).items():

@@ -64,7 +64,7 @@ step build 300 "$PYTHON" -m pip install --no-build-isolation --no-deps --editabl
 step build-info 60 "$PYTHON" -c \
   "import resnext_kernels as rk; print(rk.build_info()); print(rk.available_backends())"
 step kernels 60 "$PYTHON" -m resnext_kernels.bench kernels --check
-step gpu-tests 150 "$PYTHON" -m pytest -q -m gpu tests/test_cuda_gpu.py \
+step gpu-tests 170 "$PYTHON" -m pytest -q tests/test_cuda_gpu.py tests/test_triton.py \
   --junitxml "$OUTDIR/pytest.xml"
 
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
@@ -98,12 +98,12 @@ step validate 90 "$PYTHON" -m resnext_kernels.bench validate --device cuda \
   --dtype bfloat16 --batch 32 --json "$OUTDIR/validate.json"
 # torch.compile's max-autotune searches every layer shape for minutes: the default
 # mode keeps the run bounded (run `layers` alone for max-autotune).
-step layers 150 "$PYTHON" -m resnext_kernels.bench layers --device cuda --dtype bfloat16 \
+step layers 170 "$PYTHON" -m resnext_kernels.bench layers --device cuda --dtype bfloat16 \
   --memory-format channels_last --batch 256 --mode eval,train-backward \
-  --backends pytorch,compile,cuda --compile-mode default \
+  --backends pytorch,compile,cuda,triton --compile-mode default \
   --json "$OUTDIR/layers.json" --csv "$OUTDIR/layers.csv" --plot "$OUTDIR/layers"
 step model 90 "$PYTHON" -m resnext_kernels.bench model --device cuda --dtype bfloat16 \
-  --batch 128 --backends cuda --json "$OUTDIR/model.json"
+  --batch 128 --backends cuda,triton --json "$OUTDIR/model.json"
 
 {
   echo

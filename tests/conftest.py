@@ -1,3 +1,13 @@
+import os
+
+# Without a GPU the Triton kernels run through the interpreter on CPU tensors; it must
+# be chosen before resnext_kernels (and so the kernels) is imported. NOTES §2.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 import torch
 

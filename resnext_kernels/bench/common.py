@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from .. import build_info, fused_group_conv_bn_relu
+from .. import build_info, fused_group_conv_bn_relu, triton_backend
 from ..backends import BACKEND_NAMES, resolve, usable_backends
 from ..testing import Problem, make_arguments, resnext_layers
 
@@ -29,8 +29,9 @@ MODES = ("eval", "train", "train-backward")
 # Providers besides our backends: PyTorch's own modules (cuDNN on a GPU) and
 # torch.compile of the same modules.
 BASELINES = ("pytorch", "compile")
-# Backends that are test vehicles: their errors are checked, their times never taken.
-UNTIMED = ("cuda_emulated",)
+# Backends that are test vehicles: their errors are checked, their times never taken
+# (the emulator; Triton under its CPU interpreter).
+UNTIMED = ("cuda_emulated",) + (("triton",) if triton_backend.INTERPRET else ())
 
 # Wide enough for the layer table when the output is a file or a pipe.
 console = Console(width=None if sys.stdout.isatty() else 150)

@@ -1,8 +1,10 @@
-"""``resnext-bench kernels``: the static resource report of every compiled kernel
-instantiation — registers, shared memory, stack and local (spill) bytes per
-architecture — read from ``resnext_kernels._C`` with ``cuobjdump
---dump-resource-usage`` (the toolkit's, or the copy Triton's wheel ships). Needs no
-GPU. ``--check`` exits 1 when any kernel uses stack or local memory (spills).
+"""``resnext-bench kernels``: the static resource report of every compiled kernel —
+registers, shared memory, stack and local (spill) bytes per architecture — for the
+nvcc kernels in ``resnext_kernels._C`` and for every Triton kernel variant compiled
+ahead of time for sm_80 and sm_90 (``resnext_kernels/bench/triton_aot.py``), read
+with ``cuobjdump --dump-resource-usage`` (the toolkit's, or the copy Triton's wheel
+ships). Needs no GPU. ``--check`` exits 1 when any kernel uses stack or local memory
+(spills) or a kernel family could not be compiled.
 """
 
 import importlib.util
@@ -75,34 +77,54 @@ def library_path() -> Optional[Path]:
     return Path(spec.origin) if spec is not None and spec.origin else None
 
 
-def main(argv=None) -> int:
-    parser = Parser(prog="resnext-bench kernels", description=__doc__)
-    parser.add_argument("--quick", action="store_true",
-                        help="accepted like every command's; this one is always quick")
-    parser.add_argument("--check", action="store_true", help="exit 1 on any stack/local use")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    opts = parser.parse_args(argv)
-    console = Console()
+def cuda_report(console) -> Optional[list]:
+    """The nvcc kernels of ``resnext_kernels._C``, or None when it holds none."""
     info = build_info()
     library = library_path()
     if not info["with_cuda"] or library is None:
         console.print("resnext_kernels._C holds no CUDA kernels "
-                      f"({info['import_error'] or 'built without CUDA'}); nothing to report")
-        return 1 if opts.check else 0
-    cuobjdump = find_cuobjdump()
-    if cuobjdump is None:
-        raise SystemExit("resnext-bench kernels: no cuobjdump found (CUDA toolkit or triton)")
-    report = subprocess.run([cuobjdump, "--dump-resource-usage", str(library)],
+                      f"({info['import_error'] or 'built without CUDA'})")
+        return None
+    report = subprocess.run([find_cuobjdump(), "--dump-resource-usage", str(library)],
                             capture_output=True, text=True, check=True).stdout
-    kernels = [k for k in parse(report) if "rk::" in k.name]
-    table = Table(title=f"{len(kernels)} kernel instantiations in {library.name} "
-                        f"(archs {info['cuda_archs']})")
+    return [k for k in parse(report) if "rk::" in k.name]
+
+
+def main(argv=None) -> int:
+    parser = Parser(prog="resnext-bench kernels", description=__doc__)
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 on any stack/local use, or when nothing was compiled")
+    parser.add_argument("--quick", action="store_true",
+                        help="Triton: sm_90 and the fixed tiles only")
+    parser.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    opts = parser.parse_args(argv)
+    console = Console()
+    if find_cuobjdump() is None:
+        raise SystemExit("resnext-bench kernels: no cuobjdump found (CUDA toolkit or triton)")
+    kernels, missing = [], []
+    cuda = cuda_report(console)
+    if cuda is None:
+        missing.append("CUDA")
+    else:
+        kernels += cuda
+    if not opts.no_triton:
+        if importlib.util.find_spec("triton") is None:
+            missing.append("Triton")
+            console.print("triton is not installed: no Triton kernels to compile")
+        else:
+            from .triton_aot import report
+
+            with console.status("compiling the Triton kernels ahead of time"):
+                kernels += report(opts.quick)
+    table = Table(title=f"{len(kernels)} compiled kernels: nvcc ({build_info()['cuda_archs']}) "
+                        "and Triton AOT (no GPU needed)")
     for col in ("arch", "kernel", "regs", "shared B", "stack B", "local B"):
         table.add_column(col, justify="left" if col in ("arch", "kernel") else "right")
     for k in sorted(kernels, key=lambda k: (k.arch, k.name)):
         style = "red" if k.spills else None
         table.add_row(k.arch, k.name.replace("void ", "").replace("rk::detail::", "")
-                      .replace("(rk::ConvFwdParams)", ""),
+                      .replace("(rk::ConvFwdParams)", "").replace("(rk::ConvBwdParams)", ""),
                       str(k.registers), str(k.shared), str(k.stack), str(k.local), style=style)
     console.print(table)
     spilled = [k for k in kernels if k.spills]
@@ -112,4 +134,4 @@ def main(argv=None) -> int:
 
         with open(opts.json, "w") as f:
             json.dump([asdict(k) for k in kernels], f, indent=2)
-    return 1 if opts.check and (spilled or not kernels) else 0
+    return 1 if opts.check and (spilled or missing) else 0

@@ -1,0 +1,179 @@
+"""The Triton kernels against the float64 reference: on a GPU natively, otherwise
+through the Triton interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1). Every family of widths x strides x modes x layouts, forward and
+the four gradients, in float32 and float16 (bfloat16 loads are broken in the
+interpreter, triton#11584: bf16 is checked in tests/test_cuda_gpu.py's GPU runs)."""
+
+import pytest
+import torch
+
+from resnext_kernels import available_backends, fused_group_conv_bn_relu
+from resnext_kernels.backends import resolve
+from resnext_kernels.testing import (REL_TOLERANCE, Problem, make_arguments, rel_error,
+                                     resnext_layers)
+
+pytestmark = pytest.mark.skipif("triton" not in available_backends(),
+                                reason="the triton backend is not available")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Channels per group -> groups: enough groups that a 64-channel tile spans several,
+# small enough that the interpreter stays within minutes.
+WIDTHS = {4: 3, 8: 3, 12: 3, 16: 3, 32: 2, 64: 1}
+NAMES = ("output", "grad_input", "grad_weight", "grad_bn_weight", "grad_bn_bias",
+         "running_mean", "running_var")
+
+
+def problem_for(width, stride, channels_last):
+    if stride == 2:
+        n, h, w = (1, 8, 6) if channels_last else (1, 9, 7)
+    else:
+        n, h, w = 2, 5, 4
+    groups = WIDTHS[width]
+    return Problem(n, groups * width, groups * width, h, w, groups, stride)
+
+
+def run(backend, args, problem, training, grad, dtype=None):
+    x, w, g, b, rm, rv = [t.to(DEVICE, dtype) if dtype else t.to(DEVICE).clone() for t in args]
+    leaves = [t.detach().requires_grad_() for t in (x, w, g, b)]
+    out = fused_group_conv_bn_relu(*leaves, rm, rv, stride=problem.stride,
+                                   groups=problem.groups, training=training, backend=backend)
+    out.backward(grad.to(DEVICE, out.dtype))
+    return [out.detach()] + [t.grad for t in leaves] + [rm, rv]
+
+
+def pytorch_error(args, problem, training, grad, expected):
+    """PyTorch's own error in the arguments' dtype (conv in that dtype, BN in float32)."""
+    x, w, g, b, rm, rv = [t.to(DEVICE).clone() for t in args]
+    leaves = [t.detach().requires_grad_() for t in (x, w, g, b)]
+    c = torch.nn.functional.conv2d(leaves[0], leaves[1], stride=problem.stride, padding=1,
+                                   groups=problem.groups)
+    out = torch.relu(torch.nn.functional.batch_norm(c.float(), rm, rv, leaves[2].float(),
+                                                    leaves[3].float(), training))
+    out.backward(grad.to(DEVICE, out.dtype))
+    got = [out.to(x.dtype)] + [t.grad for t in leaves] + [rm, rv]
+    return [rel_error(a, e) for a, e in zip(got, expected)]
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_triton_matches_reference(width, stride, dtype, training, channels_last):
+    problem = problem_for(width, stride, channels_last)
+    gen = torch.Generator().manual_seed(width * 10 + stride)
+    args = make_arguments(problem, dtype, channels_last=channels_last, generator=gen)
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
+    got = run("triton", args, problem, training, grad)
+    expected = run("reference", args, problem, training, grad, dtype=torch.float64)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    assert got[0].is_contiguous(memory_format=memory_format)
+    assert got[1].is_contiguous(memory_format=memory_format)
+    baseline = pytorch_error(args, problem, training, grad, expected) \
+        if dtype != torch.float32 else None
+    for i, (name, g, e) in enumerate(zip(NAMES, got, expected)):
+        assert g.shape == e.shape and not g.isnan().any(), name
+        err = rel_error(g, e)
+        bound = REL_TOLERANCE[dtype] if baseline is None else \
+            max(2 * baseline[i], REL_TOLERANCE[dtype] / 4)
+        assert err <= bound, (name, err, bound)
+
+
+def test_triton_several_groups_of_64_channels():
+    problem = Problem(1, 128, 128, 5, 4, 2, 1)
+    gen = torch.Generator().manual_seed(3)
+    args = make_arguments(problem, torch.float32, channels_last=True, generator=gen)
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
+    for g, e in zip(run("triton", args, problem, True, grad),
+                    run("reference", args, problem, True, grad, dtype=torch.float64)):
+        assert rel_error(g, e) <= REL_TOLERANCE[torch.float32]
+
+
+def test_triton_deterministic_mode_is_bit_identical():
+    problem = Problem(2, 24, 24, 6, 5, 3, 1)
+    gen = torch.Generator().manual_seed(4)
+    args = make_arguments(problem, torch.float32, channels_last=True, generator=gen)
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = (run("triton", args, problem, True, grad) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_triton_split_ops_match_reference():
+    """backward_reduce + backward_apply, the distributed path."""
+    problem = Problem(2, 24, 24, 7, 6, 3, 2)
+    gen = torch.Generator().manual_seed(11)
+    x, w, g, b, _, _ = make_arguments(problem, torch.float32, generator=gen)
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
+    results = {}
+    for name, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        op = resolve(name, x.to(DEVICE)).ops
+        xs, ws, gs, bs = (t.to(DEVICE, dtype) for t in (x, w, g, b))
+        out, mean, var = op.forward(xs, ws, gs, bs, None, None, 2, 3, 1e-5, True)
+        dy = grad.to(DEVICE, dtype)
+        sums = op.backward_reduce(dy, xs, ws, gs, bs, out, mean, var, 2, 3, 1e-5)
+        count = out.numel() // out.shape[1]
+        results[name] = [*sums, *op.backward_apply(dy, xs, ws, gs, bs, out, mean, var, *sums,
+                                                   count, 2, 3, 1e-5, [True, True])]
+    for got, want in zip(results["triton"], results["reference"]):
+        assert rel_error(got, want) <= REL_TOLERANCE[torch.float32]
+
+
+def test_triton_empty_batch():
+    problem = Problem(2, 16, 16, 5, 5, 4, 1)
+    x, w, g, b, rm, rv = [t.to(DEVICE) for t in make_arguments(problem, torch.float32)]
+    leaves = [t.detach().requires_grad_() for t in (x[:0], w, g, b)]
+    out = fused_group_conv_bn_relu(*leaves, rm, rv, groups=4, training=False, backend="triton")
+    assert out.shape == (0, 16, 5, 5)
+    out.sum().backward()
+    assert leaves[0].grad.shape == (0, 16, 5, 5)
+    assert torch.equal(leaves[1].grad, torch.zeros_like(w))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's dtype limit")
+def test_interpreter_refuses_bfloat16_clearly():
+    problem = Problem(2, 16, 16, 5, 5, 4, 1)
+    args = make_arguments(problem, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="backend 'triton' supports dtypes float16, float32"):
+        fused_group_conv_bn_relu(*args, groups=4, backend="triton")
+
+
+LAYER_SHAPES = [(f"{c}x{d}d-{name}", c, channels, size, stride)
+                for c, d in ((32, 4), (32, 8), (64, 4))
+                for name, (channels, size, stride) in resnext_layers(c, d).items()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,groups,channels,size,stride", LAYER_SHAPES,
+                         ids=[s[0] for s in LAYER_SHAPES])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_matches_cudnn_on_resnext_layers(name, groups, channels, size, stride, dtype):
+    """bf16 included (the interpreter cannot check it): within 2x cuDNN's own error."""
+    problem = Problem(8, channels, channels, size, size, groups, stride)
+    gen = torch.Generator().manual_seed(0)
+    args = make_arguments(problem, dtype, channels_last=True, generator=gen)
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
+    got = run("triton", args, problem, True, grad)
+    expected = run("reference", args, problem, True, grad, dtype=torch.float64)
+    baseline = pytorch_error(args, problem, True, grad, expected)
+    for i, (label, g, e) in enumerate(zip(NAMES, got, expected)):
+        err = rel_error(g, e)
+        assert err <= max(2 * baseline[i], REL_TOLERANCE[torch.float32]), (label, err, baseline[i])
+
+
+@pytest.mark.gpu
+def test_triton_module_compiles_without_graph_breaks():
+    from resnext_kernels import FusedGroupConv
+
+    module = FusedGroupConv(128, 128, groups=32, backend="triton").cuda()
+    x = torch.randn(8, 128, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
+    expected = module(x)
+    compiled = torch.compile(module, fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected, atol=1e-4, rtol=1e-4)
+    out = compiled(x.requires_grad_())
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
