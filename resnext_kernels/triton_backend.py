@@ -41,6 +41,7 @@ else:
 # where large tiles mean fewer programs (its cost is per operation, not per element).
 FIXED = {"BLOCK_P": 64, "BLOCK_C": 64} if INTERPRET else {"BLOCK_P": 32, "BLOCK_C": 32}
 WGRAD_FIXED = {"BLOCK_P": 64, "BLOCK_E": 512} if INTERPRET else {"BLOCK_P": 32, "BLOCK_E": 64}
+WGRAD_WARPS = 8  # eight tile elements per thread (see _tuned)
 WGRAD_TARGET_PROGRAMS = 2048
 WGRAD_PARTIAL_FLOATS = 16 << 20
 
@@ -54,9 +55,12 @@ def _tuned(kernel, keys=("P", "C_out", "CG_IN")):
     """``kernel`` autotuned over a few tiles on a GPU; itself under the interpreter."""
     if INTERPRET:
         return kernel
+    # Eight tile elements per thread and at most 256 threads: every gathered element
+    # costs registers (its 64-bit address); 16 elements per thread spilled up to
+    # 2.4 KB, and 512 threads (a 128-register cap) spilled too (`resnext-bench
+    # kernels`, docs/kernels.md).
     configs = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
-               for p, c, w in ((32, 32, 4), (64, 32, 4), (64, 64, 4), (128, 32, 8),
-                               (128, 64, 8))]
+               for p, c, w in ((32, 32, 4), (64, 32, 8), (32, 64, 8))]
     return triton.autotune(configs=configs, key=list(keys))(kernel)
 
 
@@ -222,7 +226,7 @@ class _Backward:
             _wrap(K.bwd_wgrad_kernel)[(blocks, chunks)](
                 layer.x, dc, self.dy, self.y, dz_scale, dw, layer.pixels, *layer.shape, chunks,
                 STRIDE=layer.stride, FROM_DY=from_dy, DETERMINISTIC=deterministic,
-                **WGRAD_FIXED)
+                num_warps=WGRAD_WARPS, **WGRAD_FIXED)
             if deterministic:
                 dw = dw.sum(0)  # chunk order: fixed
         return (dw.view(layer.c_out, 3, 3, layer.cg_in).permute(0, 3, 1, 2)

@@ -27,7 +27,7 @@ def variants(quick: bool):
         for deterministic, from_dy in itertools.product((False, True), repeat=2):
             out.append(("bwd_wgrad_kernel", dict(STRIDE=stride, FROM_DY=from_dy,
                                                   DETERMINISTIC=deterministic,
-                                                  BLOCK_P=32, BLOCK_E=64), 4))
+                                                  BLOCK_P=32, BLOCK_E=64), tb.WGRAD_WARPS))
         tiles = [(32, 32, 4)] if quick else [
             (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"], c.num_warps)
             for c in tb._tuned(tb.K.conv_fwd_kernel).configs]
