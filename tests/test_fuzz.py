@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from resnext_kernels import fused_group_conv_bn_relu, reference
@@ -85,6 +85,9 @@ def _gradients(args, kwargs, grad, backend=None):
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases())
+# Found by the long run: |mean|/std ≈ 3·10³ with two values per channel (docs/robustness.md).
+@example(case=dict(problem=Problem(2, 64, 64, 1, 1, 2, 1), training=True, dtype=torch.float32,
+                   channels_last=False, offset=50.0, seed=226))
 def test_backend_gradients_match_float64_reference(backend, case):
     problem, dtype = case["problem"], case["dtype"]
     assume(takes(backend, dtype))
@@ -106,6 +109,13 @@ def test_backend_gradients_match_float64_reference(backend, case):
                                                           problem.groups))
     held = _gradients(args64[:4] + [mean, var], dict(kwargs, training=False), grad, "reference")
     atol, rtol = ELEMENT_TOLERANCE[dtype]
+    # The conditioning of x̂ = (c − mean)/std: rounding c (or the mean) by one unit of the
+    # dtype moves x̂ by |mean|/std units. With few values per channel and a large offset
+    # every implementation's error is a few such roundings, and which one lands lower
+    # is luck (the long fuzz run found PyTorch at 2.4e-5 and the kernels at 1.4e-4 on
+    # a case with |mean|/std ≈ 3·10³), so the bound includes them.
+    kappa = (mean.abs() / (var + 1e-5).sqrt()).max().item()
+    rounding = 4 * kappa * torch.finfo(dtype).eps
     for name, m, e, t, h in zip(("input", "weight", "bn_weight", "bn_bias"), mine, expected,
                                 theirs, held):
         # Errors relative to the gradient's largest element; an ill-conditioned case
@@ -113,4 +123,4 @@ def test_backend_gradients_match_float64_reference(backend, case):
         scale = max(e.abs().max().item(), h.abs().max().item(), 1e-30)
         err = (m.double() - e).abs().max().item() / scale
         torch_err = (t.double() - e).abs().max().item() / scale
-        assert err <= max(rtol, 2 * torch_err), (name, err, torch_err)
+        assert err <= max(rtol, 2 * torch_err, rounding), (name, err, torch_err, rounding)

@@ -6,10 +6,10 @@
 // vectors; the conv output c is never stored. Notation in conv_bwd.h.
 //
 //   reduce:  per (pixel block, channel tile) partial sums Σdz and Σdz·x̂, with x̂
-//            recovered from y where y > 0 (fp32; tiles holding a channel whose γ
-//            makes that unsafe recompute c with the forward main loop instead), or
-//            from the recomputed c (fp16/bf16). Recovering reads only dy and y.
-//            The glue merges the partials in block order (fp64).
+//            from c recomputed by the forward main loop (default), or recovered
+//            from y where y > 0 (opt-in; tiles holding a channel whose γ makes that
+//            unsafe recompute anyway). Recovering reads only dy and y. The glue
+//            merges the partials in block order (fp64).
 //   dc:      training only: dc needs x̂ at every pixel, also where the ReLU zeroed
 //            y, so this pass recomputes c (forward main loop) and writes
 //            dc = dz_scale·dz − dc_shift − dc_xhat·x̂ once, which dgrad and wgrad

@@ -45,8 +45,9 @@ enum class GradSource {
 // with |γ| ≥ kRecoverMinGamma and |β| ≤ kRecoverMaxRatio·|γ|: there the rounding of
 // y costs at most (|x̂| + kRecoverMaxRatio) units of y's precision. Channel tiles
 // holding any other channel (γ ≈ 0, or β dominating) recompute c instead. The glue
-// recovers for fp32 (y carries 24 bits) and recomputes for fp16/bf16, where y's
-// 8-11 bits made dγ several times less accurate than PyTorch's (tests/test_cuda_backward.py).
+// recomputes by default (RESNEXT_BWD_XHAT=recover opts in): recovered x̂ in the sums
+// next to recomputed x̂ in dc lost accuracy against PyTorch in fp16/bf16
+// (docs/kernels.md).
 constexpr float kRecoverMinGamma = 1e-3f;
 constexpr float kRecoverMaxRatio = 4.0f;
 
