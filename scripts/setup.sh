@@ -12,6 +12,14 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
 if [ ! -x "$VENV/bin/python" ]; then
+  # The CUDA build of torch and its libraries take about 6 GB; pip fails half-way
+  # with "No space left on device" otherwise.
+  need_kb=$((8 * 1024 * 1024))
+  free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+  if [ "$free_kb" -lt "$need_kb" ]; then
+    echo "setup.sh: $((free_kb / 1024)) MB free on $(pwd), the environment needs about 8 GB" >&2
+    exit 1
+  fi
   echo "== creating $VENV with $("$PYTHON" --version)"
   "$PYTHON" -m venv "$VENV"
 fi
