@@ -99,3 +99,27 @@ def make_arguments(problem: Problem, dtype: torch.dtype, device="cpu", *,
     running_mean = randn(p.c_out, dt=param_dtype) * 0.1
     running_var = (randn(p.c_out, dt=torch.float64).abs() + 0.5).to(param_dtype)
     return x, weight, bn_weight, bn_bias, running_mean, running_var
+
+
+def split_backward_errors(backend: str, device="cpu") -> list:
+    """Relative errors, against the float64 reference, of the distributed path of
+    ``backend``'s ops: backward_reduce's two per-channel sums (Σdz, Σdz·x̂), then
+    backward_apply's input and weight gradients (training, stride 2, odd sizes, 3
+    groups of 8 channels, fp32, a random upstream gradient)."""
+    from .backends import resolve
+
+    problem = Problem(2, 24, 24, 7, 6, 3, 2)
+    gen = torch.Generator().manual_seed(11)
+    x, w, g, b, _, _ = make_arguments(problem, torch.float32, generator=gen)
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
+    results = {}
+    for name, dtype in ((backend, torch.float32), ("reference", torch.float64)):
+        op = resolve(name, x.to(device)).ops
+        xs, ws, gs, bs = (t.to(device, dtype) for t in (x, w, g, b))
+        out, mean, var = op.forward(xs, ws, gs, bs, None, None, 2, 3, 1e-5, True)
+        dy = grad.to(device, dtype)
+        sums = op.backward_reduce(dy, xs, ws, gs, bs, out, mean, var, 2, 3, 1e-5)
+        count = out.numel() // out.shape[1]
+        results[name] = [*sums, *op.backward_apply(dy, xs, ws, gs, bs, out, mean, var, *sums,
+                                                   count, 2, 3, 1e-5, [True, True])]
+    return [rel_error(got, want) for got, want in zip(results[backend], results["reference"])]

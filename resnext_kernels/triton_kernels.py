@@ -91,34 +91,12 @@ def conv_fwd_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, partial_ptr,
 
 
 @triton.jit
-def bwd_reduce_kernel(x_ptr, w_ptr, dy_ptr, y_ptr, mean_ptr, invstd_ptr, partial_ptr,
-                      P, H, W, C_in, C_out, H_out, W_out, CG_IN, CG_OUT,
-                      STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_p = tl.program_id(0)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < P
-    mask_c = offs_c < C_out
-    mask = mask_p[:, None] & mask_c[None, :]
-    acc = _conv_tile(x_ptr, w_ptr, offs_p, mask_p, offs_c, mask_c, H, W, C_in, H_out, W_out,
-                     CG_IN, CG_OUT, STRIDE, BLOCK_P, BLOCK_C)
-    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
-    invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
-    at = offs_p[:, None] * C_out + offs_c[None, :]
-    y = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    dz = tl.where(y > 0, dy, 0.0)
-    xhat = (acc - mean[None, :]) * invstd[None, :]
-    out = partial_ptr + (pid_p * C_out + offs_c) * 2
-    tl.store(out, tl.sum(dz, axis=0), mask=mask_c)
-    tl.store(out + 1, tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0), mask=mask_c)
-
-
-@triton.jit
-def bwd_dc_kernel(x_ptr, w_ptr, dy_ptr, y_ptr, mean_ptr, invstd_ptr, dz_scale_ptr,
-                  dc_shift_ptr, dc_xhat_ptr, dc_ptr,
+def _dz_xhat_tile(x_ptr, w_ptr, dy_ptr, y_ptr, mean_ptr, invstd_ptr,
                   P, H, W, C_in, C_out, H_out, W_out, CG_IN, CG_OUT,
                   STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The program's tile of dz = dy·[y > 0] and x̂ = (conv(x) − mean)·invstd (c is
+    recomputed, never saved), with its channels, their mask, the tile's flat NHWC
+    offsets and its mask. dz is 0 outside the mask."""
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < P
@@ -128,14 +106,37 @@ def bwd_dc_kernel(x_ptr, w_ptr, dy_ptr, y_ptr, mean_ptr, invstd_ptr, dz_scale_pt
                      CG_IN, CG_OUT, STRIDE, BLOCK_P, BLOCK_C)
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
     invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
-    dz_scale = tl.load(dz_scale_ptr + offs_c, mask=mask_c, other=0.0)
-    dc_shift = tl.load(dc_shift_ptr + offs_c, mask=mask_c, other=0.0)
-    dc_xhat = tl.load(dc_xhat_ptr + offs_c, mask=mask_c, other=0.0)
     at = offs_p[:, None] * C_out + offs_c[None, :]
     y = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
     dz = tl.where(y > 0, dy, 0.0)
     xhat = (acc - mean[None, :]) * invstd[None, :]
+    return dz, xhat, offs_c, mask_c, at, mask
+
+
+@triton.jit
+def bwd_reduce_kernel(x_ptr, w_ptr, dy_ptr, y_ptr, mean_ptr, invstd_ptr, partial_ptr,
+                      P, H, W, C_in, C_out, H_out, W_out, CG_IN, CG_OUT,
+                      STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    dz, xhat, offs_c, mask_c, at, mask = _dz_xhat_tile(
+        x_ptr, w_ptr, dy_ptr, y_ptr, mean_ptr, invstd_ptr, P, H, W, C_in, C_out, H_out, W_out,
+        CG_IN, CG_OUT, STRIDE, BLOCK_P, BLOCK_C)
+    out = partial_ptr + (tl.program_id(0) * C_out + offs_c) * 2
+    tl.store(out, tl.sum(dz, axis=0), mask=mask_c)
+    tl.store(out + 1, tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0), mask=mask_c)
+
+
+@triton.jit
+def bwd_dc_kernel(x_ptr, w_ptr, dy_ptr, y_ptr, mean_ptr, invstd_ptr, dz_scale_ptr,
+                  dc_shift_ptr, dc_xhat_ptr, dc_ptr,
+                  P, H, W, C_in, C_out, H_out, W_out, CG_IN, CG_OUT,
+                  STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    dz, xhat, offs_c, mask_c, at, mask = _dz_xhat_tile(
+        x_ptr, w_ptr, dy_ptr, y_ptr, mean_ptr, invstd_ptr, P, H, W, C_in, C_out, H_out, W_out,
+        CG_IN, CG_OUT, STRIDE, BLOCK_P, BLOCK_C)
+    dz_scale = tl.load(dz_scale_ptr + offs_c, mask=mask_c, other=0.0)
+    dc_shift = tl.load(dc_shift_ptr + offs_c, mask=mask_c, other=0.0)
+    dc_xhat = tl.load(dc_xhat_ptr + offs_c, mask=mask_c, other=0.0)
     dc = dz_scale[None, :] * dz - dc_shift[None, :] - dc_xhat[None, :] * xhat
     tl.store(dc_ptr + at, dc.to(dc_ptr.dtype.element_ty), mask=mask)
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from resnext_kernels import available_backends, fused_group_conv_bn_relu
-from resnext_kernels.backends import resolve
-from resnext_kernels.testing import REL_TOLERANCE, Problem, make_arguments, rel_error
+from resnext_kernels.testing import (REL_TOLERANCE, Problem, make_arguments, rel_error,
+                                    split_backward_errors)
 
 pytestmark = pytest.mark.skipif("cuda_emulated" not in available_backends(),
                                 reason="resnext_kernels._C_emulated is not built")
@@ -149,23 +149,8 @@ def test_deterministic_mode_gives_bit_identical_gradients(width, dtype):
 
 def test_split_ops_match_reference():
     """backward_reduce + backward_apply (the distributed path) of the kernels."""
-    problem = Problem(2, 24, 24, 7, 6, 3, 2)
-    gen = torch.Generator().manual_seed(11)
-    x, w, g, b, rm, rv = make_arguments(problem, torch.float32, generator=gen)
-    ops = {name: resolve(name, x).ops for name in ("cuda_emulated", "reference")}
-    results = {}
-    for name, op in ops.items():
-        dtype = torch.float32 if name == "cuda_emulated" else torch.float64
-        xs, ws, gs, bs = (t.to(dtype) for t in (x, w, g, b))
-        out, mean, var = op.forward(xs, ws, gs, bs, None, None, 2, 3, 1e-5, True)
-        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
-                           dtype=torch.float64).to(dtype)
-        sums = op.backward_reduce(grad, xs, ws, gs, bs, out, mean, var, 2, 3, 1e-5)
-        count = out.numel() // out.shape[1]
-        results[name] = [*sums, *op.backward_apply(grad, xs, ws, gs, bs, out, mean, var, *sums,
-                                                   count, 2, 3, 1e-5, [True, True])]
-    for got, want in zip(results["cuda_emulated"], results["reference"]):
-        assert rel_error(got, want) <= REL_TOLERANCE[torch.float32]
+    errors = split_backward_errors("cuda_emulated")
+    assert len(errors) == 4 and max(errors) <= REL_TOLERANCE[torch.float32], errors
 
 
 def saved_bytes(fn):

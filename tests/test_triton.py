@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from resnext_kernels import available_backends, fused_group_conv_bn_relu
-from resnext_kernels.backends import resolve
 from resnext_kernels.testing import (REL_TOLERANCE, Problem, make_arguments, rel_error,
-                                     resnext_layers)
+                                     resnext_layers, split_backward_errors)
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(),
                                 reason="the triton backend is not available")
@@ -105,22 +104,8 @@ def test_triton_deterministic_mode_is_bit_identical():
 
 def test_triton_split_ops_match_reference():
     """backward_reduce + backward_apply, the distributed path."""
-    problem = Problem(2, 24, 24, 7, 6, 3, 2)
-    gen = torch.Generator().manual_seed(11)
-    x, w, g, b, _, _ = make_arguments(problem, torch.float32, generator=gen)
-    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
-    results = {}
-    for name, dtype in (("triton", torch.float32), ("reference", torch.float64)):
-        op = resolve(name, x.to(DEVICE)).ops
-        xs, ws, gs, bs = (t.to(DEVICE, dtype) for t in (x, w, g, b))
-        out, mean, var = op.forward(xs, ws, gs, bs, None, None, 2, 3, 1e-5, True)
-        dy = grad.to(DEVICE, dtype)
-        sums = op.backward_reduce(dy, xs, ws, gs, bs, out, mean, var, 2, 3, 1e-5)
-        count = out.numel() // out.shape[1]
-        results[name] = [*sums, *op.backward_apply(dy, xs, ws, gs, bs, out, mean, var, *sums,
-                                                   count, 2, 3, 1e-5, [True, True])]
-    for got, want in zip(results["triton"], results["reference"]):
-        assert rel_error(got, want) <= REL_TOLERANCE[torch.float32]
+    errors = split_backward_errors("triton", DEVICE)
+    assert len(errors) == 4 and max(errors) <= REL_TOLERANCE[torch.float32], errors
 
 
 def test_triton_empty_batch():

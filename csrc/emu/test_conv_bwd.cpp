@@ -13,20 +13,14 @@
 
 #include <cuda_fp16.h>
 
+#include "emu/conv_test_util.h"
 #include "kernels/conv_bwd.h"
 
 namespace {
 
 int failures = 0;
 
-struct Case {
-  int n, h, w, c, groups, stride;
-  bool half;  // fp16 tensors
-};
-
-size_t nhwc(int n, int h, int w, int c, int H, int W, int C) {
-  return ((static_cast<size_t>(n) * H + h) * W + w) * C + c;
-}
+using rk_test::Case;
 
 // The tensors in the kernels' dtype: fp32 values kept as float, or as __half.
 struct Buffer {
@@ -68,8 +62,7 @@ double rel_max(size_t size, Got got, const std::vector<double>& want) {
 void run_case(const Case& k, const char* backend) {
   std::mt19937 rng(k.c * 17 + k.stride + k.half);
   std::normal_distribution<float> normal;
-  const int cg = k.c / k.groups;
-  const int ho = (k.h - 1) / k.stride + 1, wo = (k.w - 1) / k.stride + 1;
+  const int cg = k.cg(), ho = k.h_out(), wo = k.w_out();
   const size_t in_size = static_cast<size_t>(k.n) * k.h * k.w * k.c;
   const size_t out_size = static_cast<size_t>(k.n) * ho * wo * k.c;
   const size_t pixels = out_size / k.c;
@@ -86,18 +79,7 @@ void run_case(const Case& k, const char* backend) {
 
   // Float64 forward: c, batch statistics, y (rounded to the dtype), random dy.
   std::vector<double> c(out_size, 0.0), mean(k.c, 0.0), var(k.c, 0.0);
-  for (int n = 0; n < k.n; ++n)
-    for (int oh = 0; oh < ho; ++oh)
-      for (int ow = 0; ow < wo; ++ow)
-        for (int co = 0; co < k.c; ++co)
-          for (int tap = 0; tap < 9; ++tap) {
-            const int ih = oh * k.stride - 1 + tap / 3, iw = ow * k.stride - 1 + tap % 3;
-            if (ih < 0 || ih >= k.h || iw < 0 || iw >= k.w) continue;
-            for (int ci = 0; ci < cg; ++ci)
-              c[nhwc(n, oh, ow, co, ho, wo, k.c)] +=
-                  x.at(nhwc(n, ih, iw, co / cg * cg + ci, k.h, k.w, k.c)) *
-                  wt.at((static_cast<size_t>(co) * 9 + tap) * cg + ci);
-          }
+  rk_test::for_each_product(k, [&](size_t o, size_t i, size_t w) { c[o] += x.at(i) * wt.at(w); });
   for (size_t i = 0; i < out_size; ++i) mean[i % k.c] += c[i] / pixels;
   for (size_t i = 0; i < out_size; ++i) var[i % k.c] += (c[i] - mean[i % k.c]) * (c[i] - mean[i % k.c]) / pixels;
   std::vector<float> mean_f(k.c), invstd_f(k.c), y_values(out_size), dy_values(out_size);
@@ -127,21 +109,10 @@ void run_case(const Case& k, const char* backend) {
     const int co = i % k.c;
     dc[i] = dz_scale[co] * dz(i) - dc_shift[co] - dc_xhat[co] * xhat(i);
   }
-  for (int n = 0; n < k.n; ++n)
-    for (int oh = 0; oh < ho; ++oh)
-      for (int ow = 0; ow < wo; ++ow)
-        for (int co = 0; co < k.c; ++co)
-          for (int tap = 0; tap < 9; ++tap) {
-            const int ih = oh * k.stride - 1 + tap / 3, iw = ow * k.stride - 1 + tap % 3;
-            if (ih < 0 || ih >= k.h || iw < 0 || iw >= k.w) continue;
-            const double d = dc[nhwc(n, oh, ow, co, ho, wo, k.c)];
-            for (int ci = 0; ci < cg; ++ci) {
-              const size_t xi = nhwc(n, ih, iw, co / cg * cg + ci, k.h, k.w, k.c);
-              const size_t wi = (static_cast<size_t>(co) * 9 + tap) * cg + ci;
-              dx[xi] += d * wt.at(wi);
-              dw[wi] += d * x.at(xi);
-            }
-          }
+  rk_test::for_each_product(k, [&](size_t o, size_t i, size_t w) {
+    dx[i] += dc[o] * wt.at(w);
+    dw[w] += dc[o] * x.at(i);
+  });
 
   // The kernels, as the glue (csrc/conv_bn_relu.cpp) runs them in training.
   rk::ConvBwdParams b{};
@@ -204,13 +175,7 @@ int main(int argc, char** argv) {
                         {2, 5, 5, 32, 2, 1, true},  {1, 7, 6, 32, 4, 2, true},
                         // more than one pixel tile (128 output pixels) per block in wgrad
                         {2, 12, 13, 8, 2, 1, false}, {1, 21, 25, 16, 1, 2, true}};
-  for (const char* backend : {"fibers", "threads"}) {
-    bool wanted = argc == 1;
-    for (int i = 1; i < argc; ++i) wanted |= std::strcmp(argv[i], backend) == 0;
-    if (!wanted) continue;
-    setenv("RK_EMU_BACKEND", backend, 1);
+  return rk_test::run_backends(argc, argv, "backward", &failures, [&](const char* backend) {
     for (const Case& k : cases) run_case(k, backend);
-  }
-  std::printf("emulated backward kernel tests: %s\n", failures ? "FAILED" : "all passed");
-  return failures ? 1 : 0;
+  });
 }

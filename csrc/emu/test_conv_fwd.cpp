@@ -13,46 +13,28 @@
 
 #include <cuda_fp16.h>
 
+#include "emu/conv_test_util.h"
 #include "kernels/conv_fwd.h"
 
 namespace {
 
 int failures = 0;
 
-struct Case {
-  int n, h, w, c, groups, stride;
-  bool half;  // fp16 input and output (tensor-core path from 8 channels per group)
-};
+using rk_test::Case;
 
-// Naive conv (NHWC input, [C_out][3][3][Cg] weights) in double.
-std::vector<double> conv_ref(const Case& k, const std::vector<float>& x, const std::vector<float>& wt,
-                             int h_out, int w_out) {
-  const int cg = k.c / k.groups;
-  std::vector<double> out(static_cast<size_t>(k.n) * h_out * w_out * k.c, 0.0);
-  for (int n = 0; n < k.n; ++n)
-    for (int oh = 0; oh < h_out; ++oh)
-      for (int ow = 0; ow < w_out; ++ow)
-        for (int co = 0; co < k.c; ++co) {
-          const int g = co / cg;
-          double acc = 0;
-          for (int kh = 0; kh < 3; ++kh)
-            for (int kw = 0; kw < 3; ++kw) {
-              const int ih = oh * k.stride - 1 + kh, iw = ow * k.stride - 1 + kw;
-              if (ih < 0 || ih >= k.h || iw < 0 || iw >= k.w) continue;
-              for (int ci = 0; ci < cg; ++ci)
-                acc += static_cast<double>(x[((static_cast<size_t>(n) * k.h + ih) * k.w + iw) * k.c + g * cg + ci]) *
-                       wt[((static_cast<size_t>(co) * 3 + kh) * 3 + kw) * cg + ci];
-            }
-          out[((static_cast<size_t>(n) * h_out + oh) * w_out + ow) * k.c + co] = acc;
-        }
+// Naive conv in double.
+std::vector<double> conv_ref(const Case& k, const std::vector<float>& x, const std::vector<float>& wt) {
+  std::vector<double> out(static_cast<size_t>(k.n) * k.h_out() * k.w_out() * k.c, 0.0);
+  rk_test::for_each_product(k, [&](size_t o, size_t i, size_t w) {
+    out[o] += static_cast<double>(x[i]) * wt[w];
+  });
   return out;
 }
 
 void run_case(const Case& k, const char* backend, bool raw) {
   std::mt19937 rng(k.c * 31 + k.stride);
   std::normal_distribution<float> normal;
-  const int cg = k.c / k.groups;
-  const int h_out = (k.h - 1) / k.stride + 1, w_out = (k.w - 1) / k.stride + 1;
+  const int cg = k.cg(), h_out = k.h_out(), w_out = k.w_out();
   std::vector<float> x(static_cast<size_t>(k.n) * k.h * k.w * k.c), wt(static_cast<size_t>(k.c) * 9 * cg);
   // Half cases: values rounded to fp16, so the float64 reference sees the same inputs.
   auto round = [&](float v) { return k.half ? __half2float(__float2half_rn(v)) : v; };
@@ -92,7 +74,7 @@ void run_case(const Case& k, const char* backend, bool raw) {
     for (size_t i = 0; i < y.size(); ++i) y[i] = __half2float(y_h[i]);
   const double out_tol = k.half ? 2e-3 : 1e-4;
 
-  const std::vector<double> c = conv_ref(k, x, wt, h_out, w_out);
+  const std::vector<double> c = conv_ref(k, x, wt);
   const size_t count = c.size() / k.c;
   double worst = 0;
   for (int co = 0; co < k.c; ++co) {
@@ -126,14 +108,8 @@ int main(int argc, char** argv) {
                         {3, 3, 4, 32, 8, 1, false},  {2, 5, 5, 32, 2, 1, false},
                         {1, 4, 5, 128, 2, 2, false}, {2, 5, 5, 16, 2, 1, true},
                         {1, 5, 3, 64, 2, 2, true}};
-  for (const char* backend : {"fibers", "threads"}) {
-    bool wanted = argc == 1;
-    for (int i = 1; i < argc; ++i) wanted |= std::strcmp(argv[i], backend) == 0;
-    if (!wanted) continue;
-    setenv("RK_EMU_BACKEND", backend, 1);
+  return rk_test::run_backends(argc, argv, "forward", &failures, [&](const char* backend) {
     for (const Case& k : cases)
       for (bool raw : {true, false}) run_case(k, backend, raw);
-  }
-  std::printf("emulated forward kernel tests: %s\n", failures ? "FAILED" : "all passed");
-  return failures ? 1 : 0;
+  });
 }
