@@ -4,7 +4,7 @@ Public API:
 
 * ``fused_group_conv_bn_relu(input, weight, bn_weight, bn_bias, running_mean,
   running_var, *, stride=1, groups=32, eps=1e-5, momentum=0.1, training=False,
-  backend="auto")``
+  backend="auto", process_group=None)``
 * ``FusedGroupConv``: the module form, a drop-in for Conv2d + BatchNorm2d + ReLU.
 * ``convert(model)`` / ``unconvert(model)``: fuse the bottlenecks of torchvision /
   timm ResNet-family models in place.

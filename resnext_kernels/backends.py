@@ -168,20 +168,13 @@ if triton_backend.triton is not None and (triton_backend.INTERPRET or torch.cuda
             device_types=frozenset({"cpu"}),
             dtypes=frozenset({torch.float16, torch.float32}),
         ))
-    elif hasattr(torch.library, "triton_op"):
+    else:  # triton_op + wrap_triton (torch >= 2.6, checked at import)
         register(Backend(
             name="triton",
             ops=ops.define_backend_ops(
                 "triton", {None: ops.Implementation(None, None, reference.batch_moments, None,
                                                     None)},
                 triton_ops=TRITON_IMPLEMENTATION._replace(moments=None)),
-            device_types=frozenset({"cuda"}),
-            dtypes=KERNEL_DTYPES,
-        ))
-    else:  # torch without triton_op: plain ops, eager mode
-        register(Backend(
-            name="triton",
-            ops=ops.define_backend_ops("triton", {"cuda": TRITON_IMPLEMENTATION}),
             device_types=frozenset({"cuda"}),
             dtypes=KERNEL_DTYPES,
         ))

@@ -1,8 +1,8 @@
 """The torch.library ops: schemas (the one place they are written), fake kernels
 and autograd.
 
-Every backend gets the same pair of functional ops in the ``resnext_kernels``
-namespace, built from the two schemas below:
+Every backend gets the same five functional ops in the ``resnext_kernels``
+namespace, built from the five schemas below: the forward and backward pair
 
 * ``resnext_kernels::conv_bn_relu_<backend>`` (forward), returning
   ``(out, mean, var)``: the output and the per-channel statistics it was

@@ -8,10 +8,8 @@ Same semantics as the other backends (``resnext_kernels/reference.py``). Where i
 * under the Triton interpreter (``TRITON_INTERPRET=1`` set before import; tests):
   on CPU tensors, with one fixed configuration; the ops are defined as plain
   ``torch.library`` ops with fake kernels, because ``triton_op``'s fake-tensor path
-  runs into the interpreter (NOTES §2); bf16 is refused there (its loads are broken
-  in the interpreter, triton#11584) and is tested on a GPU only;
-* torch without ``triton_op`` (before 2.6): the plain registration on the GPU too,
-  which works in eager mode.
+  would run the interpreter on fake tensors; bf16 is refused there (its loads are
+  broken in the interpreter, triton#11584) and is tested on a GPU only.
 
 Training forward uses the "recompute" strategy (a statistics pass, then a pass that
 recomputes the conv and writes the output); the backward recomputes the conv
@@ -46,11 +44,6 @@ WGRAD_TARGET_PROGRAMS = 2048
 WGRAD_PARTIAL_FLOATS = 16 << 20
 
 
-def _wrap(kernel):
-    wrap = getattr(torch.library, "wrap_triton", None)
-    return wrap(kernel) if wrap is not None else kernel
-
-
 def _tuned(kernel, keys=("P", "C_out", "CG_IN")):
     """``kernel`` autotuned over a few tiles on a GPU; itself under the interpreter."""
     if INTERPRET:
@@ -77,11 +70,11 @@ def _launch(kernel, rows, cols, *args, **meta):
     kernel (and everything under the interpreter), the autotuner's choice otherwise."""
     if not isinstance(kernel, triton.runtime.Autotuner):
         grid = (triton.cdiv(rows, FIXED["BLOCK_P"]), triton.cdiv(cols, FIXED["BLOCK_C"]))
-        _wrap(kernel)[grid](*args, **meta, **FIXED)
+        torch.library.wrap_triton(kernel)[grid](*args, **meta, **FIXED)
     else:
         def grid(m):
             return (triton.cdiv(rows, m["BLOCK_P"]), triton.cdiv(cols, m["BLOCK_C"]))
-        _wrap(kernel)[grid](*args, **meta)
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
 class _Layer:
@@ -223,7 +216,7 @@ class _Backward:
             deterministic = torch.are_deterministic_algorithms_enabled()
             shape = (chunks, entries) if deterministic else (entries,)
             dw = torch.zeros(shape, dtype=torch.float32, device=self.dy.device)
-            _wrap(K.bwd_wgrad_kernel)[(blocks, chunks)](
+            torch.library.wrap_triton(K.bwd_wgrad_kernel)[(blocks, chunks)](
                 layer.x, dc, self.dy, self.y, dz_scale, dw, layer.pixels, *layer.shape, chunks,
                 STRIDE=layer.stride, FROM_DY=from_dy, DETERMINISTIC=deterministic,
                 num_warps=WGRAD_WARPS, **WGRAD_FIXED)

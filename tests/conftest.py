@@ -1,7 +1,7 @@
 import os
 
 # Without a GPU the Triton kernels run through the interpreter on CPU tensors; it must
-# be chosen before resnext_kernels (and so the kernels) is imported. NOTES §2.
+# be chosen before resnext_kernels (and so the kernels) is imported.
 if "TRITON_INTERPRET" not in os.environ:
     import torch
 

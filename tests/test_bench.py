@@ -23,6 +23,7 @@ def test_layers_quick_writes_json_csv_and_plots(tmp_path, capsys):
     data = json.loads(paths["json"].read_text())
     for key in ("device", "torch", "triton", "cuda", "timestamp", "copy_gbps", "rows"):
         assert key in data, key
+    assert data["compile_mode"] == "default"  # --quick keeps torch.compile short
     rows = data["rows"]
     assert {(r["layer"], r["provider"]) for r in rows} == {
         (layer, p) for layer in LAYERS for p in ["pytorch"] + CPU_BACKENDS}

@@ -2,7 +2,7 @@
 through the Triton interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1). Every family of widths x strides x modes x layouts, forward and
 the four gradients, in float32 and float16 (bfloat16 loads are broken in the
-interpreter, triton#11584: bf16 is checked in tests/test_cuda_gpu.py's GPU runs)."""
+interpreter, triton#11584: bf16 is checked by the GPU tests below, vs cuDNN)."""
 
 import pytest
 import torch

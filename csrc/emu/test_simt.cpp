@@ -159,6 +159,16 @@ __global__ void atomics_kernel(float* f, __half* h, __nv_bfloat16* b, int* mx, u
   while ((old = atomicCAS(cas, expected, expected + 1u)) != expected) expected = old;
 }
 
+// The rest of the emulator's atomics: Sub, Min, Exch (each thread's old value is
+// distinct, so exactly one thread sees the initial value), and double Add.
+__global__ void more_atomics_kernel(int* sub, int* mn, int* exch, int* saw_initial, double* d) {
+  const int t = threadIdx.x + blockIdx.x * blockDim.x;
+  atomicSub(sub, 3);
+  atomicMin(mn, 1000 - t);
+  if (atomicExch(exch, t) == -1) atomicAdd(saw_initial, 1);
+  atomicAdd(d, 0.5);
+}
+
 __global__ void dynamic_shared_kernel(int* poisoned) {
   DYNAMIC_SHARED(float, buf);
   int t = threadIdx.x;
@@ -252,6 +262,15 @@ void test_atomics() {
   CHECK(mx == 127);
   CHECK(cas == 128u);
   CHECK(ull == 256ull);
+
+  int sub = 0, mn = 1 << 20, exch = -1, saw_initial = 0;
+  double d = 0;
+  RK_LAUNCH(more_atomics_kernel, dim3(2), dim3(64), 0, 0)(&sub, &mn, &exch, &saw_initial, &d);
+  CHECK(sub == -384);
+  CHECK(mn == 1000 - 127);
+  CHECK(exch >= 0 && exch < 128);
+  CHECK(saw_initial == 1);
+  CHECK(d == 64.0);
 }
 
 void test_dynamic_shared_poison() {

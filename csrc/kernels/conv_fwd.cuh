@@ -5,7 +5,7 @@
 // defines the launchers declared in conv_fwd.h. Torch-free: the launchers take a
 // params struct of raw pointers; csrc/conv_bn_relu.cpp is the torch glue.
 //
-// Training has two strategies (NOTES §5), both built from the same kernels; the
+// Training has two strategies, both built from the same kernels; the
 // glue picks one (csrc/conv_bn_relu.cpp):
 //   "raw":       conv pass kStatsRaw writes the raw conv output and per-block
 //                (count, mean, M2) partials; finalize_kernel merges the partials per

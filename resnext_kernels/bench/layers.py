@@ -19,10 +19,11 @@ from .plots import plot_layers
 def parse_args(argv):
     parser = common.Parser(prog="resnext-bench layers", description=__doc__)
     common.add_common_options(parser)
-    parser.add_argument("--compile-mode", default="max-autotune",
+    parser.add_argument("--compile-mode", default=None,
                         choices=["default", "reduce-overhead", "max-autotune",
                                  "max-autotune-no-cudagraphs"],
-                        help="torch.compile mode of the 'compile' provider")
+                        help="torch.compile mode of the 'compile' provider (default "
+                             "max-autotune; 'default' with --quick, which must stay short)")
     parser.add_argument("--plot", default=None, metavar="PREFIX",
                         help="write PREFIX-speedup.png and PREFIX-roofline.png")
     return parser.parse_args(argv)
@@ -119,7 +120,9 @@ def main(argv=None) -> int:
         f"{setup.model} grouped-conv layers on {header['device']}: batch {setup.batch}, "
         f"{setup.image}² images, {str(setup.dtype).removeprefix('torch.')}, "
         f"{opts.memory_format}; copy bandwidth {bandwidth:.0f} GB/s; torch {header['torch']}")
-    rows = run(setup, opts.compile_mode, bandwidth)
+    compile_mode = opts.compile_mode or ("default" if setup.quick else "max-autotune")
+    header.update(compile_mode=compile_mode)
+    rows = run(setup, compile_mode, bandwidth)
     show(rows, "time: median of CUDA-event (GPU) or wall-clock (CPU) samples; floor: the "
                "bytes a fused kernel must move; error: ‖out − ref‖/‖ref‖ vs float64, worst "
                "of output and gradients")
