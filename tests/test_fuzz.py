@@ -1,7 +1,8 @@
 """Differential fuzzing (quick profile): hypothesis draws shapes, widths, strides, dtypes,
 layouts, modes and value offsets; every CPU backend is compared with the float64
 reference. Derandomised, so CI is reproducible; raise RESNEXT_FUZZ_EXAMPLES for a
-long run (e.g. RESNEXT_FUZZ_EXAMPLES=10000 python -m pytest tests/test_fuzz.py)."""
+long run (RESNEXT_FUZZ_EXAMPLES=10000 python -m pytest tests/test_fuzz.py -k "not triton";
+docs/robustness.md)."""
 
 import os
 
