@@ -21,6 +21,7 @@ import os
 import torch
 
 from . import reference
+from .distributed import merge_moments
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -133,7 +134,10 @@ def forward(input, weight, bn_weight, bn_bias, running_mean, running_var, stride
         else:
             partial = _partial(layer, 3, input.device)
             _conv_pass(layer, out, dummy, dummy, partial, stats=True)
-            mean, var = _merge_moments(partial.double())
+            # Per-program (count, mean, M2) merged in program order, fp64 (Chan).
+            count, mean_b, m2_b = partial.double().unbind(-1)
+            total, mean, m2 = merge_moments(count[:, 0], mean_b, m2_b)
+            mean, var = mean.float(), (m2 / total).float()
     else:
         mean, var = running_mean.to(torch.float32, copy=True), running_var.to(torch.float32,
                                                                                 copy=True)
@@ -142,16 +146,6 @@ def forward(input, weight, bn_weight, bn_bias, running_mean, running_var, stride
     if layer.pixels:
         _conv_pass(layer, out, scale, shift, dummy, stats=False)
     return _as_input_format(out, input), mean, var
-
-
-def _merge_moments(partial):
-    """Per-channel (mean, biased var) from per-program (count, mean, M2), in fp64 with
-    torch's deterministic reductions (Chan's parallel formula)."""
-    count, mean_b, m2_b = partial.unbind(-1)
-    total = count.sum(0)
-    mean = (count * mean_b).sum(0) / total
-    m2 = m2_b.sum(0) + (count * (mean_b - mean).square()).sum(0)
-    return mean.float(), (m2 / total).float()
 
 
 class _Backward:
