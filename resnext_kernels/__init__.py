@@ -9,6 +9,7 @@ Public API:
 * ``convert(model)`` / ``unconvert(model)``: fuse the bottlenecks of torchvision /
   timm ResNet-family models in place.
 * ``available_backends()`` and ``build_info()``.
+* ``auto_choices()``: what ``backend="auto"`` chose per problem, and the timings behind it.
 * ``resnext_kernels.models``: ResNeXt models (needs torchvision, imported on first use).
 """
 
@@ -16,6 +17,7 @@ import importlib
 
 from . import _compat  # noqa: F401  (checks the torch version first)
 from ._native import build_info
+from .auto import auto_choices
 from .backends import BACKEND_NAMES, available_backends
 from .convert import ConversionReport, convert, unconvert
 from .functional import fused_group_conv_bn_relu
@@ -27,6 +29,7 @@ __all__ = [
     "BACKEND_NAMES",
     "ConversionReport",
     "FusedGroupConv",
+    "auto_choices",
     "available_backends",
     "build_info",
     "convert",

@@ -11,13 +11,15 @@ from typing import Optional
 
 import torch
 
-from . import ops, reference, triton_backend
+from . import auto, ops, reference, triton_backend
 from ._native import build_info
 
 BACKEND_NAMES = ("auto", "reference", "cuda", "triton", "cuda_emulated")
 
-# The order "auto" tries per device type: fastest first. Emulated CUDA and the
-# Triton interpreter are test vehicles, never picked for speed.
+# The candidates of "auto" per device type, in its static order (RESNEXT_AUTO=static
+# takes the first usable one; otherwise resnext_kernels.auto measures them when there
+# is more than one). Emulated CUDA and the Triton interpreter are test vehicles,
+# never candidates.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference")}
 AUTO_DEFAULT = ("reference",)
 
@@ -30,6 +32,9 @@ class Backend:
     ops: ops.BackendOps
     device_types: frozenset
     dtypes: frozenset
+    # Has a deterministic path (used under torch.use_deterministic_algorithms(True));
+    # "auto" leaves out backends without one in that mode.
+    deterministic: bool = True
 
     def unsupported_reason(self, input: torch.Tensor) -> Optional[str]:
         """Why this backend cannot take ``input``, or None when it can."""
@@ -101,19 +106,30 @@ def usable_backends(input: torch.Tensor) -> list[str]:
             if name in _REGISTRY and _REGISTRY[name].unsupported_reason(input) is None]
 
 
-def resolve(name: str, input: torch.Tensor) -> Backend:
-    """The backend to run for ``input``: ``name`` itself, or the fastest usable one for "auto".
+def auto_candidates(input: torch.Tensor) -> list[Backend]:
+    """The backends "auto" may choose for ``input``, in ``AUTO_ORDER``: registered, able
+    to take ``input``, and deterministic when ``torch.use_deterministic_algorithms`` is on."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    found = [_REGISTRY[name] for name in AUTO_ORDER.get(input.device.type, AUTO_DEFAULT)
+             if name in _REGISTRY]
+    return [b for b in found
+            if b.unsupported_reason(input) is None and (b.deterministic or not deterministic)]
+
+
+def resolve(name: str, input: torch.Tensor, call: Optional[auto.Call] = None) -> Backend:
+    """The backend to run for ``input``: ``name`` itself, or for "auto" the one
+    ``resnext_kernels.auto`` chooses for ``call`` (the first candidate without a call).
 
     Raises RuntimeError when an explicitly named backend is missing or cannot take
     ``input``, saying why.
     """
     check_backend_name(name)
     if name == "auto":
-        for candidate in AUTO_ORDER.get(input.device.type, AUTO_DEFAULT):
-            backend = _REGISTRY.get(candidate)
-            if backend is not None and backend.unsupported_reason(input) is None:
-                return backend
-        raise RuntimeError(f"no backend can run on {input.device} tensors of dtype {input.dtype}")
+        candidates = auto_candidates(input)
+        if not candidates:
+            raise RuntimeError(f"no backend can run on {input.device} tensors of dtype "
+                               f"{input.dtype}")
+        return candidates[0] if call is None else auto.SELECTOR.choose(candidates, call)
     backend = _REGISTRY.get(name)
     if backend is None:
         raise RuntimeError(f"backend {name!r} is not available: {_MISSING[name]}")

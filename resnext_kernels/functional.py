@@ -7,7 +7,7 @@ import torch
 
 import torch.distributed as dist
 
-from . import backends, distributed, reference
+from . import auto, backends, distributed, reference
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -180,13 +180,15 @@ def fused_group_conv_bn_relu(
     synchronized = training and _group_size(process_group) > 1
     check_arguments(input, weight, bn_weight, bn_bias, running_mean, running_var,
                     stride, groups, eps, momentum, training, synchronized)
-    impl = backends.resolve(backend, input)
     c_out = weight.shape[0]
     param_dtype = torch.float32 if input.dtype in HALF_DTYPES else input.dtype
     if bn_weight is None:
         bn_weight = torch.ones(c_out, dtype=param_dtype, device=input.device)
     if bn_bias is None:
         bn_bias = torch.zeros(c_out, dtype=param_dtype, device=input.device)
+    impl = backends.resolve(backend, input, auto.Call(
+        input, weight, bn_weight, bn_bias, running_mean, running_var, stride, groups,
+        float(eps), training, synchronized, process_group))
     if synchronized:
         out, mean, var, count = distributed.sync_forward(impl.ops, input, weight, bn_weight,
                                                          bn_bias, stride, groups, float(eps),
