@@ -24,6 +24,7 @@
 
 #include "kernels/conv_bwd.h"
 #include "kernels/conv_fwd.h"
+#include "kernels/probe.h"
 
 #ifdef RESNEXT_EMULATED
 #define RK_BACKEND "cuda_emulated"
@@ -118,10 +119,6 @@ void poison(at::Tensor& t) { t.fill_(std::numeric_limits<double>::quiet_NaN()); 
 void poison(at::Tensor&) {}
 #endif
 
-// Channels per group above which the staged weights and weight-gradient tiles
-// would not fit in shared memory.
-constexpr int64_t kMaxGroupWidth = 256;
-
 // The checked shapes of one call and the kernels' view of its input and weight:
 // input as NHWC, weight as [C_out, 3, 3, C_in / groups].
 struct Conv {
@@ -147,9 +144,6 @@ struct Conv {
              ", 3, 3] with C_out divisible by ", groups, "; got ", weight.sizes());
     RK_CHECK(weight.scalar_type() == input.scalar_type() && weight.device() == input.device(),
              "weight must match the input's dtype and device");
-    RK_CHECK(c_in / groups <= kMaxGroupWidth && c_out / groups <= kMaxGroupWidth,
-             "at most ", kMaxGroupWidth, " channels per group are supported; got ",
-             c_in / groups, " in and ", c_out / groups, " out");
     h_out = (h - 1) / stride + 1, w_out = (w - 1) / stride + 1;
     const int64_t tiles = (std::max(c_in, c_out) / groups + rk::kCoTile - 1) / rk::kCoTile;
     RK_CHECK(groups * tiles <= 65535, "too many channel tiles (", groups * tiles,
@@ -416,9 +410,30 @@ std::tuple<at::Tensor, at::Tensor> backward_apply(
                   input, weight);
 }
 
+// The calibration probe (csrc/kernels/probe.cuh): `blocks` blocks of mma.sync loops
+// into out (blocks x kProbeThreads floats); returns the multiply-adds launched.
+int64_t mma_probe(at::Tensor& out, int64_t blocks, int64_t iterations) {
+  RK_CHECK(blocks > 0 && iterations > 0, "blocks and iterations must be positive; got ",
+           blocks, " and ", iterations);
+  RK_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() &&
+               out.numel() == blocks * rk::kProbeThreads,
+           "out must be a contiguous float32 tensor of ", blocks * rk::kProbeThreads,
+           " elements");
+  void* stream = nullptr;
+#ifndef RESNEXT_EMULATED
+  c10::cuda::CUDAGuard guard(out.device());
+  stream = c10::cuda::getCurrentCUDAStream().stream();
+#endif
+  rk::launch_mma_probe(out.data_ptr<float>(), static_cast<int>(blocks),
+                       static_cast<int>(iterations), stream);
+  check_launch();
+  return rk::mma_probe_macs(static_cast<int>(blocks), static_cast<int>(iterations));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnext_kernels, RK_DISPATCH_KEY, m) {
+  m.impl("mma_probe", &mma_probe);
   m.impl("conv_bn_relu_" RK_BACKEND, &forward);
   m.impl("conv_bn_relu_" RK_BACKEND "_backward", &backward);
   m.impl("conv_bn_relu_" RK_BACKEND "_backward_reduce", &backward_reduce);

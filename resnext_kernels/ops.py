@@ -64,6 +64,11 @@ BACKWARD_APPLY_SCHEMA = (
 # Keeps the registrations alive for the life of the process.
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 
+# The calibration probe of `resnext-bench device` (csrc/kernels/probe.cuh): implemented
+# by resnext_kernels._C (CUDA) and _C_emulated (CPU); returns the multiply-adds issued.
+torch.library.define(f"{NAMESPACE}::mma_probe", "(Tensor(a!) out, int blocks, int iterations) -> int",
+                     lib=_LIB)
+
 
 class Implementation(NamedTuple):
     """A backend's functions for one device type, with the schemas' signatures; None

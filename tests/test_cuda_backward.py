@@ -15,7 +15,7 @@ from resnext_kernels.testing import (REL_TOLERANCE, Problem, make_arguments, rel
 pytestmark = pytest.mark.skipif("cuda_emulated" not in available_backends(),
                                 reason="resnext_kernels._C_emulated is not built")
 
-WIDTHS = [4, 8, 16, 32, 64, 12]
+WIDTHS = [4, 8, 16, 32, 64, 12, 80]  # 12 and 80: the generic kernels (80: two channel chunks)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAMES = ("input", "weight", "bn_weight", "bn_bias")
 

@@ -4,12 +4,21 @@
 // Test infrastructure only: correct, deterministic and strict, not fast.
 //
 // Under nvcc this header only defines the portability macros (RK_LAUNCH,
-// DYNAMIC_SHARED, RK_SYNCTHREADS is plain __syncthreads). Under a host compiler it
-// provides:
-//   * __global__/__device__/__host__/__forceinline__/__launch_bounds__ as no-ops and
-//     __shared__ as `static`: blocks run one at a time, so a function-static array
-//     is exactly one copy per block (static shared memory keeps the previous
-//     block's contents; dynamic shared memory is poisoned with 0xFF before each block);
+// STATIC_SHARED, DYNAMIC_SHARED) and the shared-memory limits. Under a host compiler
+// it provides:
+//   * __global__/__device__/__host__/__forceinline__/__launch_bounds__ as no-ops;
+//     static shared memory is declared with STATIC_SHARED(T, name[, dims]), a
+//     function-static variable (blocks run one at a time, so it is exactly one copy
+//     per block) that registers itself with the launch; plain __shared__ does not
+//     compile, so no shared variable escapes the accounting. Static and dynamic
+//     shared memory are poisoned with 0xFF before each block;
+//   * CUDA's shared-memory rules, enforced per launch: static + dynamic bytes at most
+//     48 KiB unless the kernel opted in (set_max_dynamic_shared, the stand-in for
+//     cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize)); with the
+//     opt-in, dynamic bytes at most the opted-in size and static + opted-in bytes
+//     at most the device's per-block maximum (RK_EMU_SMEM_OPTIN bytes, default
+//     232448 = 227 KiB as on sm_90; sm_80 has 163 KiB, sm_86/89 99 KiB). A launch
+//     that breaks a rule aborts with the sizes, as it would fail on a GPU;
 //   * threadIdx/blockIdx/blockDim/gridDim as thread_local, set per CUDA thread;
 //   * two interchangeable back-ends, chosen with RK_EMU_BACKEND=fibers|threads:
 //       fibers (default): every CUDA thread is a ucontext fiber on one OS thread,
@@ -29,9 +38,17 @@
 // kernels put such code behind a helper with an `#ifdef __CUDA_ARCH__` host branch.
 #pragma once
 
+#include <cstddef>
+
+namespace rk {
+// Shared memory a block may use without opting in (static + dynamic), on every GPU.
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+}  // namespace rk
+
 #if defined(__CUDACC__)
 
 #define RK_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define STATIC_SHARED(T, name, ...) __shared__ __align__(16) T name __VA_ARGS__
 #define DYNAMIC_SHARED(T, name)                              \
   extern __shared__ __align__(16) unsigned char rk_smem_[]; \
   T* name = reinterpret_cast<T*>(rk_smem_)
@@ -66,7 +83,8 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static
+// Static shared memory goes through STATIC_SHARED, which the launch accounts for.
+#define __shared__ rk_emu_declare_static_shared_memory_with_STATIC_SHARED
 #define __launch_bounds__(...)
 
 inline thread_local dim3 threadIdx;
@@ -365,6 +383,113 @@ class ThreadBlock final : public Block {
   const char* site_ = nullptr;
 };
 
+// ------------------------------------------------------- shared memory ------
+// The per-block maximum a kernel may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+inline size_t max_shared_optin() {
+  const char* v = std::getenv("RK_EMU_SMEM_OPTIN");
+  if (v == nullptr) return 232448;  // sm_90: 227 KiB
+  char* end = nullptr;
+  const unsigned long long bytes = std::strtoull(v, &end, 10);
+  if (end == v || *end != '\0' || bytes < kDefaultSharedBytes)
+    fail("RK_EMU_SMEM_OPTIN must be a byte count of at least 49152", v);
+  return static_cast<size_t>(bytes);
+}
+
+// cudaFuncAttributeMaxDynamicSharedMemorySize of each kernel that opted in.
+struct SharedOptIns {
+  std::mutex mutex;
+  std::vector<std::pair<const void*, size_t>> sizes;
+};
+inline SharedOptIns& shared_opt_ins() {
+  static SharedOptIns o;
+  return o;
+}
+
+// The stand-in for cudaFuncSetAttribute(kernel, MaxDynamicSharedMemorySize, bytes).
+inline void set_max_dynamic_shared(const void* kernel, size_t bytes) {
+  if (bytes > max_shared_optin()) fail("dynamic shared memory opt-in above the device maximum",
+                                       "set_max_dynamic_shared");
+  SharedOptIns& o = shared_opt_ins();
+  std::lock_guard<std::mutex> lock(o.mutex);
+  for (auto& [k, size] : o.sizes)
+    if (k == kernel) {
+      size = bytes;
+      return;
+    }
+  o.sizes.emplace_back(kernel, bytes);
+}
+
+inline bool opted_in_size(const void* kernel, size_t* bytes) {
+  SharedOptIns& o = shared_opt_ins();
+  std::lock_guard<std::mutex> lock(o.mutex);
+  for (const auto& [k, size] : o.sizes)
+    if (k == kernel) {
+      *bytes = size;
+      return true;
+    }
+  return false;
+}
+
+// The shared memory of the launch in progress: its static variables (registered by
+// STATIC_SHARED as each block first reaches them), its dynamic size and opt-in.
+struct LaunchShared {
+  std::mutex mutex;
+  long block = -1;                    // block whose static variables are poisoned
+  std::vector<std::pair<void*, size_t>> vars;
+  std::vector<void*> poisoned;        // variables poisoned for `block`
+  size_t static_bytes = 0, dynamic_bytes = 0, opt_in = 0;
+  bool opted_in = false;
+};
+inline LaunchShared launch_shared;
+
+// Aborts when the launch breaks CUDA's rules (the GPU launch would fail).
+inline void check_shared_rules(const char* site) {
+  const LaunchShared& l = launch_shared;
+  char what[256];
+  if (!l.opted_in && l.static_bytes + l.dynamic_bytes > kDefaultSharedBytes) {
+    std::snprintf(what, sizeof(what),
+                  "shared memory %zu bytes (%zu static + %zu dynamic) above the 48 KiB default "
+                  "without a cudaFuncAttributeMaxDynamicSharedMemorySize opt-in",
+                  l.static_bytes + l.dynamic_bytes, l.static_bytes, l.dynamic_bytes);
+    fail(what, site);
+  }
+  if (l.opted_in && l.dynamic_bytes > l.opt_in) {
+    std::snprintf(what, sizeof(what),
+                  "dynamic shared memory %zu bytes above the kernel's opt-in of %zu bytes",
+                  l.dynamic_bytes, l.opt_in);
+    fail(what, site);
+  }
+  if (l.opted_in && l.static_bytes + l.opt_in > max_shared_optin()) {
+    std::snprintf(what, sizeof(what),
+                  "shared memory %zu bytes (%zu static + %zu opted-in dynamic) above the "
+                  "device's per-block maximum of %zu bytes",
+                  l.static_bytes + l.opt_in, l.static_bytes, l.opt_in, max_shared_optin());
+    fail(what, site);
+  }
+}
+
+// STATIC_SHARED's registration: counts the variable once per launch, checks the
+// rules, and poisons it when the first thread of a block reaches it.
+inline void declare_static_shared(void* var, size_t bytes, long block, const char* site) {
+  LaunchShared& l = launch_shared;
+  std::lock_guard<std::mutex> lock(l.mutex);
+  bool known = false;
+  for (const auto& [v, size] : l.vars) known |= v == var;
+  if (!known) {
+    l.vars.emplace_back(var, bytes);
+    l.static_bytes += bytes;
+    check_shared_rules(site);
+  }
+  if (l.block != block) {
+    l.block = block;
+    l.poisoned.clear();
+  }
+  for (void* v : l.poisoned)
+    if (v == var) return;
+  std::memset(var, 0xFF, bytes);
+  l.poisoned.push_back(var);
+}
+
 inline bool use_threads() {
   const char* v = std::getenv("RK_EMU_BACKEND");
   if (v == nullptr || std::strcmp(v, "fibers") == 0) return false;
@@ -383,6 +508,13 @@ void launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(Params...), Args&
   std::lock_guard<std::mutex> guard(launch_mutex());
   const int n = block_threads(block);
   if (n <= 0 || n > 1024) fail("block size must be 1..1024 threads", "launch");
+  launch_shared.block = -1;
+  launch_shared.vars.clear();
+  launch_shared.static_bytes = 0;
+  launch_shared.dynamic_bytes = smem;
+  launch_shared.opted_in = opted_in_size(reinterpret_cast<const void*>(kernel),
+                                         &launch_shared.opt_in);
+  check_shared_rules("launch");
   std::vector<unsigned char> smem_bytes(smem + 16);
   auto body = [&] { kernel(static_cast<Params>(args)...); };
   auto set_block = [&](long b) {
@@ -470,6 +602,13 @@ inline void warp_gather_all(const void* value, int bytes, void* all, const char*
 #define RK_LAUNCH(kernel, grid, block, smem, stream) \
   ::rk::emu::Launcher(grid, block, smem, stream, kernel)
 #define DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::rk::emu::dynamic_smem)
+#define STATIC_SHARED(T, name, ...)                                                        \
+  alignas(16) static T name __VA_ARGS__;                                                   \
+  ::rk::emu::declare_static_shared(&name, sizeof(name),                                    \
+                                   static_cast<long>(blockIdx.x) +                         \
+                                       static_cast<long>(gridDim.x) *                      \
+                                           (blockIdx.y + static_cast<long>(gridDim.y) * blockIdx.z), \
+                                   RK_EMU_SITE)
 
 namespace rk::emu {
 

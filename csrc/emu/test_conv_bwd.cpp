@@ -174,7 +174,12 @@ int main(int argc, char** argv) {
                         {3, 4, 5, 32, 8, 1, false}, {1, 5, 5, 36, 3, 2, false},
                         {2, 5, 5, 32, 2, 1, true},  {1, 7, 6, 32, 4, 2, true},
                         // more than one pixel tile (128 output pixels) per block in wgrad
-                        {2, 12, 13, 8, 2, 1, false}, {1, 21, 25, 16, 1, 2, true}};
+                        {2, 12, 13, 8, 2, 1, false}, {1, 21, 25, 16, 1, 2, true},
+                        // fp32 at 64 channels per group: the reduce block needs the
+                        // shared-memory opt-in (16 KiB static + 36 KiB dynamic)
+                        {1, 5, 4, 128, 2, 1, false},
+                        // 80 channels per group: the generic kernels' channel chunks
+                        {1, 4, 5, 160, 2, 2, false}};
   return rk_test::run_backends(argc, argv, "backward", &failures, [&](const char* backend) {
     for (const Case& k : cases) run_case(k, backend);
   });

@@ -52,7 +52,7 @@ bool aborts_with(F fn, const char* expect) {
 constexpr unsigned kFull = 0xffffffffu;
 
 __global__ void rotate_kernel(int* out) {
-  __shared__ int s[256];
+  STATIC_SHARED(int, s, [256]);
   int t = threadIdx.x, n = blockDim.x;
   s[t] = t + 1000 * static_cast<int>(blockIdx.x);
   __syncthreads();
@@ -60,14 +60,14 @@ __global__ void rotate_kernel(int* out) {
 }
 
 __global__ void rotate_no_barrier_kernel(int* out) {
-  __shared__ int s[256];
+  STATIC_SHARED(int, s, [256]);
   int t = threadIdx.x, n = blockDim.x;
   s[t] = t + 1000 * static_cast<int>(blockIdx.x);
   out[blockIdx.x * n + t] = s[(t + 1) % n];
 }
 
 __global__ void early_exit_kernel(int* out, int k) {
-  __shared__ int s[256];
+  STATIC_SHARED(int, s, [256]);
   int t = threadIdx.x;
   if (t >= k) return;
   s[t] = t * 3;
@@ -281,6 +281,53 @@ void test_dynamic_shared_poison() {
   CHECK(ok);
 }
 
+// 40 KiB of static shared memory plus `dynamic` bytes; out[block] = the first word
+// of the static array as the block found it (poisoned: -1), then written. ID: one
+// kernel per opt-in state (an opt-in lasts for the process).
+template <int ID>
+__global__ void big_static_kernel(int* out) {
+  STATIC_SHARED(int, s, [10 * 1024]);
+  DYNAMIC_SHARED(int, d);
+  if (threadIdx.x == 0) {
+    out[blockIdx.x] = s[0];
+    s[0] = 7;
+    d[0] = 7;
+  }
+}
+
+// CUDA's shared-memory rules (static + dynamic over 48 KiB needs the opt-in; never
+// above the device's per-block maximum) and the poisoning of static shared memory.
+void test_shared_memory_rules() {
+  void (*const k0)(int*) = big_static_kernel<0>;
+  void (*const k1)(int*) = big_static_kernel<1>;
+  const void* kernel = reinterpret_cast<const void*>(k1);
+  std::vector<int> out(2, 0);
+  RK_LAUNCH(k0, dim3(2), dim3(32), 8 * 1024, 0)(out.data());  // 48 KiB: fine
+  CHECK(out[0] == -1 && out[1] == -1);  // the static array is poisoned before each block
+  CHECK(aborts_with([&] { RK_LAUNCH(k0, dim3(1), dim3(32), 8 * 1024 + 4, 0)(out.data()); },
+                    "above the 48 KiB default without a cudaFuncAttributeMaxDynamicSharedMemorySize opt-in"));
+  CHECK(aborts_with([&] {
+          rk::emu::set_max_dynamic_shared(kernel, 190 * 1024);  // 40 + 190 KiB > 227 KiB
+          RK_LAUNCH(k1, dim3(1), dim3(32), 16 * 1024, 0)(out.data());
+        },
+        "above the device's per-block maximum of 232448 bytes"));
+  CHECK(aborts_with([&] {
+          rk::emu::set_max_dynamic_shared(kernel, 16 * 1024);
+          RK_LAUNCH(k1, dim3(1), dim3(32), 16 * 1024 + 4, 0)(out.data());
+        },
+        "above the kernel's opt-in of 16384 bytes"));
+  CHECK(aborts_with([&] {  // an sm_86 / sm_89 device: 99 KiB
+          setenv("RK_EMU_SMEM_OPTIN", "101376", 1);
+          rk::emu::set_max_dynamic_shared(kernel, 64 * 1024);
+          RK_LAUNCH(k1, dim3(1), dim3(32), 64 * 1024, 0)(out.data());
+        },
+        "above the device's per-block maximum of 101376 bytes"));
+  rk::emu::set_max_dynamic_shared(kernel, 180 * 1024);
+  out.assign(2, 0);
+  RK_LAUNCH(k1, dim3(2), dim3(32), 180 * 1024, 0)(out.data());
+  CHECK(out[0] == -1 && out[1] == -1);
+}
+
 void test_aborts() {
   std::vector<int> out(64);
   CHECK(aborts_with([] { RK_LAUNCH(divergent_barrier_kernel, dim3(1), dim3(64), 0, 0)(); },
@@ -305,6 +352,7 @@ void run_all(const char* name) {
   test_ballot_with_exited_lanes();
   test_atomics();
   test_dynamic_shared_poison();
+  test_shared_memory_rules();
   test_aborts();
 }
 

@@ -61,14 +61,22 @@ __device__ __forceinline__ float load_dc(const ConvBwdParams& b, long i, int c) 
   }
 }
 
+template <int TILE>
+struct ReduceShared {
+  Tile<TILE> xhat_dz;  // c when recomputed, then dz·x̂
+  Tile<TILE> dz;
+  int recompute;
+};
+
 template <typename T, int CG, int STRIDE>
 __global__ void __launch_bounds__(kPixels, 4) bwd_reduce_kernel(ConvBwdParams b) {
   constexpr int TILE = co_tile<CG>();
   const ConvFwdParams& p = b.conv;
   const ChannelTile t = channel_tile<CG>(p.c_out, p.groups);
-  __shared__ Tile<TILE> xhat_dz;  // c when recomputed, then dz·x̂
-  __shared__ Tile<TILE> dz_s;
-  __shared__ int recompute;
+  STATIC_SHARED(ReduceShared<TILE>, s);
+  Tile<TILE>& xhat_dz = s.xhat_dz;
+  Tile<TILE>& dz_s = s.dz;
+  int& recompute = s.recompute;
   if (threadIdx.x == 0) {
     int any = !b.recover_xhat;
     for (int co = 0; co < t.count; ++co)
@@ -117,7 +125,7 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_dc_kernel(ConvBwdParams b) {
   constexpr int TILE = co_tile<CG>();
   const ConvFwdParams& p = b.conv;
   const ChannelTile t = channel_tile<CG>(p.c_out, p.groups);
-  __shared__ Tile<TILE> tile;
+  STATIC_SHARED(Tile<TILE>, tile);
   conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, tile.vals);
   __syncthreads();
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
@@ -136,7 +144,8 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_dc_kernel(ConvBwdParams b) {
 }
 
 // Thread per input pixel, TILE input channels of one group per block (grid.y =
-// groups x channel tiles). Weights staged as fp32 [cg_out][9][TILE].
+// groups x channel tiles). Weights staged as fp32 [chunk][9][TILE], one chunk of the
+// group's output channels at a time.
 template <typename T, int CG, int STRIDE, GradSource SOURCE>
 __global__ void __launch_bounds__(kPixels, 4) bwd_dgrad_kernel(ConvBwdParams b) {
   constexpr int TILE = co_tile<CG>();
@@ -147,47 +156,60 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_dgrad_kernel(ConvBwdParams b) 
   const int ci0 = t.c0 - t.g * cg_in;  // within the group
 
   DYNAMIC_SHARED(float, w_s);
-  const T* w = static_cast<const T*>(p.wt) + static_cast<long>(t.g) * cg_out * 9 * cg_in;
-  for (int i = threadIdx.x; i < cg_out * 9 * TILE; i += kPixels) {
-    const int ci = i % TILE, row = i / TILE;  // row = co * 9 + tap
-    w_s[i] = ci < t.count ? to_float(w[static_cast<long>(row) * cg_in + ci0 + ci]) : 0.0f;
-  }
-  __syncthreads();
-
   const long pixels = static_cast<long>(p.n) * p.h * p.w;
   const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
-  if (pix >= pixels) return;
+  const bool valid = pix < pixels;
   const int iw = static_cast<int>(pix % p.w);
   const int ih = static_cast<int>(pix / p.w % p.h);
   const long img = pix / (static_cast<long>(p.w) * p.h);
   float acc[TILE];
 #pragma unroll
   for (int ci = 0; ci < TILE; ++ci) acc[ci] = 0.0f;
-  for (int kh = 0; kh < 3; ++kh) {
-    const int row = ih + 1 - kh;  // = oh * STRIDE for a tap that reaches an output pixel
-    if (row < 0 || row % STRIDE != 0 || row / STRIDE >= p.h_out) continue;
-    for (int kw = 0; kw < 3; ++kw) {
-      const int col = iw + 1 - kw;
-      if (col < 0 || col % STRIDE != 0 || col / STRIDE >= p.w_out) continue;
-      const long o = ((img * p.h_out + row / STRIDE) * p.w_out + col / STRIDE) * p.c_out +
-                     static_cast<long>(t.g) * cg_out;
-      const float* wp = w_s + (kh * 3 + kw) * TILE;
-      for (int co = 0; co < cg_out; ++co) {
-        const float v = load_dc<T, SOURCE>(b, o + co, t.g * cg_out + co);
+  for (int c0 = 0; c0 < cg_out; c0 += channel_chunk<CG>()) {
+    const int cn = imin(channel_chunk<CG>(), cg_out - c0);
+    const T* w = static_cast<const T*>(p.wt) + (static_cast<long>(t.g) * cg_out + c0) * 9 * cg_in;
+    __syncthreads();  // the previous chunk's readers are done
+    for (int i = threadIdx.x; i < cn * 9 * TILE; i += kPixels) {
+      const int ci = i % TILE, row = i / TILE;  // row = co * 9 + tap
+      w_s[i] = ci < t.count ? to_float(w[static_cast<long>(row) * cg_in + ci0 + ci]) : 0.0f;
+    }
+    __syncthreads();
+    if (!valid) continue;
+    for (int kh = 0; kh < 3; ++kh) {
+      const int row = ih + 1 - kh;  // = oh * STRIDE for a tap that reaches an output pixel
+      if (row < 0 || row % STRIDE != 0 || row / STRIDE >= p.h_out) continue;
+      for (int kw = 0; kw < 3; ++kw) {
+        const int col = iw + 1 - kw;
+        if (col < 0 || col % STRIDE != 0 || col / STRIDE >= p.w_out) continue;
+        const long o = ((img * p.h_out + row / STRIDE) * p.w_out + col / STRIDE) * p.c_out +
+                       static_cast<long>(t.g) * cg_out + c0;
+        const float* wp = w_s + (kh * 3 + kw) * TILE;
+        for (int co = 0; co < cn; ++co) {
+          const float v = load_dc<T, SOURCE>(b, o + co, t.g * cg_out + c0 + co);
 #pragma unroll
-        for (int ci = 0; ci < TILE; ++ci) acc[ci] = fmaf(v, wp[co * 9 * TILE + ci], acc[ci]);
+          for (int ci = 0; ci < TILE; ++ci) acc[ci] = fmaf(v, wp[co * 9 * TILE + ci], acc[ci]);
+        }
       }
     }
   }
+  if (!valid) return;
   T* dx = static_cast<T*>(b.dx) + pix * p.c_in + t.c0;
 #pragma unroll  // constant indices keep acc[] in registers
   for (int ci = 0; ci < TILE; ++ci)
     if (ci < t.count) dx[ci] = from_float<T>(acc[ci]);
 }
 
-// Block (chunk, channel tile): the tile's [TILE][9·cg_in] weight gradient over the
-// pixel tiles chunk, chunk + wgrad_chunks, ... accumulated in shared memory (each
-// entry owned by one thread), then added to dw (atomics) or written as a partial.
+template <int TILE>
+struct WgradShared {
+  float dc[TILE][kPixels];
+  long base[kPixels];  // input offset of image (pixel's img, 0, 0)
+  int oh0[kPixels], ow0[kPixels];
+};
+
+// Block (chunk, channel tile, input-channel chunk): the tile's [TILE][9][cn] weight
+// gradient for input channels [ci0, ci0 + cn) of the group over the pixel tiles
+// chunk, chunk + wgrad_chunks, ... accumulated in shared memory (each entry owned by
+// one thread), then added to dw (atomics) or written as a partial.
 template <typename T, int CG, int STRIDE, GradSource SOURCE>
 __global__ void __launch_bounds__(kPixels, 4) bwd_wgrad_kernel(ConvBwdParams b) {
   constexpr int TILE = co_tile<CG>();
@@ -195,15 +217,15 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_wgrad_kernel(ConvBwdParams b) 
   const int cg_in = CG ? CG : p.c_in / p.groups;
   const int k_size = 9 * cg_in;
   const ChannelTile t = channel_tile<CG>(p.c_out, p.groups);
-  const int entries = t.count * k_size;
+  const int ci0 = blockIdx.z * channel_chunk<CG>();
+  const int cn = imin(channel_chunk<CG>(), cg_in - ci0);
+  const int entries = t.count * 9 * cn;
 
-  DYNAMIC_SHARED(float, acc_s);  // [t.count][k_size]
-  __shared__ float dc_s[TILE][kPixels];
-  __shared__ long base_s[kPixels];  // input offset of image (pixel's img, 0, 0)
-  __shared__ int oh0_s[kPixels], ow0_s[kPixels];
+  DYNAMIC_SHARED(float, acc_s);  // [t.count][9][cn]
+  STATIC_SHARED(WgradShared<TILE>, s);
   for (int e = threadIdx.x; e < entries; e += kPixels) acc_s[e] = 0.0f;
 
-  const T* x = static_cast<const T*>(p.x) + t.g * cg_in;
+  const T* x = static_cast<const T*>(p.x) + t.g * cg_in + ci0;
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
   const long pixel_tiles = (pixels + kPixels - 1) / kPixels;
   for (long tile = blockIdx.x; tile < pixel_tiles; tile += gridDim.x) {
@@ -212,34 +234,34 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_wgrad_kernel(ConvBwdParams b) 
     if (pix < pixels) {
       const int ow = static_cast<int>(pix % p.w_out);
       const int oh = static_cast<int>(pix / p.w_out % p.h_out);
-      base_s[threadIdx.x] = pix / (static_cast<long>(p.w_out) * p.h_out) * p.h * p.w;
-      oh0_s[threadIdx.x] = oh * STRIDE - 1;
-      ow0_s[threadIdx.x] = ow * STRIDE - 1;
+      s.base[threadIdx.x] = pix / (static_cast<long>(p.w_out) * p.h_out) * p.h * p.w;
+      s.oh0[threadIdx.x] = oh * STRIDE - 1;
+      s.ow0[threadIdx.x] = ow * STRIDE - 1;
       for (int co = 0; co < t.count; ++co)
-        dc_s[co][threadIdx.x] = load_dc<T, SOURCE>(b, pix * p.c_out + t.c0 + co, t.c0 + co);
+        s.dc[co][threadIdx.x] = load_dc<T, SOURCE>(b, pix * p.c_out + t.c0 + co, t.c0 + co);
     }
     __syncthreads();
     const int count = static_cast<int>(imin(static_cast<long>(kPixels), pixels - tile * kPixels));
     for (int e = threadIdx.x; e < entries; e += kPixels) {
-      const int co = e / k_size, k = e % k_size;
-      const int tap = k / cg_in, ci = k % cg_in;
+      const int co = e / (9 * cn), tap = e / cn % 9, ci = e % cn;
       const int kh = tap / 3, kw = tap % 3;
       float sum = 0.0f;
       for (int i = 0; i < count; ++i) {
-        const int ih = oh0_s[i] + kh, iw = ow0_s[i] + kw;
+        const int ih = s.oh0[i] + kh, iw = s.ow0[i] + kw;
         if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) continue;
-        const float xv = to_float(x[(base_s[i] + static_cast<long>(ih) * p.w + iw) * p.c_in + ci]);
-        sum = fmaf(dc_s[co][i], xv, sum);
+        const float xv = to_float(x[(s.base[i] + static_cast<long>(ih) * p.w + iw) * p.c_in + ci]);
+        sum = fmaf(s.dc[co][i], xv, sum);
       }
       acc_s[e] += sum;
     }
   }
-  const long first = static_cast<long>(t.c0) * k_size;
   for (int e = threadIdx.x; e < entries; e += kPixels) {
+    const int co = e / (9 * cn), tap = e / cn % 9, ci = e % cn;
+    const long at = static_cast<long>(t.c0 + co) * k_size + tap * cg_in + ci0 + ci;
     if (b.deterministic) {
-      b.dw[static_cast<long>(blockIdx.x) * p.c_out * k_size + first + e] = acc_s[e];
+      b.dw[static_cast<long>(blockIdx.x) * p.c_out * k_size + at] = acc_s[e];
     } else {
-      atomicAdd(b.dw + first + e, acc_s[e]);
+      atomicAdd(b.dw + at, acc_s[e]);
     }
   }
 }
@@ -255,14 +277,14 @@ struct BwdLauncher {
   static void reduce(const ConvBwdParams& b, void* stream) {
     void (*kernel)(ConvBwdParams) = bwd_reduce_kernel<T, CG, STRIDE>;
     const size_t smem = mainloop_smem<T, CG>(b.conv);
-    allow_dynamic_smem(kernel, smem);
+    prepare_shared_memory(kernel, sizeof(ReduceShared<TILE>), smem);
     RK_LAUNCH(kernel, conv_grid(b.conv), dim3(kPixels), smem, as_stream(stream))(b);
   }
 
   static void dc(const ConvBwdParams& b, void* stream) {
     void (*kernel)(ConvBwdParams) = bwd_dc_kernel<T, CG, STRIDE>;
     const size_t smem = mainloop_smem<T, CG>(b.conv);
-    allow_dynamic_smem(kernel, smem);
+    prepare_shared_memory(kernel, sizeof(Tile<TILE>), smem);
     RK_LAUNCH(kernel, conv_grid(b.conv), dim3(kPixels), smem, as_stream(stream))(b);
   }
 
@@ -274,8 +296,8 @@ struct BwdLauncher {
     const long pixels = static_cast<long>(p.n) * p.h * p.w;
     const dim3 grid(static_cast<unsigned>((pixels + kPixels - 1) / kPixels),
                     p.groups * ((p.c_in / p.groups + TILE - 1) / TILE));
-    const size_t smem = sizeof(float) * (p.c_out / p.groups) * 9 * TILE;
-    allow_dynamic_smem(kernel, smem);
+    const size_t smem = sizeof(float) * imin(p.c_out / p.groups, channel_chunk<CG>()) * 9 * TILE;
+    prepare_shared_memory(kernel, 0, smem);
     RK_LAUNCH(kernel, grid, dim3(kPixels), smem, as_stream(stream))(b);
   }
 
@@ -284,9 +306,11 @@ struct BwdLauncher {
     void (*kernel)(ConvBwdParams) = source == GradSource::kConvGrad
                                         ? bwd_wgrad_kernel<T, CG, STRIDE, GradSource::kConvGrad>
                                         : bwd_wgrad_kernel<T, CG, STRIDE, GradSource::kMaskedGrad>;
-    const dim3 grid(b.wgrad_chunks, conv_grid(p).y);
-    const size_t smem = sizeof(float) * TILE * 9 * (p.c_in / p.groups);
-    allow_dynamic_smem(kernel, smem);
+    const int cg_in = p.c_in / p.groups;
+    const dim3 grid(b.wgrad_chunks, conv_grid(p).y,
+                    (cg_in + channel_chunk<CG>() - 1) / channel_chunk<CG>());
+    const size_t smem = sizeof(float) * TILE * 9 * imin(cg_in, channel_chunk<CG>());
+    prepare_shared_memory(kernel, sizeof(WgradShared<TILE>), smem);
     RK_LAUNCH(kernel, grid, dim3(kPixels), smem, as_stream(stream))(b);
   }
 };

@@ -14,6 +14,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "kernels/conv_fwd.h"
@@ -145,8 +147,17 @@ struct Tile {
   float vals[TILE][kPixels];
 };
 
+// Channels staged in shared memory per step where a loop runs over a group's
+// channels in chunks (widths without their own instantiation: ResNet's 64-512,
+// the ResNeXt paper's 2x40d at 320); the fixed widths (<= 64) take one step.
+template <int CG>
+__host__ __device__ constexpr int channel_chunk() {
+  return CG ? CG : 64;
+}
+
 // Main loop on CUDA cores: thread t computes pixel t of the block for every channel
-// of the tile; the weights are staged as fp32, [TILE][3][3][cg_in].
+// of the tile. The weights are staged as fp32, [TILE][3][3][chunk], one chunk of the
+// group's input channels at a time.
 template <typename T, int CG, int STRIDE, int TILE>
 __device__ __forceinline__ void fma_mainloop(const ConvFwdParams& p, int g, int co0, int co_count,
                                              float (&vals)[TILE][kPixels]) {
@@ -154,32 +165,38 @@ __device__ __forceinline__ void fma_mainloop(const ConvFwdParams& p, int g, int 
   const int taps = 9 * cg_in;
   DYNAMIC_SHARED(float, w_s);
   const T* w = static_cast<const T*>(p.wt) + static_cast<long>(co0) * taps;
-  for (int i = threadIdx.x; i < TILE * taps; i += kPixels)
-    w_s[i] = i < co_count * taps ? to_float(w[i]) : 0.0f;
-  __syncthreads();
 
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
   const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
+  const bool valid = pix < pixels;
+  const int ow = static_cast<int>(pix % p.w_out);
+  const int oh = static_cast<int>(pix / p.w_out % p.h_out);
+  const long img = pix / (static_cast<long>(p.w_out) * p.h_out);
+  const T* x = static_cast<const T*>(p.x) + g * cg_in;
   float acc[TILE];
 #pragma unroll
   for (int co = 0; co < TILE; ++co) acc[co] = 0.0f;
-  if (pix < pixels) {
-    const int ow = static_cast<int>(pix % p.w_out);
-    const int oh = static_cast<int>(pix / p.w_out % p.h_out);
-    const long img = pix / (static_cast<long>(p.w_out) * p.h_out);
-    const T* x = static_cast<const T*>(p.x);
+  for (int c0 = 0; c0 < cg_in; c0 += channel_chunk<CG>()) {
+    const int cn = imin(channel_chunk<CG>(), cg_in - c0);
+    __syncthreads();  // the previous chunk's readers are done
+    for (int i = threadIdx.x; i < TILE * 9 * cn; i += kPixels) {
+      const int co = i / (9 * cn), tap = i / cn % 9, ci = i % cn;
+      w_s[i] = co < co_count ? to_float(w[co * taps + tap * cg_in + c0 + ci]) : 0.0f;
+    }
+    __syncthreads();
+    if (!valid) continue;
     for (int kh = 0; kh < 3; ++kh) {
       const int ih = oh * STRIDE - 1 + kh;
       if (ih < 0 || ih >= p.h) continue;
       for (int kw = 0; kw < 3; ++kw) {
         const int iw = ow * STRIDE - 1 + kw;
         if (iw < 0 || iw >= p.w) continue;
-        const T* xp = x + ((img * p.h + ih) * p.w + iw) * p.c_in + g * cg_in;
-        const float* wp = w_s + (kh * 3 + kw) * cg_in;
-        for (int ci = 0; ci < cg_in; ++ci) {
+        const T* xp = x + ((img * p.h + ih) * p.w + iw) * p.c_in + c0;
+        const float* wp = w_s + (kh * 3 + kw) * cn;
+        for (int ci = 0; ci < cn; ++ci) {
           const float xv = to_float(xp[ci]);
 #pragma unroll
-          for (int co = 0; co < TILE; ++co) acc[co] = fmaf(xv, wp[co * taps + ci], acc[co]);
+          for (int co = 0; co < TILE; ++co) acc[co] = fmaf(xv, wp[co * 9 * cn + ci], acc[co]);
         }
       }
     }
@@ -287,12 +304,13 @@ __device__ __forceinline__ void conv_mainloop(const ConvFwdParams& p, int g, int
   }
 }
 
-// Dynamic shared memory of conv_mainloop: the tile's weights.
+// Dynamic shared memory of conv_mainloop: the tile's weights (one channel chunk).
 template <typename T, int CG>
 inline size_t mainloop_smem(const ConvFwdParams& p) {
   const int k = 9 * (p.c_in / p.groups);
   return use_mma<T, CG>() ? sizeof(T) * co_tile<CG>() * ((k + 15) / 16 * 16)
-                          : sizeof(float) * co_tile<CG>() * k;
+                          : sizeof(float) * co_tile<CG>() * 9 *
+                                imin(p.c_in / p.groups, channel_chunk<CG>());
 }
 
 #if defined(__CUDACC__)
@@ -301,17 +319,38 @@ inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(s
 inline void* as_stream(void* stream) { return stream; }
 #endif
 
-// Kernels whose dynamic shared memory exceeds the default 48 KiB (wide generic
-// groups) must opt in before launch; the emulator has no such limit.
+// CUDA's shared-memory rules before a launch, the same code on a GPU and in the
+// emulator (which enforces the rules, so a CPU test fails where a GPU launch would):
+// static + dynamic bytes above the 48 KiB default need the kernel's
+// cudaFuncAttributeMaxDynamicSharedMemorySize opt-in, and no block may use more than
+// the device's per-block maximum. `static_bytes` is the kernel's STATIC_SHARED
+// storage as its launcher sizes it; on a GPU the compiled kernel's own figure
+// (cudaFuncGetAttributes) is taken when larger. Throws std::runtime_error when the
+// block cannot fit (the launchers keep every supported shape far below that).
 template <typename Kernel>
-inline void allow_dynamic_smem(Kernel kernel, size_t bytes) {
+inline void prepare_shared_memory(Kernel kernel, size_t static_bytes, size_t dynamic_bytes) {
 #if defined(__CUDACC__)
-  if (bytes > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(bytes));
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.sharedSizeBytes > static_bytes)
+    static_bytes = attr.sharedSizeBytes;
+  int device = 0, optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const size_t max_bytes = static_cast<size_t>(optin);
 #else
-  (void)kernel;
-  (void)bytes;
+  const size_t max_bytes = ::rk::emu::max_shared_optin();
+#endif
+  if (static_bytes + dynamic_bytes > max_bytes)
+    throw std::runtime_error("resnext_kernels: a block needs " +
+                             std::to_string(static_bytes + dynamic_bytes) +
+                             " bytes of shared memory, above this device's per-block maximum of " +
+                             std::to_string(max_bytes));
+  if (static_bytes + dynamic_bytes <= kDefaultSharedBytes) return;
+#if defined(__CUDACC__)
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       static_cast<int>(dynamic_bytes));
+#else
+  ::rk::emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), dynamic_bytes);
 #endif
 }
 

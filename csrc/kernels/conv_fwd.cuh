@@ -9,8 +9,9 @@
 // glue picks one (csrc/conv_bn_relu.cpp):
 //   "raw":       conv pass kStatsRaw writes the raw conv output and per-block
 //                (count, mean, M2) partials; finalize_kernel merges the partials per
-//                channel (Chan's formula, fixed order: deterministic and stable for
-//                |mean| >> std) into mean/var and the folded scale/shift;
+//                channel (Chan's formula in fp64, a fixed-order tree: deterministic,
+//                parallel and stable for |mean| >> std) into mean/var and the folded
+//                scale/shift;
 //                normalize_kernel turns the raw output into relu(y * scale + shift)
 //                in place. Reads the input once, moves the output three times.
 //   "recompute": conv pass kStats (partials only), finalize, then conv pass kWrite
@@ -44,7 +45,7 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
   const int co_count = imin(TILE, g * cg_out + cg_out - co0);
 
   // The main loop leaves conv(x) for (channel, pixel) of the tile in shared memory.
-  __shared__ Tile<TILE> tile;
+  STATIC_SHARED(Tile<TILE>, tile);
   conv_mainloop<T, CG, STRIDE, TILE>(p, g, co0, co_count, tile.vals);
   __syncthreads();
 
@@ -95,27 +96,51 @@ __global__ void __launch_bounds__(256) normalize_kernel(ConvFwdParams p) {
   }
 }
 
-// One thread per channel: merge the blocks' partials in block order (Chan), in fp64.
-__global__ void finalize_kernel(FinalizeParams f) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= f.c_out) return;
+// Chan's merge of the moments (nb, mean_b, m2b) into (n, mean, m2), in fp64.
+__device__ __forceinline__ void merge_moments(double& n, double& mean, double& m2, double nb,
+                                              double mean_b, double m2b) {
+  if (nb == 0.0) return;
+  const double total = n + nb;
+  const double delta = mean_b - mean;
+  mean += delta * nb / total;
+  m2 += m2b + delta * delta * n * nb / total;
+  n = total;
+}
+
+constexpr int kFinalizeThreads = 64;
+
+struct FinalizeShared {
+  double n[kFinalizeThreads], mean[kFinalizeThreads], m2[kFinalizeThreads];
+};
+
+// A block per channel merges the pixel blocks' partials in a fixed order: thread t
+// merges partials t, t + 64, ... in turn, then a tree over the threads (t with
+// t + width, width halving). Deterministic (bit-identical across runs), fp64.
+__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(FinalizeParams f) {
+  const int c = blockIdx.x, tid = threadIdx.x;
+  STATIC_SHARED(FinalizeShared, s);
   double n = 0.0, mean = 0.0, m2 = 0.0;
-  for (int b = 0; b < f.blocks; ++b) {
+  for (int b = tid; b < f.blocks; b += kFinalizeThreads) {
     const float* part = f.partial + (static_cast<long>(b) * f.c_out + c) * 3;
-    const double nb = part[0];
-    if (nb == 0.0) continue;
-    const double total = n + nb;
-    const double delta = part[1] - mean;
-    mean += delta * nb / total;
-    m2 += part[2] + delta * delta * n * nb / total;
-    n = total;
+    merge_moments(n, mean, m2, part[0], part[1], part[2]);
   }
-  const double var = n > 0.0 ? m2 / n : 1.0;
+  s.n[tid] = n;
+  s.mean[tid] = mean;
+  s.m2[tid] = m2;
+  for (int width = kFinalizeThreads / 2; width > 0; width /= 2) {
+    __syncthreads();
+    if (tid < width) {
+      merge_moments(s.n[tid], s.mean[tid], s.m2[tid], s.n[tid + width], s.mean[tid + width],
+                    s.m2[tid + width]);
+    }
+  }
+  if (tid != 0) return;
+  const double var = s.n[0] > 0.0 ? s.m2[0] / s.n[0] : 1.0;
   const double scale = f.gamma[c] / sqrt(var + f.eps);
-  f.mean[c] = static_cast<float>(mean);
+  f.mean[c] = static_cast<float>(s.mean[0]);
   f.var[c] = static_cast<float>(var);
   f.scale[c] = static_cast<float>(scale);
-  f.shift[c] = static_cast<float>(f.beta[c] - mean * scale);
+  f.shift[c] = static_cast<float>(f.beta[c] - s.mean[0] * scale);
 }
 
 template <typename T, int CG, int STRIDE>
@@ -128,7 +153,7 @@ void launch_typed(const ConvFwdParams& p, Pass pass, void* stream) {
                                   : pass == Pass::kStatsRaw
                                       ? conv_fwd_kernel<T, CG, STRIDE, Pass::kStatsRaw>
                                       : conv_fwd_kernel<T, CG, STRIDE, Pass::kWrite>;
-  allow_dynamic_smem(kernel, smem);
+  prepare_shared_memory(kernel, sizeof(Tile<TILE>), smem);
   RK_LAUNCH(kernel, grid, dim3(kPixels), smem, as_stream(stream))(p);
 }
 
@@ -172,8 +197,7 @@ void launch_normalize(const ConvFwdParams& p, void* stream) {
 }
 
 void launch_finalize(const FinalizeParams& f, void* stream) {
-  const int threads = 128;
-  RK_LAUNCH(detail::finalize_kernel, dim3((f.c_out + threads - 1) / threads), dim3(threads), 0,
+  RK_LAUNCH(detail::finalize_kernel, dim3(f.c_out), dim3(detail::kFinalizeThreads), 0,
             detail::as_stream(stream))(f);
 }
 

@@ -1,0 +1,2 @@
+// The calibration probe compiled by nvcc into resnext_kernels._C (resnext-bench device).
+#include "kernels/probe.cuh"
