@@ -14,6 +14,8 @@ Environment variables (the user's value always wins):
   that make ``torch.utils.cpp_extension`` guess one level too high.
 * ``TORCH_CUDA_ARCH_LIST``: when unset and no GPU is visible, ``8.0;9.0+PTX``.
 * ``MAX_JOBS``: when unset, sized from CPU cores and available memory.
+* ``RESNEXT_BUILD_EMULATED``: ``0`` skips ``resnext_kernels._C_emulated`` (the
+  kernels for the CPU emulator, tests only; a GPU machine does not need it).
 
 The chosen configuration is printed at the start of the build.
 """
@@ -155,7 +157,12 @@ def configure():
     # The same kernels for the host SIMT emulator (backend "cuda_emulated", tests only):
     # needs the toolkit's headers (cuda_fp16.h, ...), not a CUDA build of torch.
     headers = cuda_home if with_cuda else find_cuda_home()[0]
-    if headers is not None:
+    emulated = os.environ.get("RESNEXT_BUILD_EMULATED", "1")
+    if emulated not in ("0", "1"):
+        sys.exit(f"setup.py: RESNEXT_BUILD_EMULATED must be 0 or 1; got {emulated!r}")
+    if emulated == "0":
+        log("skipping resnext_kernels._C_emulated: RESNEXT_BUILD_EMULATED=0")
+    elif headers is not None:
         extensions.append(cpp_extension.CppExtension(
             name="resnext_kernels._C_emulated",
             sources=["csrc/conv_bn_relu.cpp"] + files("csrc/emulated", "*.cpp"),

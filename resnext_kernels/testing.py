@@ -123,3 +123,26 @@ def split_backward_errors(backend: str, device="cpu") -> list:
         results[name] = [*sums, *op.backward_apply(dy, xs, ws, gs, bs, out, mean, var, *sums,
                                                    count, 2, 3, 1e-5, [True, True])]
     return [rel_error(got, want) for got, want in zip(results[backend], results["reference"])]
+
+
+def opcheck_backend_ops(backend: str, device="cpu", dtype=torch.float32) -> None:
+    """``torch.library.opcheck`` (schema, fake tensors, autograd registration, AOT
+    dispatch) of ``backend``'s forward (training and eval), backward and split
+    backward ops on ``device`` tensors: stride 2, odd sizes, channels_last input."""
+    from .backends import resolve
+
+    problem = Problem(2, 16, 16, 7, 6, 2, 2)
+    x, w, g, b, rm, rv = (t.to(device) for t in make_arguments(problem, dtype,
+                                                                 channels_last=True))
+    ops = resolve(backend, x).ops
+    shape = (problem.stride, problem.groups, 1e-5)
+    for training in (True, False):
+        leaves = [t.detach().requires_grad_() for t in (x, w, g, b)]
+        torch.library.opcheck(ops.forward, (*leaves, rm, rv, *shape, training))
+    out, mean, var = ops.forward(x, w, g, b, rm, rv, *shape, True)
+    common = (torch.randn_like(out), x, w, g, b, out, mean, var)
+    torch.library.opcheck(ops.backward, (*common, *shape, True, [True] * 4))
+    torch.library.opcheck(ops.backward_reduce, (*common, *shape))
+    sums = ops.backward_reduce(*common, *shape)
+    count = out.numel() // out.shape[1]
+    torch.library.opcheck(ops.backward_apply, (*common, *sums, count, *shape, [True, True]))

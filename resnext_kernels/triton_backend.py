@@ -25,6 +25,19 @@ from .distributed import merge_moments
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def _autotune_enabled() -> bool:
+    """RESNEXT_TRITON_AUTOTUNE: "1" (default) autotunes the tiled passes on a GPU; "0"
+    pins the fixed tile (no autotuning compiles: scripts/gpu_check.sh uses it to
+    stay within its time window)."""
+    value = os.environ.get("RESNEXT_TRITON_AUTOTUNE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"RESNEXT_TRITON_AUTOTUNE must be 0 or 1; got {value!r}")
+    return value == "1"
+
+
+AUTOTUNE = _autotune_enabled()
+
 try:
     import triton
 
@@ -45,9 +58,15 @@ WGRAD_TARGET_PROGRAMS = 2048
 WGRAD_PARTIAL_FLOATS = 16 << 20
 
 
+# What the best tile depends on besides the pixel and channel counts: the input size
+# and the stride (s3-down and s3 have the same channels and pixel count).
+TUNE_KEYS = ("H", "W", "STRIDE")
+
+
 def _tuned(kernel, keys=("P", "C_out", "CG_IN")):
-    """``kernel`` autotuned over a few tiles on a GPU; itself under the interpreter."""
-    if INTERPRET:
+    """``kernel`` autotuned over a few tiles on a GPU, keyed on TUNE_KEYS + ``keys``;
+    itself under the interpreter or with RESNEXT_TRITON_AUTOTUNE=0."""
+    if INTERPRET or not AUTOTUNE:
         return kernel
     # Eight tile elements per thread and at most 256 threads: every gathered element
     # costs registers (its 64-bit address); 16 elements per thread spilled up to
@@ -55,7 +74,7 @@ def _tuned(kernel, keys=("P", "C_out", "CG_IN")):
     # kernels`, docs/kernels.md).
     configs = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
                for p, c, w in ((32, 32, 4), (64, 32, 8), (32, 64, 8))]
-    return triton.autotune(configs=configs, key=list(keys))(kernel)
+    return triton.autotune(configs=configs, key=[*TUNE_KEYS, *keys])(kernel)
 
 
 # Passes that only store their tile are autotuned; the statistics and reduce passes

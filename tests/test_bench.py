@@ -145,3 +145,17 @@ def test_gpu_check_script_stops_clearly_without_a_gpu(tmp_path):
     assert result.returncode == 1
     assert "no CUDA device is visible" in result.stderr
     assert "Nothing was run" in (tmp_path / "log.txt").read_text()
+
+
+def test_row_writer_leaves_every_finished_row_on_disk(tmp_path):
+    """layers, validate and model write their rows as they go: a run cut short (the
+    GPU check's step limit) still returns what it finished."""
+    json_path, csv_path = tmp_path / "rows.json", tmp_path / "rows.csv"
+    writer = common.RowWriter({"device": "cpu"}, str(json_path), str(csv_path))
+    writer.add([{"layer": "s2", "ms": 1.0}])
+    assert json.loads(json_path.read_text()) == {"device": "cpu",
+                                                 "rows": [{"layer": "s2", "ms": 1.0}]}
+    writer.add([{"layer": "s3", "ms": 2.0, "ok": True}])
+    assert [r["layer"] for r in json.loads(json_path.read_text())["rows"]] == ["s2", "s3"]
+    assert csv_path.read_text().splitlines() == ["layer,ms,ok", "s2,1.0,", "s3,2.0,True"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv", "rows.json"]

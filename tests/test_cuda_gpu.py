@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from resnext_kernels import available_backends, fused_group_conv_bn_relu
-from resnext_kernels.testing import REL_TOLERANCE, Problem, make_arguments, rel_error, resnext_layers
+from resnext_kernels.testing import (REL_TOLERANCE, Problem, make_arguments, opcheck_backend_ops,
+                                    rel_error, resnext_layers)
 
 pytestmark = pytest.mark.gpu
 
@@ -170,3 +171,8 @@ def test_cuda_ten_thousand_calls_keep_memory_stable():
         call()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before < 2**20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_ops_pass_opcheck(dtype):
+    opcheck_backend_ops("cuda", "cuda", dtype)

@@ -6,7 +6,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from resnext_kernels import FusedGroupConv, fused_group_conv_bn_relu
 from resnext_kernels.backends import resolve
-from resnext_kernels.testing import Problem, make_arguments
+from resnext_kernels import available_backends
+from resnext_kernels.testing import Problem, make_arguments, opcheck_backend_ops
 
 OPS = resolve("reference", torch.empty(0, 0, 0, 0)).ops
 
@@ -157,3 +158,8 @@ def test_split_ops_compose_to_the_fused_ops():
                                [True, True])
     for got, want in zip(grads + sums[::-1], expected):
         torch.testing.assert_close(got, want, atol=1e-14, rtol=1e-12)
+
+
+@pytest.mark.skipif("cuda_emulated" not in available_backends(), reason="needs the emulated kernels")
+def test_opcheck_emulated_kernel_ops():
+    opcheck_backend_ops("cuda_emulated")

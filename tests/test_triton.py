@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from resnext_kernels import available_backends, fused_group_conv_bn_relu
-from resnext_kernels.testing import (REL_TOLERANCE, Problem, make_arguments, rel_error,
-                                     resnext_layers, split_backward_errors)
+from resnext_kernels.testing import (REL_TOLERANCE, Problem, make_arguments,
+                                     opcheck_backend_ops, rel_error, resnext_layers,
+                                     split_backward_errors)
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(),
                                 reason="the triton backend is not available")
@@ -162,3 +163,36 @@ def test_triton_module_compiles_without_graph_breaks():
     out = compiled(x.requires_grad_())
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_ops_pass_opcheck(dtype):
+    """The triton_op registration (torch.compile sees into it) on CUDA tensors."""
+    opcheck_backend_ops("triton", "cuda", dtype)
+
+
+def test_triton_autotune_keys_name_the_stride_and_input_size(monkeypatch):
+    """Every autotuned pass is keyed on H, W and STRIDE (s3-down and s3 share channels
+    and pixel counts) besides its pixel and channel counts, all real arguments."""
+    from resnext_kernels import triton_backend
+    from resnext_kernels import triton_kernels as K
+
+    monkeypatch.setattr(triton_backend, "INTERPRET", False)
+    monkeypatch.setattr(triton_backend, "AUTOTUNE", True)
+    for kernel, keys in ((K.conv_fwd_kernel, ("P", "C_out", "CG_IN")),
+                         (K.bwd_dc_kernel, ("P", "C_out", "CG_IN")),
+                         (K.bwd_dgrad_kernel, ("P_in", "C_in", "CG_OUT"))):
+        tuner = triton_backend._tuned(kernel, keys)
+        assert set(tuner.keys) == {"H", "W", "STRIDE", *keys}
+        assert set(tuner.keys) <= set(kernel.arg_names)
+    monkeypatch.setattr(triton_backend, "AUTOTUNE", False)
+    assert triton_backend._tuned(K.conv_fwd_kernel) is K.conv_fwd_kernel
+
+
+def test_autotune_setting_is_checked(monkeypatch):
+    from resnext_kernels import triton_backend
+
+    monkeypatch.setenv("RESNEXT_TRITON_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="RESNEXT_TRITON_AUTOTUNE must be 0 or 1; got 'yes'"):
+        triton_backend._autotune_enabled()

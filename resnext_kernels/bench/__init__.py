@@ -10,6 +10,8 @@ Commands:
 * ``validate``: every backend against float64 on every layer (forward and
   gradients) and over SGD steps of a whole model; exits 1 on any failure;
 * ``kernels``: registers, shared memory and spills of every compiled CUDA kernel;
+* ``device``: the device's facts and measured rates (copy bandwidth, launch
+  interval, mma.sync and cuBLAS GEMM rates) for the performance model;
 * ``table``: the ResNeXt paper's settings, parameters and multiply-adds.
 
 ``resnext-bench COMMAND --help`` lists each command's options; ``--quick`` makes
@@ -19,7 +21,7 @@ any of them finish in under a minute on a 2-core CPU.
 import importlib
 import sys
 
-COMMANDS = ("layers", "model", "validate", "kernels", "table")
+COMMANDS = ("layers", "model", "validate", "kernels", "table", "device")
 
 
 def main(argv=None) -> int:

@@ -3,10 +3,12 @@ errors, devices, layer shapes, providers, timing, bytes and FLOPs, and the
 JSON / CSV / plot writers."""
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -313,13 +315,36 @@ def copy_bandwidth(device, quick: bool) -> float:
 
 # ---- output ---------------------------------------------------------------------
 
-def write_outputs(opts, header: dict, rows: list[dict]) -> None:
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump({**header, "rows": rows}, f, indent=1)
-    if opts.csv:
-        fields = list(dict.fromkeys(k for row in rows for k in row))
-        with open(opts.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+class RowWriter:
+    """Writes ``--json`` and ``--csv`` as the rows come: after every ``add`` both files
+    hold every row so far (each rewritten whole, through a temporary file and a
+    rename), so a run that is cut short still leaves the rows it finished."""
+
+    def __init__(self, header: dict, json_path=None, csv_path=None):
+        self.json_path, self.csv_path = json_path, csv_path
+        self.header = header
+        self.rows: list[dict] = []
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows.extend(rows)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.json_path:
+            with _replacing(self.json_path) as f:
+                json.dump({**self.header, "rows": self.rows}, f, indent=1)
+        if self.csv_path and self.rows:
+            fields = list(dict.fromkeys(k for row in self.rows for k in row))
+            with _replacing(self.csv_path, newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+
+@contextlib.contextmanager
+def _replacing(path: str, **kwargs):
+    """A file object whose contents replace ``path`` atomically when the block ends."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", **kwargs) as f:
+        yield f
+    os.replace(tmp, path)

@@ -35,7 +35,8 @@ def errors_against(got: dict, expected: dict) -> tuple[float, str]:
     return errors[worst], worst
 
 
-def run(setup: common.Setup, compile_mode: str, bandwidth: float) -> list[dict]:
+def run(setup: common.Setup, compile_mode: str, bandwidth: float,
+        writer: common.RowWriter) -> list[dict]:
     rows = []
     total = len(setup.layers) * len(setup.modes) * len(setup.providers)
     with Progress(console=common.console, transient=True) as progress:
@@ -86,6 +87,7 @@ def run(setup: common.Setup, compile_mode: str, bandwidth: float) -> list[dict]:
                     if pytorch_error is not None:
                         bound = max(bound, 2 * pytorch_error)
                     row["ok"] = row["provider"] in common.BASELINES or row["max_error"] <= bound
+                writer.add(rows[-len(setup.providers):])
     return rows
 
 
@@ -122,11 +124,10 @@ def main(argv=None) -> int:
         f"{opts.memory_format}; copy bandwidth {bandwidth:.0f} GB/s; torch {header['torch']}")
     compile_mode = opts.compile_mode or ("default" if setup.quick else "max-autotune")
     header.update(compile_mode=compile_mode)
-    rows = run(setup, compile_mode, bandwidth)
+    rows = run(setup, compile_mode, bandwidth, common.RowWriter(header, opts.json, opts.csv))
     show(rows, "time: median of CUDA-event (GPU) or wall-clock (CPU) samples; floor: the "
                "bytes a fused kernel must move; error: ‖out − ref‖/‖ref‖ vs float64, worst "
                "of output and gradients")
-    common.write_outputs(opts, header, rows)
     if opts.plot:
         for path in plot_layers(rows, opts.plot, title=f"{setup.model} on {header['device']}"):
             common.console.print(f"wrote {path}")

@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     inputs = [torch.randn(batch, 3, image, image, generator=gen).to(device, dtype)
               .contiguous(memory_format=memory_format) for _ in range(2)]
     labels = [torch.randint(0, 1000, (batch,), generator=gen).to(device) for _ in range(2)]
+    writer = common.RowWriter(header, opts.json, opts.csv)
     rows = []
     for name, provider, model in build_models(backends, device, dtype, memory_format):
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -100,11 +101,13 @@ def main(argv=None) -> int:
                              dtype=str(dtype).removeprefix("torch."), batch=batch, image=image,
                              median_ms=t.median_ms, q1_ms=t.q1_ms, q3_ms=t.q3_ms,
                              images_per_s=batch / (t.median_ms * 1e-3)))
+            writer.add(rows[-1:])
         del model, optimizer
 
     resnet = {r["mode"]: r["images_per_s"] for r in rows if r["layer"] == "resnet50"}
     for r in rows:
         r["vs_resnet50"] = r["images_per_s"] / resnet[r["mode"]]
+    writer.flush()
     table = Table(title="images/s; vs resnet50: images/s over PyTorch's ResNet-50 "
                         "on this device (the headline)")
     for col in ("model", "provider", "phase", "ms", "q1–q3", "images/s", "vs resnet50"):
@@ -114,5 +117,4 @@ def main(argv=None) -> int:
                       f"{r['q1_ms']:.2f}–{r['q3_ms']:.2f}", f"{r['images_per_s']:.1f}",
                       f"{r['vs_resnet50']:.2f}")
     common.console.print(table)
-    common.write_outputs(opts, header, rows)
     return 0

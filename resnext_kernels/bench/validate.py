@@ -33,7 +33,7 @@ def default_backends(device, probe):
     return usable_backends(probe)
 
 
-def validate_layers(setup: common.Setup) -> list[dict]:
+def validate_layers(setup: common.Setup, writer: common.RowWriter) -> list[dict]:
     rows = []
     for layer, problem in setup.layers.items():
         args = common.argument_sets(problem, setup.dtype, setup.device, setup.memory_format, 1)[0]
@@ -58,6 +58,7 @@ def validate_layers(setup: common.Setup) -> list[dict]:
                         median_ms=None, rel_error=err,
                         max_abs_error=(got[key].double() - expected[key]).abs().max().item(),
                         pytorch_rel_error=pytorch_errors[key], bound=bound, ok=err <= bound))
+            writer.add(rows[len(writer.rows):])
     return rows
 
 
@@ -74,7 +75,7 @@ def loss_and_gradients(model, inputs, labels):
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
-def validate_model(setup: common.Setup, steps: int) -> list[dict]:
+def validate_model(setup: common.Setup, steps: int, writer: common.RowWriter) -> list[dict]:
     """SGD steps of ResNeXt-50 along the float64 trajectory of PyTorch's own model: at
     each step the float32 models (PyTorch's layers, and converted to each backend) are
     loaded with the float64 model's parameters and their loss is compared with the
@@ -125,6 +126,7 @@ def validate_model(setup: common.Setup, steps: int) -> list[dict]:
                                  gradients_rel_error=errors[name][1],
                                  pytorch_gradients_rel_error=errors["pytorch"][1],
                                  ok=errors[name][0] <= bound))
+            writer.add(rows[-len(setup.providers):])
             optimizer.step()
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -143,8 +145,9 @@ def main(argv=None) -> int:
     common.console.print(f"validating {', '.join(setup.providers)} on {header['device']}: "
                          f"{setup.model} layers, batch {setup.batch}, {setup.image}² images, "
                          f"{str(setup.dtype).removeprefix('torch.')}, {opts.memory_format}")
+    writer = common.RowWriter(header, opts.json, opts.csv)
     with common.console.status("layers"):
-        rows = validate_layers(setup)
+        rows = validate_layers(setup, writer)
     if steps:
         # --quick leaves the Triton interpreter out of the model steps: it runs a whole
         # ResNeXt-50 in minutes, not seconds (its layers are validated above).
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
             model_setup = dataclasses.replace(
                 setup, providers=[p for p in setup.providers if p != "triton"])
         with common.console.status(f"{steps} training steps of resnext50_32x4d"):
-            rows += validate_model(model_setup, steps)
+            rows += validate_model(model_setup, steps, writer)
 
     table = Table(title="relative error vs float64, worst tensor (layers: output and gradients; "
                         "model: the loss along the float64 trajectory); bound: max(dtype "
@@ -171,7 +174,6 @@ def main(argv=None) -> int:
                       "—" if reference is None else f"{reference:.2e}", f"{worst['bound']:.1e}",
                       "[green]ok[/]" if all(r["ok"] for r in group) else "[red]FAIL[/]")
     common.console.print(table)
-    common.write_outputs(opts, header, rows)
     failed = [r for r in rows if not r["ok"]]
     if failed:
         common.console.print(f"[red]validate: {len(failed)} check(s) failed[/]")
