@@ -20,7 +20,7 @@
 #   smoke     one case per CUDA kernel family (tests/test_kernel_smoke.py), opcheck
 #   sanitizer compute-sanitizer memcheck on a small case, the project's kernels only
 #   predict   resnext-bench predict --measure, once that command exists
-#   layers    bf16 channels_last, eval + train-backward, pytorch vs cuda vs triton on
+#   layers    bf16 channels_last, eval + train-backward, pytorch vs auto vs cuda vs triton on
 #             every layer
 #   compile   the same against torch.compile on two layers only (cold compiles are
 #             slow)
@@ -188,7 +188,7 @@ if [ "$REHEARSAL" = 1 ]; then
 else
   ON=(--device cuda)
   HALF=bfloat16
-  LAYERS=(--batch 256 --backends pytorch,cuda,triton)
+  LAYERS=(--batch 256 --backends pytorch,auto,cuda,triton)
   VALIDATE=(--batch 32 --backends cuda,triton)
   MODEL=(--batch 64 --backends cuda,triton --quick)
   TRITON_TESTS=(tests/test_triton.py -m gpu)

@@ -159,3 +159,21 @@ def test_row_writer_leaves_every_finished_row_on_disk(tmp_path):
     assert [r["layer"] for r in json.loads(json_path.read_text())["rows"]] == ["s2", "s3"]
     assert csv_path.read_text().splitlines() == ["layer,ms,ok", "s2,1.0,", "s3,2.0,True"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv", "rows.json"]
+
+
+def test_layers_reports_what_auto_chose(tmp_path, monkeypatch, capsys):
+    """`auto` is a provider of layers (on a GPU by default); what it chose per problem,
+    and the timings behind it, are printed and kept in the JSON header."""
+    choice = {"batch": 2, "in_channels": 1024, "height": 7, "width": 7, "stride": 1,
+              "groups": 32, "dtype": "float32", "training": False, "requires_grad": False,
+              "choice": "cuda", "source": "measured",
+              "timings_ms": {"cuda": 0.011, "triton": None, "reference": 0.02}}
+    monkeypatch.setattr(common, "auto_choices", lambda: [choice])
+    path = tmp_path / "layers.json"
+    assert main(["layers", "--device", "cpu", "--quick", "--layers", "s5", "--backends",
+                 "pytorch,auto", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "N=2 C=1024 7x7 s1 g32 float32" in out and "cuda 0.011, triton —" in out
+    data = json.loads(path.read_text())
+    assert data["auto_choices"] == [choice]
+    assert {r["provider"] for r in data["rows"]} == {"pytorch", "auto"}

@@ -17,9 +17,10 @@ from typing import Callable, Optional
 
 import torch
 from rich.console import Console
+from rich.table import Table
 from torch import nn
 
-from .. import build_info, fused_group_conv_bn_relu, triton_backend
+from .. import auto_choices, build_info, fused_group_conv_bn_relu, triton_backend
 from ..backends import BACKEND_NAMES, resolve, usable_backends
 from ..testing import Problem, make_arguments, resnext_layers
 
@@ -117,8 +118,7 @@ def resolve_options(prog: str, opts, *, default_providers: Optional[Callable] = 
     modes = comma_list(prog, "--mode", opts.mode, MODES)
     probe = torch.empty(0, 0, 0, 0, device=device, dtype=dtype)
     if opts.backends:
-        providers = comma_list(prog, "--backends", opts.backends,
-                               BASELINES + tuple(n for n in BACKEND_NAMES if n != "auto"))
+        providers = comma_list(prog, "--backends", opts.backends, BASELINES + BACKEND_NAMES)
         for name in providers:
             if name not in BASELINES:
                 try:
@@ -128,7 +128,7 @@ def resolve_options(prog: str, opts, *, default_providers: Optional[Callable] = 
     elif default_providers is not None:
         providers = default_providers(device, probe)
     else:
-        providers = ["pytorch"] + (["compile"] if on_gpu else []) + usable_backends(probe)
+        providers = ["pytorch"] + (["compile", "auto"] if on_gpu else []) + usable_backends(probe)
     cardinality, width = MODELS[opts.model]
     shapes = resnext_layers(cardinality, width, image)
     names = comma_list(prog, "--layers", opts.layers, list(shapes)) if opts.layers else list(shapes)
@@ -314,6 +314,26 @@ def copy_bandwidth(device, quick: bool) -> float:
 
 
 # ---- output ---------------------------------------------------------------------
+
+def show_auto_choices() -> list[dict]:
+    """Prints what ``backend="auto"`` chose per problem in this run and returns it
+    (``resnext_kernels.auto_choices()``; nothing when auto did not run)."""
+    choices = auto_choices()
+    if not choices:
+        return choices
+    table = Table(title='backend="auto": the choice per problem and the median ms behind it')
+    for col in ("problem", "mode", "choice", "source", "timings (ms)"):
+        table.add_column(col)
+    for c in choices:
+        mode = ("train" if c["training"] else "eval") + ("+backward" if c["requires_grad"] else "")
+        timings = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} —"
+                            for k, v in c["timings_ms"].items())
+        table.add_row(f"N={c['batch']} C={c['in_channels']} {c['height']}x{c['width']} "
+                      f"s{c['stride']} g{c['groups']} {c['dtype']}", mode, c["choice"],
+                      c["source"], timings or "—")
+    console.print(table)
+    return choices
+
 
 class RowWriter:
     """Writes ``--json`` and ``--csv`` as the rows come: after every ``add`` both files

@@ -124,10 +124,13 @@ def main(argv=None) -> int:
         f"{opts.memory_format}; copy bandwidth {bandwidth:.0f} GB/s; torch {header['torch']}")
     compile_mode = opts.compile_mode or ("default" if setup.quick else "max-autotune")
     header.update(compile_mode=compile_mode)
-    rows = run(setup, compile_mode, bandwidth, common.RowWriter(header, opts.json, opts.csv))
+    writer = common.RowWriter(header, opts.json, opts.csv)
+    rows = run(setup, compile_mode, bandwidth, writer)
     show(rows, "time: median of CUDA-event (GPU) or wall-clock (CPU) samples; floor: the "
                "bytes a fused kernel must move; error: ‖out − ref‖/‖ref‖ vs float64, worst "
                "of output and gradients")
+    header["auto_choices"] = common.show_auto_choices()
+    writer.flush()
     if opts.plot:
         for path in plot_layers(rows, opts.plot, title=f"{setup.model} on {header['device']}"):
             common.console.print(f"wrote {path}")

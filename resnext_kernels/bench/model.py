@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     if batch < 2 or image < 32:
         common.fail(prog, f"--batch must be at least 2 and --image at least 32; got {batch}, {image}")
     probe = torch.empty(0, 0, 0, 0, device=device, dtype=dtype)
-    usable = [b for b in usable_backends(probe) if b not in common.UNTIMED]
+    usable = ((["auto"] if on_gpu else []) +
+              [b for b in usable_backends(probe) if b not in common.UNTIMED])
     backends = (common.comma_list(prog, "--backends", opts.backends, usable) if opts.backends
                 else usable)
     memory_format = common.MEMORY_FORMATS[opts.memory_format]
@@ -117,4 +118,6 @@ def main(argv=None) -> int:
                       f"{r['q1_ms']:.2f}–{r['q3_ms']:.2f}", f"{r['images_per_s']:.1f}",
                       f"{r['vs_resnet50']:.2f}")
     common.console.print(table)
+    header["auto_choices"] = common.show_auto_choices()
+    writer.flush()
     return 0
