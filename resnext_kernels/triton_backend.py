@@ -58,6 +58,10 @@ WGRAD_TARGET_PROGRAMS = 2048
 WGRAD_PARTIAL_FLOATS = 16 << 20
 
 
+# The autotuned passes' tiles: (BLOCK_P, BLOCK_C, num_warps); the AOT report
+# (resnext-bench kernels) compiles each.
+TILES = ((32, 32, 4), (64, 32, 8), (32, 64, 8))
+
 # What the best tile depends on besides the pixel and channel counts: the input size
 # and the stride (s3-down and s3 have the same channels and pixel count).
 TUNE_KEYS = ("H", "W", "STRIDE")
@@ -72,8 +76,7 @@ def _tuned(kernel, keys=("P", "C_out", "CG_IN")):
     # costs registers (its 64-bit address); 16 elements per thread spilled up to
     # 2.4 KB, and 512 threads (a 128-register cap) spilled too (`resnext-bench
     # kernels`, docs/kernels.md).
-    configs = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
-               for p, c, w in ((32, 32, 4), (64, 32, 8), (32, 64, 8))]
+    configs = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w) for p, c, w in TILES]
     return triton.autotune(configs=configs, key=[*TUNE_KEYS, *keys])(kernel)
 
 

@@ -3,12 +3,15 @@ float64 reference, writes JSON / CSV / PNG, and fails loudly (one line) on bad o
 and on wrong results."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from resnext_kernels import build_info
 from resnext_kernels.backends import usable_backends
 from resnext_kernels.bench import common, main
 
@@ -177,3 +180,15 @@ def test_layers_reports_what_auto_chose(tmp_path, monkeypatch, capsys):
     data = json.loads(path.read_text())
     assert data["auto_choices"] == [choice]
     assert {r["provider"] for r in data["rows"]} == {"pytorch", "auto"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not build_info()["with_cuda"], reason="needs _C built with the CUDA sources")
+def test_compiled_kernels_do_not_spill():
+    """`resnext-bench kernels --check` needs no GPU, so CI runs it (not the GPU check):
+    no nvcc kernel or Triton ahead-of-time variant uses stack or local memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # set by conftest
+    result = subprocess.run([sys.executable, "-m", "resnext_kernels.bench", "kernels", "--check"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"^0 of [1-9]\d* kernels use stack or local memory$", result.stdout, re.M)

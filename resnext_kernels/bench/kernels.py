@@ -109,6 +109,10 @@ def main(argv=None) -> int:
     else:
         kernels += cuda
     if not opts.no_triton:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise SystemExit("resnext-bench kernels: TRITON_INTERPRET=1 replaces Triton's "
+                             "compiler; unset it for the ahead-of-time report (or pass "
+                             "--no-triton)")
         if importlib.util.find_spec("triton") is None:
             missing.append("Triton")
             console.print("triton is not installed: no Triton kernels to compile")

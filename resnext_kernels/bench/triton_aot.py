@@ -28,9 +28,7 @@ def variants(quick: bool):
             out.append(("bwd_wgrad_kernel", dict(STRIDE=stride, FROM_DY=from_dy,
                                                   DETERMINISTIC=deterministic,
                                                   BLOCK_P=32, BLOCK_E=64), tb.WGRAD_WARPS))
-        tiles = [(32, 32, 4)] if quick else [
-            (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"], c.num_warps)
-            for c in tb._tuned(tb.K.conv_fwd_kernel).configs]
+        tiles = [(32, 32, 4)] if quick else tb.TILES
         for p, c, warps in tiles:
             tile = {"BLOCK_P": p, "BLOCK_C": c}
             out.append(("conv_fwd_kernel", dict(STRIDE=stride, STATS=False, **tile), warps))
