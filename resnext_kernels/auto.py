@@ -20,11 +20,12 @@ cached. ``RESNEXT_AUTO=static`` turns the measuring off (the first candidate in
 ``backends.AUTO_ORDER`` is taken).
 """
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import statistics
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from . import reference
+from ._files import replacing
 
 MODE_VARIABLE = "RESNEXT_AUTO"
 MODES = ("measure", "static")
@@ -53,11 +55,17 @@ REPEATS = 5
 # Timing needs about this many times the bytes of input + output free on the device
 # (the output, its gradient, the input gradient and the backend's workspace).
 MEMORY_FACTOR = 4
-# Read by the kernels at each call; each changes which passes run.
+# Read by the backends at each call; each changes which passes or tiles run.
 STRATEGY_VARIABLES = ("RESNEXT_TRAIN_STRATEGY", "RESNEXT_BWD_XHAT", "RESNEXT_TRITON_AUTOTUNE")
 # What the timing may skip: launch errors, out-of-memory and the kernels' own
 # "unsupported case" checks. Anything else is a bug and propagates.
 SKIPPABLE = (RuntimeError, ValueError)
+try:  # Triton's compile and resource errors (TritonError is no RuntimeError)
+    from triton.errors import TritonError
+except ImportError:
+    pass
+else:
+    SKIPPABLE += (TritonError,)
 
 
 def mode() -> str:
@@ -182,17 +190,20 @@ def make_step(backend, call: Call) -> Callable[[], None]:
     wanted = [t for t in leaves if t.requires_grad] if call.requires_grad else []
 
     def step():
-        out, _, _ = backend.ops.forward(*leaves, *running, call.stride, call.groups, call.eps,
-                                        call.training)
-        if wanted:
-            torch.autograd.grad(out, wanted, torch.ones_like(out))
+        # The user's saved-tensor hooks (checkpointing, offloading) stay out of it.
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            out, _, _ = backend.ops.forward(*leaves, *running, call.stride, call.groups,
+                                            call.eps, call.training)
+            if wanted:
+                torch.autograd.grad(out, wanted, torch.ones_like(out))
 
     return step
 
 
 def cuda_event_timer(step: Callable[[], None]) -> list[float]:
     """Milliseconds of ``REPEATS`` runs of ``step`` after ``WARMUP`` runs, from CUDA
-    events recorded on the current stream."""
+    events recorded on the current stream (of the current device, which the selector
+    sets to the input's)."""
     for _ in range(WARMUP):
         step()
     stream = torch.cuda.current_stream()
@@ -207,17 +218,31 @@ def cuda_event_timer(step: Callable[[], None]) -> list[float]:
     return [start.elapsed_time(end) for start, end in events]
 
 
-def all_reduce_timings(medians: list[float], call: Call) -> list[float]:
+def all_reduce_timings(medians: list[float], call: Call, digest: int) -> list[float]:
     """The mean over ``call.process_group`` of every rank's medians (``inf`` where a
-    rank could not run a candidate), so every rank takes the same argmin."""
+    rank could not run a candidate), so every rank takes the same argmin. ``digest``
+    names the problem: ranks that reach this with different problems raise instead of
+    pairing them up (and hanging later, when their caches disagree)."""
+    ends = torch.tensor([digest, -digest], dtype=torch.int64, device=call.input.device)
+    dist.all_reduce(ends, op=dist.ReduceOp.MAX, group=call.process_group)
+    if ends[0].item() != -ends[1].item():
+        raise RuntimeError(
+            "resnext_kernels: backend='auto' met different problems on the ranks of "
+            "process_group at the same point (every rank must reach the same synchronised "
+            "layer shapes in the same order); set RESNEXT_AUTO=static or pass an explicit "
+            "backend")
     table = torch.tensor(medians, dtype=torch.float64, device=call.input.device)
     dist.all_reduce(table, group=call.process_group)
     return (table / dist.get_world_size(call.process_group)).tolist()
 
 
 def free_device_memory(device: torch.device) -> Optional[int]:
-    """Free bytes on a CUDA device; None (unknown, not checked) elsewhere."""
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    """Free bytes on a CUDA device, counting what the caching allocator holds unused;
+    None (unknown, not checked) elsewhere."""
+    if device.type != "cuda":
+        return None
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + cached
 
 
 def _is_capturing(device: torch.device) -> bool:
@@ -236,17 +261,18 @@ def _fallback(names: list) -> str:
 
 
 def pick(timings: dict[str, Optional[float]], margin: float = MARGIN) -> Optional[str]:
-    """The winner of ``timings`` (name → median ms, None or inf: not run), in
-    candidate order on ties; PyTorch's path unless another is faster by ``margin``.
-    None when nothing ran."""
+    """The winner of ``timings`` (name → median ms, None or inf: not run; in candidate
+    order): PyTorch's path unless a kernel is faster by ``margin``, and among the
+    kernels the first in candidate order within ``margin`` of the fastest (so noise
+    between two close kernels does not flip the choice). None when nothing ran."""
     ran = {name: t for name, t in timings.items() if t is not None and math.isfinite(t)}
     if not ran:
         return None
-    best = min(ran, key=ran.get)
+    fastest = min(ran.values())
     base = ran.get(BASELINE)
-    if base is not None and ran[best] > base * (1 - margin):
+    if base is not None and fastest > base * (1 - margin):
         return BASELINE
-    return best
+    return next(name for name, t in ran.items() if t <= fastest * (1 + margin))
 
 
 @dataclass
@@ -350,7 +376,9 @@ class Selector:
         if call.synchronized:
             medians = [math.inf if entry.timings_ms.get(n) is None else entry.timings_ms[n]
                        for n in names]
-            agreed = self.agree(medians, call)
+            digest = int.from_bytes(hashlib.sha256(
+                json.dumps(key._asdict()).encode()).digest()[:7], "big")
+            agreed = self.agree(medians, call, digest)
             entry.timings_ms = {n: t if math.isfinite(t) else None for n, t in zip(names, agreed)}
         choice = pick(entry.timings_ms)
         if choice is None:
@@ -358,7 +386,10 @@ class Selector:
             self._warn_once("none ran", (
                 f"resnext_kernels: backend='auto' could time no candidate for a problem "
                 f"({entry.skipped}), so it uses {choice!r} there"))
-            return Entry(choice, "measured", entry.timings_ms, entry.skipped)
+            # Retried on a later call where only memory was short (not under a process
+            # group: there every rank must keep the same cache to stay in step).
+            source = "static" if entry.source == "static" and not call.synchronized else "measured"
+            return Entry(choice, source, entry.timings_ms, entry.skipped)
         entry.choice = choice
         if entry.source == "measured":
             store_disk_entry(key, entry, self._warn_once)
@@ -369,11 +400,15 @@ class Selector:
         free = self.free_memory(call.input.device)
         if free is not None and free < _needed_bytes(call):
             entry.skipped = {b.name: f"{free} bytes free on the device" for b in candidates}
+            entry.source = "static"
             return entry
+        on = (torch.cuda.device(call.input.device) if call.input.device.type == "cuda"
+              else contextlib.nullcontext())
         for backend in candidates:
             try:
-                entry.timings_ms[backend.name] = statistics.median(
-                    self.timer(self.make_step(backend, call)))
+                with on:
+                    entry.timings_ms[backend.name] = statistics.median(
+                        self.timer(self.make_step(backend, call)))
             except SKIPPABLE as error:
                 entry.skipped[backend.name] = f"{type(error).__name__}: {error}"
                 self._warn_once(("failed", backend.name), (
@@ -439,10 +474,8 @@ def store_disk_entry(key: Key, entry: Entry, warn) -> None:
     directory = os.path.dirname(path)
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".auto_choices.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
+        with replacing(path) as f:
             json.dump({"format": CACHE_FORMAT, "entries": kept}, f, indent=1)
-        os.replace(tmp, path)
     except OSError as error:
         warn(("disk-write", path), f"resnext_kernels: cannot write the auto cache {path} "
                                    f"({error}); choices stay in memory")

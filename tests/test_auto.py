@@ -306,8 +306,9 @@ def test_ranks_agree_on_one_choice():
     sent = {}
 
     def agree(rank):
-        def all_reduce(medians, call):
+        def all_reduce(medians, call, digest):
             sent[rank] = medians
+            digests[rank] = digest
             other = sent.get(1 - rank) or run(1 - rank)
             return [(a + b) / 2 for a, b in zip(medians, other)]
         return all_reduce
@@ -320,8 +321,9 @@ def test_ranks_agree_on_one_choice():
         entries[rank] = selector.choices()
         return sent[rank]
 
-    choices, entries = {}, {}
+    choices, entries, digests = {}, {}, {}
     run(0)
+    assert digests[0] == digests[1]  # the same problem, whatever the ranks' batch sizes
     assert choices[0] is choices[1] is REFERENCE  # cuda 1.25 vs reference 1.0; triton failed
     assert entries[0][0]["timings_ms"] == entries[1][0]["timings_ms"] == \
         {"cuda": 1.25, "triton": None, "reference": 1.0}
@@ -330,7 +332,7 @@ def test_ranks_agree_on_one_choice():
 
 def test_agreement_only_with_a_process_group():
     clock = Clock(cuda=0.5, triton=0.7, reference=1.0)
-    selector = clock.selector(agree=lambda medians, call: pytest.fail("agreed"))
+    selector = clock.selector(agree=lambda medians, call, digest: pytest.fail("agreed"))
     assert selector.choose(CANDIDATES, make_call()) is CUDA
 
 
@@ -422,3 +424,40 @@ def _choices_by_problem():
     fields = set(auto.Key._fields)
     return {json.dumps({k: v for k, v in e.items() if k in fields}, sort_keys=True): e["choice"]
             for e in resnext_kernels.auto_choices()}
+
+
+def test_close_kernels_keep_the_candidate_order():
+    """Between kernels within the margin the first in candidate order stays chosen,
+    so noise between two close kernels does not flip the choice run to run."""
+    assert auto.pick({"cuda": 0.50, "triton": 0.49, "reference": 1.0}) == "cuda"
+    assert auto.pick({"cuda": 0.60, "triton": 0.49, "reference": 1.0}) == "triton"
+    assert auto.pick({"cuda": None, "triton": 0.49, "reference": 1.0}) == "triton"
+
+
+def test_low_free_memory_is_retried_on_a_later_call():
+    free = {"bytes": 1024}
+    clock = Clock(cuda=0.1, triton=0.5, reference=1.0)
+    selector = clock.selector(free_memory=lambda device: free["bytes"])
+    with pytest.warns(UserWarning, match="could time no candidate"):
+        assert selector.choose(CANDIDATES, make_call()) is REFERENCE
+    free["bytes"] = 1 << 40
+    assert selector.choose(CANDIDATES, make_call()) is CUDA
+    assert selector.choices()[0]["source"] == "measured"
+
+
+def test_ranks_with_different_problems_raise_instead_of_hanging(monkeypatch):
+    """all_reduce_timings first compares the ranks' problem digests (MAX of d and -d):
+    a rank that reached another problem makes every rank raise."""
+    def other_rank_has(digest):
+        def all_reduce(tensor, op=None, group=None):
+            if tensor.dtype == torch.int64:
+                tensor.copy_(torch.maximum(tensor, torch.tensor([digest, -digest])))
+        return all_reduce
+
+    monkeypatch.setattr(auto.dist, "get_world_size", lambda group=None: 2)
+    call = make_call(synchronized=True)
+    monkeypatch.setattr(auto.dist, "all_reduce", other_rank_has(123))
+    assert auto.all_reduce_timings([1.0, 2.0], call, 123) == [0.5, 1.0]
+    monkeypatch.setattr(auto.dist, "all_reduce", other_rank_has(124))
+    with pytest.raises(RuntimeError, match="met different problems on the ranks"):
+        auto.all_reduce_timings([1.0, 2.0], call, 123)

@@ -3,12 +3,10 @@ errors, devices, layer shapes, providers, timing, bytes and FLOPs, and the
 JSON / CSV / plot writers."""
 
 import argparse
-import contextlib
 import csv
 import datetime
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -21,6 +19,7 @@ from rich.table import Table
 from torch import nn
 
 from .. import auto_choices, build_info, fused_group_conv_bn_relu, triton_backend
+from .._files import replacing
 from ..backends import BACKEND_NAMES, resolve, usable_backends
 from ..testing import Problem, make_arguments, resnext_layers
 
@@ -351,20 +350,12 @@ class RowWriter:
 
     def flush(self) -> None:
         if self.json_path:
-            with _replacing(self.json_path) as f:
+            with replacing(self.json_path) as f:
                 json.dump({**self.header, "rows": self.rows}, f, indent=1)
         if self.csv_path and self.rows:
             fields = list(dict.fromkeys(k for row in self.rows for k in row))
-            with _replacing(self.csv_path, newline="") as f:
+            with replacing(self.csv_path, newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(self.rows)
 
-
-@contextlib.contextmanager
-def _replacing(path: str, **kwargs):
-    """A file object whose contents replace ``path`` atomically when the block ends."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", **kwargs) as f:
-        yield f
-    os.replace(tmp, path)
