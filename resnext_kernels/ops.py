@@ -66,6 +66,8 @@ _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 # The calibration probe of `resnext-bench device` (csrc/kernels/probe.cuh): implemented
 # by resnext_kernels._C (CUDA) and _C_emulated (CPU); returns the multiply-adds issued.
+# `out` holds blocks x PROBE_THREADS floats (rk::kProbeThreads; the op checks it).
+PROBE_THREADS = 128
 torch.library.define(f"{NAMESPACE}::mma_probe", "(Tensor(a!) out, int blocks, int iterations) -> int",
                      lib=_LIB)
 

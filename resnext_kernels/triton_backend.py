@@ -27,16 +27,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _autotune_enabled() -> bool:
-    """RESNEXT_TRITON_AUTOTUNE: "1" (default) autotunes the tiled passes on a GPU; "0"
-    pins the fixed tile (no autotuning compiles: scripts/gpu_check.sh uses it to
-    stay within its time window)."""
+    """RESNEXT_TRITON_AUTOTUNE (read at each call): "1" (default) autotunes the tiled
+    passes on a GPU; "0" pins the fixed tile (no autotuning compiles:
+    scripts/gpu_check.sh uses it to stay within its time window)."""
     value = os.environ.get("RESNEXT_TRITON_AUTOTUNE", "1")
     if value not in ("0", "1"):
         raise ValueError(f"RESNEXT_TRITON_AUTOTUNE must be 0 or 1; got {value!r}")
     return value == "1"
-
-
-AUTOTUNE = _autotune_enabled()
 
 try:
     import triton
@@ -69,8 +66,8 @@ TUNE_KEYS = ("H", "W", "STRIDE")
 
 def _tuned(kernel, keys=("P", "C_out", "CG_IN")):
     """``kernel`` autotuned over a few tiles on a GPU, keyed on TUNE_KEYS + ``keys``;
-    itself under the interpreter or with RESNEXT_TRITON_AUTOTUNE=0."""
-    if INTERPRET or not AUTOTUNE:
+    itself under the interpreter."""
+    if INTERPRET:
         return kernel
     # Eight tile elements per thread and at most 256 threads: every gathered element
     # costs registers (its 64-bit address); 16 elements per thread spilled up to
@@ -90,7 +87,10 @@ if triton is not None:
 
 def _launch(kernel, rows, cols, *args, **meta):
     """Launch over a (rows / BLOCK_P, cols / BLOCK_C) grid: the fixed tile for a plain
-    kernel (and everything under the interpreter), the autotuner's choice otherwise."""
+    kernel (everything under the interpreter, and with RESNEXT_TRITON_AUTOTUNE=0),
+    the autotuner's choice otherwise."""
+    if isinstance(kernel, triton.runtime.Autotuner) and not _autotune_enabled():
+        kernel = kernel.fn
     if not isinstance(kernel, triton.runtime.Autotuner):
         grid = (triton.cdiv(rows, FIXED["BLOCK_P"]), triton.cdiv(cols, FIXED["BLOCK_C"]))
         torch.library.wrap_triton(kernel)[grid](*args, **meta, **FIXED)

@@ -5,7 +5,8 @@
 #
 #   bash scripts/gpu_check.sh [OUTDIR] [STEP ...]
 #
-# OUTDIR defaults to $OUT, then ./gpu-results. STEP names run only those steps, in
+# OUTDIR defaults to $OUT, then ./gpu-results. (The 470 s of step limits plus at
+# most 15 s of kill-after and the few seconds of checks before the first step.) STEP names run only those steps, in
 # the order below (a rerun after a fix: the build is incremental, so e.g.
 # `bash scripts/gpu_check.sh "$OUT" build smoke` costs minutes, not the window).
 #
@@ -161,13 +162,18 @@ fi
 BENCH=("$PYTHON" -m resnext_kernels.bench)
 PYTEST=("$PYTHON" -m pytest -v --tb=short -p no:cacheprovider)
 
+# The build must leave the kernel backend the later steps run (setup.py builds _C
+# without the CUDA sources, and says so, when it finds no toolkit).
+KERNELS=$([ "$REHEARSAL" = 1 ] && echo cuda_emulated || echo cuda)
+BUILT="import resnext_kernels as rk, sys; print(rk.build_info()); print(rk.available_backends());
+sys.exit(0 if '$KERNELS' in rk.available_backends() else 'the $KERNELS backend is not available')"
 if selected build; then
   if [ "$REHEARSAL" = 1 ]; then
-    step build "" -- "$PYTHON" -c \
-      "import resnext_kernels as rk; print(rk.build_info()); print(rk.available_backends())"
+    step build "" -- "$PYTHON" -c "$BUILT"
   else
     step build "" -- env RESNEXT_BUILD_EMULATED=0 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-      MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PYTHON" setup.py build_ext --inplace
+      MAX_JOBS="${MAX_JOBS:-$(nproc)}" bash -c '"$1" setup.py build_ext --inplace && "$1" -c "$2"' \
+      _ "$PYTHON" "$BUILT"
   fi
   built=$?
   if [ "$built" -ne 0 ]; then
@@ -188,10 +194,10 @@ if [ "$REHEARSAL" = 1 ]; then
 else
   ON=(--device cuda)
   HALF=bfloat16
-  LAYERS=(--batch 256 --backends pytorch,auto,cuda,triton)
+  LAYERS=(--batch 256 --quick --backends pytorch,auto,cuda,triton)
   VALIDATE=(--batch 32 --backends cuda,triton)
   MODEL=(--batch 64 --backends cuda,triton --quick)
-  TRITON_TESTS=(tests/test_triton.py -m gpu)
+  TRITON_TESTS=(tests/test_triton.py -m gpu -k "not opcheck")  # opcheck ran in smoke
 fi
 
 selected device && step device "" -- "${BENCH[@]}" device "${ON[@]}" --json "$OUTDIR/device.json"
@@ -252,7 +258,7 @@ if selected compile; then
     skip compile "the torch.compile provider of resnext-bench layers is GPU-only"
   else
     step compile "layers-compile.json" -- "${BENCH[@]}" layers --device cuda --dtype bfloat16 \
-      --memory-format channels_last --mode eval,train-backward --batch 256 --layers s2,s4 \
+      --memory-format channels_last --mode eval,train-backward --batch 256 --quick --layers s2,s4 \
       --backends pytorch,compile --compile-mode default --json "$WORK/layers-compile.json"
   fi
 fi

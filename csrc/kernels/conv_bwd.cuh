@@ -364,8 +364,10 @@ void launch_bwd_wgrad(const ConvBwdParams& b, GradSource source, void* stream) {
 int wgrad_chunks(const ConvFwdParams& p) {
   constexpr long kTargetBlocks = 2048;  // ~16 per SM on an H200's 132 SMs
   const long pixel_tiles = conv_fwd_blocks_x(p);
-  const long tiles = static_cast<long>(p.groups) * ((p.c_out / p.groups + kCoTile - 1) / kCoTile);
-  const long weight = static_cast<long>(p.c_out) * 9 * (p.c_in / p.groups);
+  const long cg_in = p.c_in / p.groups;  // blocks per pixel chunk: channel tiles x input chunks
+  const long tiles = static_cast<long>(p.groups) * ((p.c_out / p.groups + kCoTile - 1) / kCoTile) *
+                     ((cg_in + detail::channel_chunk<0>() - 1) / detail::channel_chunk<0>());
+  const long weight = static_cast<long>(p.c_out) * 9 * cg_in;
   long chunks = (kTargetBlocks + tiles - 1) / tiles;
   if (chunks > pixel_tiles) chunks = pixel_tiles;
   if (chunks * weight > kWgradPartialFloats) chunks = kWgradPartialFloats / weight;

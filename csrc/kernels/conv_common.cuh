@@ -14,9 +14,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "kernels/conv_fwd.h"
 
@@ -319,39 +321,72 @@ inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(s
 inline void* as_stream(void* stream) { return stream; }
 #endif
 
+#if defined(__CUDACC__)
+inline void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess)
+    throw std::runtime_error(std::string("resnext_kernels: ") + what + " failed: " +
+                             cudaGetErrorString(status));
+}
+#endif
+
 // CUDA's shared-memory rules before a launch, the same code on a GPU and in the
 // emulator (which enforces the rules, so a CPU test fails where a GPU launch would):
 // static + dynamic bytes above the 48 KiB default need the kernel's
 // cudaFuncAttributeMaxDynamicSharedMemorySize opt-in, and no block may use more than
-// the device's per-block maximum. `static_bytes` is the kernel's STATIC_SHARED
-// storage as its launcher sizes it; on a GPU the compiled kernel's own figure
-// (cudaFuncGetAttributes) is taken when larger. Throws std::runtime_error when the
-// block cannot fit (the launchers keep every supported shape far below that).
+// the device's per-block maximum. Once per (kernel, device) the kernel opts in to
+// everything the device allows beside its static storage; `static_bytes` is that
+// storage as its launcher sizes it (STATIC_SHARED), and on a GPU the compiled
+// kernel's own figure (cudaFuncGetAttributes) when larger. Throws
+// std::runtime_error when the block cannot fit (the launchers keep every supported
+// shape far below that) or a CUDA call fails.
 template <typename Kernel>
 inline void prepare_shared_memory(Kernel kernel, size_t static_bytes, size_t dynamic_bytes) {
+  struct Prepared {
+    const void* kernel;
+    int device;
+    size_t static_bytes, max_bytes;
+  };
+  static std::mutex mutex;
+  static std::vector<Prepared> prepared;
+  const void* id = reinterpret_cast<const void*>(kernel);
+  int device = 0;
 #if defined(__CUDACC__)
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.sharedSizeBytes > static_bytes)
-    static_bytes = attr.sharedSizeBytes;
-  int device = 0, optin = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const size_t max_bytes = static_cast<size_t>(optin);
-#else
-  const size_t max_bytes = ::rk::emu::max_shared_optin();
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
 #endif
-  if (static_bytes + dynamic_bytes > max_bytes)
+  std::lock_guard<std::mutex> lock(mutex);
+  const Prepared* found = nullptr;
+  for (const Prepared& p : prepared)
+    if (p.kernel == id && p.device == device) found = &p;
+  if (found == nullptr) {
+#if defined(__CUDACC__)
+    cudaFuncAttributes attr;
+    check_cuda(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes");
+    if (attr.sharedSizeBytes > static_bytes) static_bytes = attr.sharedSizeBytes;
+    int optin = 0;
+    check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+    const size_t max_bytes = static_cast<size_t>(optin);
+#else
+    const size_t max_bytes = ::rk::emu::max_shared_optin();
+#endif
+    const size_t max_dynamic = max_bytes > static_bytes ? max_bytes - static_bytes : 0;
+    if (static_bytes + max_dynamic > kDefaultSharedBytes) {
+#if defined(__CUDACC__)
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(max_dynamic)),
+                 "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+#else
+      ::rk::emu::set_max_dynamic_shared(id, max_dynamic);
+#endif
+    }
+    prepared.push_back({id, device, static_bytes, max_bytes});
+    found = &prepared.back();
+  }
+  if (found->static_bytes + dynamic_bytes > found->max_bytes)
     throw std::runtime_error("resnext_kernels: a block needs " +
-                             std::to_string(static_bytes + dynamic_bytes) +
+                             std::to_string(found->static_bytes + dynamic_bytes) +
                              " bytes of shared memory, above this device's per-block maximum of " +
-                             std::to_string(max_bytes));
-  if (static_bytes + dynamic_bytes <= kDefaultSharedBytes) return;
-#if defined(__CUDACC__)
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       static_cast<int>(dynamic_bytes));
-#else
-  ::rk::emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), dynamic_bytes);
-#endif
+                             std::to_string(found->max_bytes));
 }
 
 }  // namespace detail

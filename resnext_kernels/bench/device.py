@@ -15,6 +15,7 @@ import torch
 
 from .. import build_info
 from ..backends import available_backends
+from ..ops import PROBE_THREADS
 from . import common
 
 
@@ -66,7 +67,7 @@ def mma_sync_tflops(device: torch.device, quick: bool) -> dict:
         blocks, iterations = 2, 2
     if backend not in available_backends():
         return {"skipped": f"backend {backend!r} is not built"}
-    out = torch.empty(blocks * 128, dtype=torch.float32, device=device)
+    out = torch.empty(blocks * PROBE_THREADS, dtype=torch.float32, device=device)
     op = torch.ops.resnext_kernels.mma_probe
     macs = op(out, blocks, iterations)
     timing = common.measure(lambda i: op(out, blocks, iterations), device, quick=True)
