@@ -102,11 +102,17 @@ class Setup:
     quick: bool
 
 
-def resolve_options(prog: str, opts, *, default_providers: Optional[Callable] = None) -> Setup:
-    if opts.device == "cuda" and not torch.cuda.is_available():
+def device_option(prog: str, value: str) -> torch.device:
+    """The device of ``--device`` (auto: cuda when a GPU is visible, else cpu)."""
+    if value == "cuda" and not torch.cuda.is_available():
         fail(prog, "--device cuda: no CUDA device is visible")
-    device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if opts.device == "auto" else opts.device)
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(value)
+
+
+def resolve_options(prog: str, opts, *, default_providers: Optional[Callable] = None) -> Setup:
+    device = device_option(prog, opts.device)
     on_gpu = device.type == "cuda"
     dtype = DTYPES[opts.dtype] if opts.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     batch = opts.batch or (256 if on_gpu else 2)

@@ -9,6 +9,7 @@ steps run with the CPU stand-ins: the probe through the emulator with a tiny cou
 a small GEMM; those figures prove the plumbing and are no rates of any GPU.
 """
 
+import os
 import platform
 
 import torch
@@ -32,7 +33,6 @@ def facts(device: torch.device) -> dict:
     """Name, SM count, L2, shared-memory limits, clocks and versions."""
     out = {"python": platform.python_version(), "build": build_info()}
     if device.type != "cuda":
-        import os
         return {**out, "name": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     props = torch.cuda.get_device_properties(device)
     out.update(name=props.name, capability=f"{props.major}.{props.minor}",
@@ -90,10 +90,7 @@ def gemm_tflops(device: torch.device, quick: bool) -> dict:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        common.fail("resnext-bench device", "--device cuda: no CUDA device is visible")
-    device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if opts.device == "auto" else opts.device)
+    device = common.device_option("resnext-bench device", opts.device)
     record = {**common.environment(device), "facts": facts(device)}
     writer = common.RowWriter(record, opts.json)
     writer.flush()

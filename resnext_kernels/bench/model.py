@@ -56,10 +56,7 @@ def build_models(backends, device, dtype, memory_format):
 def main(argv=None) -> int:
     prog = "resnext-bench model"
     opts = parse_args(argv)
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        common.fail(prog, "--device cuda: no CUDA device is visible")
-    device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if opts.device == "auto" else opts.device)
+    device = common.device_option(prog, opts.device)
     on_gpu = device.type == "cuda"
     dtype = common.DTYPES[opts.dtype] if opts.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     batch = opts.batch or (128 if on_gpu else 2)
