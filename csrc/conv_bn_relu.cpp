@@ -27,6 +27,7 @@
 #include "kernels/probe.h"
 
 #ifdef RESNEXT_EMULATED
+#include "emu/count_types.h"
 #define RK_BACKEND "cuda_emulated"
 #define RK_DISPATCH_KEY CPU
 #else
@@ -443,7 +444,61 @@ TORCH_LIBRARY_IMPL(resnext_kernels, RK_DISPATCH_KEY, m) {
 }  // namespace resnext_kernels
 
 #ifdef RESNEXT_EMULATED
+namespace {
+
+template <typename T>
+py::bytes as_bytes(const std::vector<T>& v) {
+  return py::bytes(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+}
+
+// Each counted launch as a dict (resnext_kernels/bench/count_cuda.py reads it).
+py::list count_end() {
+  py::list out;
+  for (const rk::emu::LaunchCounts& l : rk::emu::count_end()) {
+    py::dict d;
+    d["kernel"] = l.kernel;
+    d["grid"] = py::make_tuple(l.grid[0], l.grid[1], l.grid[2]);
+    d["threads"] = l.threads;
+    d["blocks"] = l.blocks;
+    d["counted_blocks"] = l.counted_blocks;
+    d["warmup_blocks"] = l.warmup_blocks;
+    d["window_start"] = l.window_start;
+    d["global_requests"] = l.global_requests;
+    d["global_sectors"] = l.global_sectors;
+    d["global_bytes"] = l.global_bytes;
+    d["global_wavefronts"] = l.global_wavefronts;
+    d["smem_wavefronts"] = l.smem_wavefronts;
+    d["smem_ideal_wavefronts"] = l.smem_ideal_wavefronts;
+    d["mma"] = l.mma;
+    d["executed_macs"] = l.executed_macs;
+    d["useful_macs"] = l.useful_macs;
+    d["fma"] = l.fma;
+    d["atomics"] = l.atomics;
+    d["sector"] = as_bytes(l.sector);
+    d["kind"] = as_bytes(l.kind);
+    d["counted"] = as_bytes(l.counted);
+    d["weight"] = as_bytes(l.weight);
+    out.append(d);
+  }
+  return out;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "The CUDA kernels compiled for the host SIMT emulator (tests only)";
+  m.doc() = "The CUDA kernels compiled for the host SIMT emulator (tests and resnext-bench predict)";
+  m.def(
+      "count_begin",
+      [](long window_blocks, long warmup_blocks, long max_iterations) {
+        rk::emu::CountConfig c;
+        c.window_blocks = window_blocks;
+        c.warmup_blocks = warmup_blocks;
+        c.max_iterations = max_iterations;
+        rk::emu::count_begin(c);
+      },
+      "Count every launch from now on: `window_blocks` blocks of each grid after "
+      "`warmup_blocks` warm-up blocks, persistent loops cut to `max_iterations` (0: all).",
+      py::arg("window_blocks"), py::arg("warmup_blocks"), py::arg("max_iterations"));
+  m.def("count_end", &count_end, "Stop counting; one dict per launch since count_begin.");
 }
 #endif

@@ -57,6 +57,7 @@ constexpr size_t kDefaultSharedBytes = 48 * 1024;
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <setjmp.h>
 #include <ucontext.h>
 #include <vector_types.h>
 
@@ -119,6 +120,12 @@ inline thread_local Block* current_block = nullptr;
 inline thread_local int linear_tid = 0;  // x + y*bx + z*bx*by
 inline unsigned char* dynamic_smem = nullptr;
 
+}  // namespace rk::emu
+
+#include "emu/count.h"
+
+namespace rk::emu {
+
 inline int block_threads(dim3 b) { return static_cast<int>(b.x * b.y * b.z); }
 
 inline dim3 thread_index(int linear, dim3 b) {
@@ -140,12 +147,20 @@ inline unsigned initial_live(int warp, int nthreads) {
 }
 
 // ---------------------------------------------------------------- fibers ------
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define RK_EMU_FAST_SWITCH 0
+#else
+#define RK_EMU_FAST_SWITCH 1
+#endif
+
 class FiberBlock final : public Block {
  public:
   enum State { kReady, kAtBarrier, kAtWarp, kDone };
 
   struct Fiber {
     ucontext_t ctx;
+    jmp_buf jump;
+    bool started = false;
     std::unique_ptr<char[]> stack;
     State state = kReady;
     const char* site = nullptr;
@@ -180,7 +195,10 @@ class FiberBlock final : public Block {
         progress = true;
       }
       if (release_warps() | release_barrier()) progress = true;
-      if (all_done()) return;
+      if (all_done()) {
+        tracker.end_block(live_masks().data());
+        return;
+      }
       if (!progress) fail("deadlock: no thread can make progress", last_site_);
     }
   }
@@ -212,16 +230,36 @@ class FiberBlock final : public Block {
     Fiber& f = self->fibers_[self->running_];
     f.state = kDone;
     self->warps_[self->running_ / 32].live &= ~(1u << (self->running_ % 32));
+#if RK_EMU_FAST_SWITCH
+    _longjmp(self->scheduler_jump_, 1);  // the fiber's stack is abandoned
+#endif
   }  // returns to uc_link (the scheduler)
 
+  // A fiber starts with swapcontext (its own stack); later switches use
+  // _setjmp/_longjmp, which skip swapcontext's signal-mask system calls (most of
+  // the emulator's time otherwise). Sanitizers keep swapcontext, which they follow.
   void resume(int i) {
     running_ = i;
     threadIdx = thread_index(i, block_);
     linear_tid = i;
+#if RK_EMU_FAST_SWITCH
+    if (_setjmp(scheduler_jump_) != 0) return;
+    Fiber& f = fibers_[i];
+    if (f.started) _longjmp(f.jump, 1);
+    f.started = true;
+    swapcontext(&scheduler_, &f.ctx);
+#else
     swapcontext(&scheduler_, &fibers_[i].ctx);
+#endif
   }
 
-  void yield() { swapcontext(&fibers_[running_].ctx, &scheduler_); }
+  void yield() {
+#if RK_EMU_FAST_SWITCH
+    if (_setjmp(fibers_[running_].jump) == 0) _longjmp(scheduler_jump_, 1);
+#else
+    swapcontext(&fibers_[running_].ctx, &scheduler_);
+#endif
+  }
 
   void wait_warp(const char* site) {
     Fiber& f = fibers_[running_];
@@ -239,6 +277,7 @@ class FiberBlock final : public Block {
         if ((live >> lane & 1u) && fibers_[w * 32 + lane].state == kAtWarp) waiting |= 1u << lane;
       if (live && waiting == live) {
         const char* site = fibers_[w * 32 + __builtin_ctz(live)].site;
+        tracker.warp_sync(w, live, site);
         for (int lane = 0; lane < 32; ++lane) {
           if (!(live >> lane & 1u)) continue;
           if (fibers_[w * 32 + lane].site != site) {
@@ -267,9 +306,16 @@ class FiberBlock final : public Block {
     }
     if (site == nullptr) return false;
     last_site_ = site;
+    tracker.segment_end(live_masks().data());
     for (Fiber& f : fibers_)
       if (f.state == kAtBarrier) f.state = kReady;
     return true;
+  }
+
+  std::vector<unsigned> live_masks() const {
+    std::vector<unsigned> live(warps_.size());
+    for (size_t w = 0; w < warps_.size(); ++w) live[w] = warps_[w].live;
+    return live;
   }
 
   bool all_done() const {
@@ -285,6 +331,7 @@ class FiberBlock final : public Block {
   std::vector<WarpState> warps_;
   std::vector<int> order_;
   ucontext_t scheduler_;
+  jmp_buf scheduler_jump_;
   int running_ = 0;
   const char* last_site_ = nullptr;
 };
@@ -525,16 +572,22 @@ void launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(Params...), Args&
   const long blocks = static_cast<long>(grid.x) * grid.y * grid.z;
   dynamic_smem = smem_bytes.data();
   if (!use_threads()) {
-    for (long b = 0; b < blocks; ++b) {
+    long first = 0, last = blocks;
+    tracker.begin_launch(reinterpret_cast<const void*>(kernel), grid, block, &first, &last);
+    for (long b = first; b < last; ++b) {
       set_block(b);
       std::memset(smem_bytes.data(), 0xFF, smem_bytes.size());
       FiberBlock fb(block, body, b % 2 == 1);
       current_block = &fb;
+      tracker.begin_block(b);
       fb.run();
+      tracker.finish_block();
     }
     current_block = nullptr;
+    tracker.end_launch();
     return;
   }
+  if (tracker.config.on) fail("counting accesses needs the fibers back-end", "launch");
   ThreadBlock tb(n);
   std::mutex start_mutex;
   std::condition_variable start_cv;

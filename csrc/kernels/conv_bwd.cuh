@@ -50,14 +50,18 @@ __device__ __forceinline__ bool recoverable(float gamma, float beta) {
   return fabsf(gamma) >= kRecoverMinGamma && fabsf(beta) <= kRecoverMaxRatio * fabsf(gamma);
 }
 
-// dc at output element i (NHWC offset, channel c).
+// dc at output element i (NHWC offset, channel c); 0 with `pred` false.
 template <typename T, GradSource SOURCE>
-__device__ __forceinline__ float load_dc(const ConvBwdParams& b, long i, int c) {
+__device__ __forceinline__ float load_dc(const ConvBwdParams& b, long i, int c, bool pred) {
+  if (!pred) i = 0, c = 0;
   if constexpr (SOURCE == GradSource::kConvGrad) {
-    return to_float(static_cast<const T*>(b.dc)[i]);
+    return to_float(load_global(static_cast<const T*>(b.dc) + i, pred));
   } else {
-    const float y = to_float(static_cast<const T*>(b.y)[i]);
-    return y > 0.0f ? b.dz_scale[c] * to_float(static_cast<const T*>(b.dy)[i]) : 0.0f;
+    // dy is read only where the ReLU let the gradient through.
+    const bool on = to_float(load_global(static_cast<const T*>(b.y) + i, pred)) > 0.0f;
+    const float dy = to_float(load_global(static_cast<const T*>(b.dy) + i, on));
+    const float scale = load_global(b.dz_scale + c, pred);
+    return on ? scale * dy : 0.0f;
   }
 }
 
@@ -77,46 +81,53 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_reduce_kernel(ConvBwdParams b)
   Tile<TILE>& xhat_dz = s.xhat_dz;
   Tile<TILE>& dz_s = s.dz;
   int& recompute = s.recompute;
-  if (threadIdx.x == 0) {
+  if (threadIdx.x < 32) {  // thread 0 decides; warp 0's other lanes run along predicated off
+    const bool first = threadIdx.x == 0;
     int any = !b.recover_xhat;
     for (int co = 0; co < t.count; ++co)
-      any |= !recoverable(b.gamma[t.c0 + co], b.beta[t.c0 + co]);
-    recompute = any;
+      any |= !recoverable(load_global(b.gamma + t.c0 + co, first),
+                          load_global(b.beta + t.c0 + co, first));
+    store_shared(&recompute, any, first);
   }
   __syncthreads();
-  if (recompute) {  // block-uniform
+  if (load_shared(&recompute)) {  // block-uniform
     conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, xhat_dz.vals);
     __syncthreads();
   }
+  const bool recomputed = load_shared(&recompute);
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
   const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
+  const bool valid = pix < pixels;
   for (int co = 0; co < t.count; ++co) {
-    float dz = 0.0f, dz_xhat = 0.0f;
-    if (pix < pixels) {
-      const int c = t.c0 + co;
-      const long i = pix * p.c_out + c;
-      const float y = to_float(static_cast<const T*>(b.y)[i]);
-      dz = y > 0.0f ? to_float(static_cast<const T*>(b.dy)[i]) : 0.0f;
-      const float xhat = recompute ? (xhat_dz.vals[co][threadIdx.x] - b.mean[c]) * b.invstd[c]
-                                   : (y - b.beta[c]) / b.gamma[c];
-      dz_xhat = dz * xhat;
+    const int c = t.c0 + co;
+    const long i = valid ? pix * p.c_out + c : 0;
+    const float y = to_float(load_global(static_cast<const T*>(b.y) + i, valid));
+    const float dy = to_float(load_global(static_cast<const T*>(b.dy) + i, y > 0.0f));
+    const float dz = y > 0.0f ? dy : 0.0f;
+    float xhat;
+    if (recomputed) {  // block-uniform
+      xhat = (load_shared(&xhat_dz.vals[co][threadIdx.x]) - load_global(b.mean + c)) *
+             load_global(b.invstd + c);
+    } else {
+      xhat = (y - load_global(b.beta + c)) / load_global(b.gamma + c);
     }
-    dz_s.vals[co][threadIdx.x] = dz;
-    xhat_dz.vals[co][threadIdx.x] = dz_xhat;
+    store_shared(&dz_s.vals[co][threadIdx.x], valid ? dz : 0.0f);
+    store_shared(&xhat_dz.vals[co][threadIdx.x], valid ? dz * xhat : 0.0f);
   }
   __syncthreads();
-  if (static_cast<int>(threadIdx.x) < t.count) {
+  if (threadIdx.x < 32) {  // lane co of warp 0 sums channel co
     const int co = threadIdx.x;
+    const bool mine = co < t.count;
     const int count = static_cast<int>(
         imin(static_cast<long>(kPixels), pixels - static_cast<long>(blockIdx.x) * kPixels));
     float sum_dz = 0.0f, sum_dz_xhat = 0.0f;
     for (int i = 0; i < count; ++i) {
-      sum_dz += dz_s.vals[co][i];
-      sum_dz_xhat += xhat_dz.vals[co][i];
+      sum_dz += load_shared(&dz_s.vals[mine ? co : 0][i], mine);
+      sum_dz_xhat += load_shared(&xhat_dz.vals[mine ? co : 0][i], mine);
     }
-    float* out = b.partial + (static_cast<long>(blockIdx.x) * p.c_out + t.c0 + co) * 2;
-    out[0] = sum_dz;
-    out[1] = sum_dz_xhat;
+    float* out = b.partial + (static_cast<long>(blockIdx.x) * p.c_out + t.c0 + (mine ? co : 0)) * 2;
+    store_global(out, sum_dz, mine);
+    store_global(out + 1, sum_dz_xhat, mine);
   }
 }
 
@@ -130,16 +141,20 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_dc_kernel(ConvBwdParams b) {
   __syncthreads();
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
   const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
-  if (pix >= pixels) return;
+  const bool valid = pix < pixels;
   for (int co = 0; co < t.count; ++co) {
     const int c = t.c0 + co;
-    const long i = pix * p.c_out + c;
-    const float xhat = (tile.vals[co][threadIdx.x] - b.mean[c]) * b.invstd[c];
-    const float dz = to_float(static_cast<const T*>(b.y)[i]) > 0.0f
-                         ? to_float(static_cast<const T*>(b.dy)[i])
-                         : 0.0f;
-    static_cast<T*>(b.dc)[i] =
-        from_float<T>(fmaf(b.dz_scale[c], dz, -fmaf(b.dc_xhat[c], xhat, b.dc_shift[c])));
+    const long i = valid ? pix * p.c_out + c : 0;
+    const float xhat = (load_shared(&tile.vals[co][threadIdx.x]) - load_global(b.mean + c)) *
+                       load_global(b.invstd + c);
+    const bool on = to_float(load_global(static_cast<const T*>(b.y) + i, valid)) > 0.0f;
+    const float dy = to_float(load_global(static_cast<const T*>(b.dy) + i, on));
+    const float dz = on ? dy : 0.0f;
+    store_global(static_cast<T*>(b.dc) + i,
+                 from_float<T>(fmaf(load_global(b.dz_scale + c), dz,
+                                    -fmaf(load_global(b.dc_xhat + c), xhat,
+                                          load_global(b.dc_shift + c)))),
+                 valid);
   }
 }
 
@@ -167,36 +182,44 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_dgrad_kernel(ConvBwdParams b) 
   for (int ci = 0; ci < TILE; ++ci) acc[ci] = 0.0f;
   for (int c0 = 0; c0 < cg_out; c0 += channel_chunk<CG>()) {
     const int cn = imin(channel_chunk<CG>(), cg_out - c0);
+    const int staged = cn * 9 * TILE;
     const T* w = static_cast<const T*>(p.wt) + (static_cast<long>(t.g) * cg_out + c0) * 9 * cg_in;
     __syncthreads();  // the previous chunk's readers are done
-    for (int i = threadIdx.x; i < cn * 9 * TILE; i += kPixels) {
+    for (int i0 = 0; i0 < staged; i0 += kPixels) {
+      const int i = i0 + threadIdx.x;
       const int ci = i % TILE, row = i / TILE;  // row = co * 9 + tap
-      w_s[i] = ci < t.count ? to_float(w[static_cast<long>(row) * cg_in + ci0 + ci]) : 0.0f;
+      const bool in_tile = i < staged && ci < t.count;
+      const float v = to_float(
+          load_global(w + (in_tile ? static_cast<long>(row) * cg_in + ci0 + ci : 0), in_tile));
+      store_shared(w_s + i, v, i < staged);
     }
     __syncthreads();
-    if (!valid) continue;
     for (int kh = 0; kh < 3; ++kh) {
       const int row = ih + 1 - kh;  // = oh * STRIDE for a tap that reaches an output pixel
-      if (row < 0 || row % STRIDE != 0 || row / STRIDE >= p.h_out) continue;
       for (int kw = 0; kw < 3; ++kw) {
         const int col = iw + 1 - kw;
-        if (col < 0 || col % STRIDE != 0 || col / STRIDE >= p.w_out) continue;
-        const long o = ((img * p.h_out + row / STRIDE) * p.w_out + col / STRIDE) * p.c_out +
-                       static_cast<long>(t.g) * cg_out + c0;
+        // Taps that reach no output pixel (and lanes past the last pixel) issue
+        // their loads predicated off and multiply zeros.
+        const bool reaches = valid && row >= 0 && row % STRIDE == 0 && row / STRIDE < p.h_out &&
+                             col >= 0 && col % STRIDE == 0 && col / STRIDE < p.w_out;
+        const long o = reaches ? ((img * p.h_out + row / STRIDE) * p.w_out + col / STRIDE) *
+                                         p.c_out +
+                                     static_cast<long>(t.g) * cg_out + c0
+                               : 0;
         const float* wp = w_s + (kh * 3 + kw) * TILE;
         for (int co = 0; co < cn; ++co) {
-          const float v = load_dc<T, SOURCE>(b, o + co, t.g * cg_out + c0 + co);
+          const float v = load_dc<T, SOURCE>(b, o + co, t.g * cg_out + c0 + co, reaches);
 #pragma unroll
-          for (int ci = 0; ci < TILE; ++ci) acc[ci] = fmaf(v, wp[co * 9 * TILE + ci], acc[ci]);
+          for (int ci = 0; ci < TILE; ++ci)
+            acc[ci] = fma_count(v, load_shared(wp + co * 9 * TILE + ci), acc[ci]);
         }
       }
     }
   }
-  if (!valid) return;
-  T* dx = static_cast<T*>(b.dx) + pix * p.c_in + t.c0;
+  T* dx = static_cast<T*>(b.dx) + (valid ? pix * p.c_in + t.c0 : 0);
 #pragma unroll  // constant indices keep acc[] in registers
   for (int ci = 0; ci < TILE; ++ci)
-    if (ci < t.count) dx[ci] = from_float<T>(acc[ci]);
+    if (ci < t.count) store_global(dx + ci, from_float<T>(acc[ci]), valid);  // block-uniform test
 }
 
 template <int TILE>
@@ -223,45 +246,60 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_wgrad_kernel(ConvBwdParams b) 
 
   DYNAMIC_SHARED(float, acc_s);  // [t.count][9][cn]
   STATIC_SHARED(WgradShared<TILE>, s);
-  for (int e = threadIdx.x; e < entries; e += kPixels) acc_s[e] = 0.0f;
+  for (int e0 = 0; e0 < entries; e0 += kPixels)
+    store_shared(acc_s + e0 + threadIdx.x, 0.0f, e0 + static_cast<int>(threadIdx.x) < entries);
 
   const T* x = static_cast<const T*>(p.x) + t.g * cg_in + ci0;
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
   const long pixel_tiles = (pixels + kPixels - 1) / kPixels;
-  for (long tile = blockIdx.x; tile < pixel_tiles; tile += gridDim.x) {
+  // Persistent over the pixel tiles blockIdx.x, blockIdx.x + gridDim.x, ...
+  const long iterations =
+      loop_iterations(blockIdx.x < pixel_tiles ? (pixel_tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0);
+  for (long it = 0; it < iterations; ++it) {
+    loop_iteration(it);
+    const long tile = blockIdx.x + it * gridDim.x;
     __syncthreads();  // the previous tile's readers are done
     const long pix = tile * kPixels + threadIdx.x;
-    if (pix < pixels) {
-      const int ow = static_cast<int>(pix % p.w_out);
-      const int oh = static_cast<int>(pix / p.w_out % p.h_out);
-      s.base[threadIdx.x] = pix / (static_cast<long>(p.w_out) * p.h_out) * p.h * p.w;
-      s.oh0[threadIdx.x] = oh * STRIDE - 1;
-      s.ow0[threadIdx.x] = ow * STRIDE - 1;
-      for (int co = 0; co < t.count; ++co)
-        s.dc[co][threadIdx.x] = load_dc<T, SOURCE>(b, pix * p.c_out + t.c0 + co, t.c0 + co);
-    }
+    const bool valid = pix < pixels;
+    const int ow = static_cast<int>(pix % p.w_out);
+    const int oh = static_cast<int>(pix / p.w_out % p.h_out);
+    store_shared(&s.base[threadIdx.x], pix / (static_cast<long>(p.w_out) * p.h_out) * p.h * p.w,
+                 valid);
+    store_shared(&s.oh0[threadIdx.x], oh * STRIDE - 1, valid);
+    store_shared(&s.ow0[threadIdx.x], ow * STRIDE - 1, valid);
+    for (int co = 0; co < t.count; ++co)
+      store_shared(&s.dc[co][threadIdx.x],
+                   load_dc<T, SOURCE>(b, pix * p.c_out + t.c0 + co, t.c0 + co, valid), valid);
     __syncthreads();
     const int count = static_cast<int>(imin(static_cast<long>(kPixels), pixels - tile * kPixels));
-    for (int e = threadIdx.x; e < entries; e += kPixels) {
-      const int co = e / (9 * cn), tap = e / cn % 9, ci = e % cn;
+    for (int e0 = 0; e0 < entries; e0 += kPixels) {
+      const int e = e0 + threadIdx.x;
+      const bool mine = e < entries;
+      const int co = mine ? e / (9 * cn) : 0, tap = e / cn % 9, ci = e % cn;
       const int kh = tap / 3, kw = tap % 3;
       float sum = 0.0f;
       for (int i = 0; i < count; ++i) {
-        const int ih = s.oh0[i] + kh, iw = s.ow0[i] + kw;
-        if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) continue;
-        const float xv = to_float(x[(s.base[i] + static_cast<long>(ih) * p.w + iw) * p.c_in + ci]);
-        sum = fmaf(s.dc[co][i], xv, sum);
+        const int ih = load_shared(&s.oh0[i], mine) + kh, iw = load_shared(&s.ow0[i], mine) + kw;
+        const long base = load_shared(&s.base[i], mine);
+        const bool inside = mine && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w;
+        const long at = inside ? (base + static_cast<long>(ih) * p.w + iw) * p.c_in + ci : 0;
+        const float xv = to_float(load_global(x + at, inside));
+        sum = fma_count(load_shared(&s.dc[co][i], mine), xv, sum);
       }
-      acc_s[e] += sum;
+      store_shared(acc_s + (mine ? e : 0), load_shared(acc_s + (mine ? e : 0), mine) + sum, mine);
     }
   }
-  for (int e = threadIdx.x; e < entries; e += kPixels) {
-    const int co = e / (9 * cn), tap = e / cn % 9, ci = e % cn;
+  loop_done();
+  for (int e0 = 0; e0 < entries; e0 += kPixels) {
+    const int e = e0 + threadIdx.x;
+    const bool mine = e < entries;
+    const int co = mine ? e / (9 * cn) : 0, tap = e / cn % 9, ci = e % cn;
     const long at = static_cast<long>(t.c0 + co) * k_size + tap * cg_in + ci0 + ci;
-    if (b.deterministic) {
-      b.dw[static_cast<long>(blockIdx.x) * p.c_out * k_size + at] = acc_s[e];
+    const float v = load_shared(acc_s + (mine ? e : 0), mine);
+    if (b.deterministic) {  // kernel-uniform
+      store_global(b.dw + static_cast<long>(blockIdx.x) * p.c_out * k_size + at, v, mine);
     } else {
-      atomicAdd(b.dw + at, acc_s[e]);
+      atomic_add_global(b.dw + at, v, mine);
     }
   }
 }

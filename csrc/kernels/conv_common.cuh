@@ -6,6 +6,7 @@
 #pragma once
 
 #include "emu/simt.h"
+#include "kernels/access.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -133,6 +134,13 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
       C[g + 8][2 * t + j] = acc[2 + j];
     }
   }
+  if (::rk::emu::lane_id() == 0) {  // the warp's instruction, counted once
+    double useful = 0;
+    for (int m = 0; m < 16; ++m)
+      for (int n = 0; n < 8; ++n)
+        for (int k = 0; k < 16; ++k) useful += A[m][k] != 0.0f && B[k][n] != 0.0f;
+    ::rk::emu::tracker.add_mma(16 * 8 * 16, useful);
+  }
   const int g = ::rk::emu::lane_id() / 4, t = ::rk::emu::lane_id() % 4;
   for (int i = 0; i < 4; ++i) {
     const int row = g + (i / 2) * 8, col = 2 * t + i % 2;
@@ -180,31 +188,37 @@ __device__ __forceinline__ void fma_mainloop(const ConvFwdParams& p, int g, int 
   for (int co = 0; co < TILE; ++co) acc[co] = 0.0f;
   for (int c0 = 0; c0 < cg_in; c0 += channel_chunk<CG>()) {
     const int cn = imin(channel_chunk<CG>(), cg_in - c0);
+    const int staged = TILE * 9 * cn;
     __syncthreads();  // the previous chunk's readers are done
-    for (int i = threadIdx.x; i < TILE * 9 * cn; i += kPixels) {
+    for (int i0 = 0; i0 < staged; i0 += kPixels) {
+      const int i = i0 + threadIdx.x;
       const int co = i / (9 * cn), tap = i / cn % 9, ci = i % cn;
-      w_s[i] = co < co_count ? to_float(w[co * taps + tap * cg_in + c0 + ci]) : 0.0f;
+      const bool in_tile = i < staged && co < co_count;
+      const float v = to_float(load_global(w + (in_tile ? co * taps + tap * cg_in + c0 + ci : 0),
+                                           in_tile));
+      store_shared(w_s + i, v, i < staged);
     }
     __syncthreads();
-    if (!valid) continue;
     for (int kh = 0; kh < 3; ++kh) {
       const int ih = oh * STRIDE - 1 + kh;
-      if (ih < 0 || ih >= p.h) continue;
       for (int kw = 0; kw < 3; ++kw) {
         const int iw = ow * STRIDE - 1 + kw;
-        if (iw < 0 || iw >= p.w) continue;
-        const T* xp = x + ((img * p.h + ih) * p.w + iw) * p.c_in + c0;
+        // Lanes outside the image (padding) or past the last pixel issue the loads
+        // predicated off and multiply zeros.
+        const bool inside = valid && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w;
+        const T* xp = x + (inside ? ((img * p.h + ih) * p.w + iw) * p.c_in + c0 : 0);
         const float* wp = w_s + (kh * 3 + kw) * cn;
         for (int ci = 0; ci < cn; ++ci) {
-          const float xv = to_float(xp[ci]);
+          const float xv = to_float(load_global(xp + ci, inside));
 #pragma unroll
-          for (int co = 0; co < TILE; ++co) acc[co] = fmaf(xv, wp[co * 9 * cn + ci], acc[co]);
+          for (int co = 0; co < TILE; ++co)
+            acc[co] = fma_count(xv, load_shared(wp + co * 9 * cn + ci), acc[co]);
         }
       }
     }
   }
 #pragma unroll  // constant indices keep acc[] in registers
-  for (int co = 0; co < TILE; ++co) vals[co][threadIdx.x] = acc[co];
+  for (int co = 0; co < TILE; ++co) store_shared(&vals[co][threadIdx.x], acc[co]);
 }
 
 // Main loop on tensor cores: an implicit GEMM per group, M = pixels, N = channels of
@@ -220,9 +234,11 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
   // Weights as T, [TILE][KPAD] (K = tap-major, channel-minor), zero padded.
   DYNAMIC_SHARED(T, w_s);
   const T* w = static_cast<const T*>(p.wt) + static_cast<long>(co0) * K;
-  for (int i = threadIdx.x; i < TILE * KPAD; i += kPixels) {
+  for (int i0 = 0; i0 < TILE * KPAD; i0 += kPixels) {
+    const int i = i0 + threadIdx.x;
     const int n = i / KPAD, k = i % KPAD;
-    w_s[i] = n < co_count && k < K ? w[n * K + k] : from_float<T>(0.0f);
+    const bool in_tile = i < TILE * KPAD && n < co_count && k < K;
+    store_shared(w_s + i, load_global(w + (in_tile ? n * K + k : 0), in_tile), i < TILE * KPAD);
   }
   __syncthreads();
 
@@ -248,12 +264,14 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
         oh0[mt][r] = ow0[mt][r] = 0;
       }
     }
-  auto load = [&](int mt, int r, int k) -> uint32_t {  // A[row][k] as 16 bits
-    if (k >= K || base[mt][r] < 0) return 0u;
+  auto load = [&](int mt, int r, int k) -> uint32_t {  // A[row][k] as 16 bits, 0 off the image
     const int tap = k / CG, ci = k % CG;
     const int ih = oh0[mt][r] + tap / 3, iw = ow0[mt][r] + tap % 3;
-    if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) return 0u;
-    return bits16(x[(base[mt][r] + static_cast<long>(ih) * p.w + iw) * p.c_in + g * CG + ci]);
+    const bool inside =
+        k < K && base[mt][r] >= 0 && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w;
+    const long at = inside ? (base[mt][r] + static_cast<long>(ih) * p.w + iw) * p.c_in + g * CG + ci
+                           : 0;
+    return bits16(load_global(x + at, inside));
   };
 
   float acc[2][NT][4];
@@ -271,7 +289,7 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const T* col = w_s + (nt * 8 + lg) * KPAD + k0 + 2 * lt + 8 * h;
-        b[nt][h] = bits16(col[0]) | bits16(col[1]) << 16;
+        b[nt][h] = bits16(load_shared(col)) | bits16(load_shared(col + 1)) << 16;
       }
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
@@ -291,7 +309,8 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        vals[nt * 8 + 2 * lt + i % 2][warp * 32 + mt * 16 + lg + 8 * (i / 2)] = acc[mt][nt][i];
+        store_shared(&vals[nt * 8 + 2 * lt + i % 2][warp * 32 + mt * 16 + lg + 8 * (i / 2)],
+                     acc[mt][nt][i]);
 }
 
 // conv(x) for the tile's channels [co0, co0 + co_count) of group g and the block's

@@ -52,34 +52,37 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
   if constexpr (PASS != Pass::kStats) {
     const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
-    if (pix < pixels) {
-      T* y = static_cast<T*>(p.y) + pix * p.c_out + co0;
-      for (int co = 0; co < co_count; ++co) {
-        const float v = tile.vals[co][threadIdx.x];
-        y[co] = from_float<T>(PASS == Pass::kStatsRaw
-                                  ? v
-                                  : relu(fmaf(v, p.scale[co0 + co], p.shift[co0 + co])));
-      }
+    const bool valid = pix < pixels;
+    T* y = static_cast<T*>(p.y) + (valid ? pix * p.c_out + co0 : 0);
+    for (int co = 0; co < co_count; ++co) {
+      float v = load_shared(&tile.vals[co][threadIdx.x]);
+      if constexpr (PASS == Pass::kWrite)
+        v = relu(fmaf(v, load_global(p.scale + co0 + co), load_global(p.shift + co0 + co)));
+      store_global(y + co, from_float<T>(v), valid);
     }
   }
   if constexpr (PASS != Pass::kWrite) {
-    // Per-channel (count, mean, M2) of this block's pixels, two-pass.
-    if (static_cast<int>(threadIdx.x) < co_count) {
+    // Per-channel (count, mean, M2) of this block's pixels, two-pass: lane co of
+    // warp 0 owns channel co (the other lanes run along predicated off).
+    static_assert(TILE <= 32, "one lane of warp 0 per channel of the tile");
+    if (threadIdx.x < 32) {
       const int co = threadIdx.x;
+      const bool mine = co < co_count;
+      const float* vals = tile.vals[mine ? co : 0];
       const int count = static_cast<int>(
           imin(static_cast<long>(kPixels), pixels - static_cast<long>(blockIdx.x) * kPixels));
       float sum = 0.0f;
-      for (int i = 0; i < count; ++i) sum += tile.vals[co][i];
+      for (int i = 0; i < count; ++i) sum += load_shared(vals + i, mine);
       const float mean = sum / count;
       float m2 = 0.0f;
       for (int i = 0; i < count; ++i) {
-        const float d = tile.vals[co][i] - mean;
+        const float d = load_shared(vals + i, mine) - mean;
         m2 = fmaf(d, d, m2);
       }
-      float* out = p.partial + (static_cast<long>(blockIdx.x) * p.c_out + co0 + co) * 3;
-      out[0] = static_cast<float>(count);
-      out[1] = mean;
-      out[2] = m2;
+      float* out = p.partial + (static_cast<long>(blockIdx.x) * p.c_out + co0 + (mine ? co : 0)) * 3;
+      store_global(out, static_cast<float>(count), mine);
+      store_global(out + 1, mean, mine);
+      store_global(out + 2, m2, mine);
     }
   }
 }
@@ -89,10 +92,16 @@ template <typename T>
 __global__ void __launch_bounds__(256) normalize_kernel(ConvFwdParams p) {
   const long total = static_cast<long>(p.n) * p.h_out * p.w_out * p.c_out;
   T* y = static_cast<T*>(p.y);
-  for (long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<long>(gridDim.x) * blockDim.x) {
-    const int c = static_cast<int>(i % p.c_out);
-    y[i] = from_float<T>(relu(fmaf(to_float(y[i]), p.scale[c], p.shift[c])));
+  for (long i0 = static_cast<long>(blockIdx.x) * blockDim.x; i0 < total;
+       i0 += static_cast<long>(gridDim.x) * blockDim.x) {
+    const long i = i0 + threadIdx.x;
+    const bool in = i < total;
+    const int c = in ? static_cast<int>(i % p.c_out) : 0;
+    const float v = to_float(load_global(y + (in ? i : 0), in));
+    store_global(y + (in ? i : 0),
+                 from_float<T>(relu(fmaf(v, load_global(p.scale + c, in),
+                                         load_global(p.shift + c, in)))),
+                 in);
   }
 }
 
@@ -120,27 +129,39 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(FinalizePara
   const int c = blockIdx.x, tid = threadIdx.x;
   STATIC_SHARED(FinalizeShared, s);
   double n = 0.0, mean = 0.0, m2 = 0.0;
-  for (int b = tid; b < f.blocks; b += kFinalizeThreads) {
-    const float* part = f.partial + (static_cast<long>(b) * f.c_out + c) * 3;
-    merge_moments(n, mean, m2, part[0], part[1], part[2]);
+  for (int b0 = 0; b0 < f.blocks; b0 += kFinalizeThreads) {
+    const int b = b0 + tid;
+    const bool in = b < f.blocks;
+    const float* part = f.partial + (in ? (static_cast<long>(b) * f.c_out + c) * 3 : 0);
+    // A partial of count 0 (predicated off) merges as nothing.
+    merge_moments(n, mean, m2, load_global(part, in), load_global(part + 1, in),
+                  load_global(part + 2, in));
   }
-  s.n[tid] = n;
-  s.mean[tid] = mean;
-  s.m2[tid] = m2;
+  store_shared(&s.n[tid], n);
+  store_shared(&s.mean[tid], mean);
+  store_shared(&s.m2[tid], m2);
   for (int width = kFinalizeThreads / 2; width > 0; width /= 2) {
     __syncthreads();
-    if (tid < width) {
-      merge_moments(s.n[tid], s.mean[tid], s.m2[tid], s.n[tid + width], s.mean[tid + width],
-                    s.m2[tid + width]);
-    }
+    const bool active = tid < width;
+    const int other = active ? tid + width : tid;
+    double na = load_shared(&s.n[tid], active), ma = load_shared(&s.mean[tid], active),
+           m2a = load_shared(&s.m2[tid], active);
+    merge_moments(na, ma, m2a, load_shared(&s.n[other], active),
+                  load_shared(&s.mean[other], active), load_shared(&s.m2[other], active));
+    store_shared(&s.n[tid], na, active);
+    store_shared(&s.mean[tid], ma, active);
+    store_shared(&s.m2[tid], m2a, active);
   }
-  if (tid != 0) return;
-  const double var = s.n[0] > 0.0 ? s.m2[0] / s.n[0] : 1.0;
-  const double scale = f.gamma[c] / sqrt(var + f.eps);
-  f.mean[c] = static_cast<float>(s.mean[0]);
-  f.var[c] = static_cast<float>(var);
-  f.scale[c] = static_cast<float>(scale);
-  f.shift[c] = static_cast<float>(f.beta[c] - s.mean[0] * scale);
+  const bool first = tid == 0;  // thread 0 writes the channel's results
+  const double total = load_shared(&s.n[0], first), mean_all = load_shared(&s.mean[0], first);
+  const double m2_all = load_shared(&s.m2[0], first);
+  const double var = total > 0.0 ? m2_all / total : 1.0;
+  const double scale = load_global(f.gamma + c, first) / sqrt(var + f.eps);
+  store_global(f.mean + c, static_cast<float>(mean_all), first);
+  store_global(f.var + c, static_cast<float>(var), first);
+  store_global(f.scale + c, static_cast<float>(scale), first);
+  store_global(f.shift + c, static_cast<float>(load_global(f.beta + c, first) - mean_all * scale),
+               first);
 }
 
 template <typename T, int CG, int STRIDE>

@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kProbeThreads) mma_probe_kernel(float* out, in
   for (int c = 0; c < kProbeChains; ++c)
 #pragma unroll
     for (int i = 0; i < 4; ++i) sum += acc[c][i];
-  out[static_cast<long>(blockIdx.x) * kProbeThreads + threadIdx.x] = sum;
+  store_global(out + static_cast<long>(blockIdx.x) * kProbeThreads + threadIdx.x, sum);
 }
 
 }  // namespace detail
