@@ -12,7 +12,9 @@ Commands:
 * ``kernels``: registers, shared memory and spills of every compiled CUDA kernel;
 * ``device``: the device's facts and measured rates (copy bandwidth, launch
   interval, mma.sync and cuBLAS GEMM rates) for the performance model;
-* ``table``: the ResNeXt paper's settings, parameters and multiply-adds.
+* ``table``: the ResNeXt paper's settings, parameters and multiply-adds;
+* ``predict``: the modelled H200 time of every kernel of every pass, counted on the
+  CPU (emulator and Triton interpreter); ``--measure`` on a GPU.
 
 ``resnext-bench COMMAND --help`` lists each command's options; ``--quick`` makes
 any of them finish in under a minute on a 2-core CPU.
@@ -21,7 +23,7 @@ any of them finish in under a minute on a 2-core CPU.
 import importlib
 import sys
 
-COMMANDS = ("layers", "model", "validate", "kernels", "table", "device")
+COMMANDS = ("layers", "model", "validate", "kernels", "table", "device", "predict")
 
 
 def main(argv=None) -> int:

@@ -112,6 +112,23 @@ def show(rows: list[dict], title: str) -> None:
     common.console.print(table)
 
 
+def show_modelled(setup) -> None:
+    """On a CPU: the H200 time of the kernel backends for the same layers, modelled by
+    ``resnext-bench predict`` for the kernels in this tree (batch 256, bfloat16)."""
+    from . import predict
+
+    if setup.model != "resnext50_32x4d" or not predict.MODELLED.exists():
+        return
+    rows = predict.load_modelled(predict.MODELLED, list(setup.layers), predict.BACKENDS,
+                                 ("eval", "train_fwd", "train_bwd"), torch.bfloat16, 256)
+    if rows:
+        common.console.print("The kernel backends on an H200, batch 256, bfloat16 — "
+                             "modelled (CPU counters), not measured "
+                             "(`resnext-bench predict`; docs/performance-model.md):",
+                             soft_wrap=True)
+        predict.show(common.console, rows, "modelled H200 time per pass")
+
+
 def main(argv=None) -> int:
     opts = parse_args(argv)
     setup = common.resolve_options("resnext-bench layers", opts)
@@ -130,6 +147,8 @@ def main(argv=None) -> int:
                "bytes a fused kernel must move; error: ‖out − ref‖/‖ref‖ vs float64, worst "
                "of output and gradients")
     header["auto_choices"] = common.show_auto_choices()
+    if setup.device.type == "cpu":
+        show_modelled(setup)
     writer.flush()
     if opts.plot:
         for path in plot_layers(rows, opts.plot, title=f"{setup.model} on {header['device']}"):

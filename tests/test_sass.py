@@ -1,0 +1,202 @@
+"""The SASS reader (resnext_kernels/bench/sass.py): the parser and the hot-loop finder
+on hand-written listings with known answers, and one pass over the real library."""
+
+import json
+
+import pytest
+
+from resnext_kernels.bench import sass
+
+
+def listing(lines, name="kernel", arch="sm_90"):
+    """A cuobjdump-style listing: one instruction per 16 bytes, each followed by an
+    encoding comment line as cuobjdump prints it."""
+    out = [f"\tarch = {arch}", f"\t\tFunction : {name}",
+           '\t.headerflags\t@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"']
+    for i, text in enumerate(lines):
+        out.append(f"        /*{i * 16:04x}*/                   {text} ;"
+                   "                 /* 0x000fe20000000f00 */")
+        out.append("                                          /* 0x000fc40000000000 */")
+    return "\n".join(out) + "\n"
+
+
+def at(i):
+    return hex(i * 16)
+
+
+def padding(lines):
+    """EXIT, the branch to itself and NOPs, as nvcc ends a function."""
+    n = len(lines)
+    return lines + ["EXIT", f"BRA {at(n + 1)}", "NOP", "NOP"]
+
+
+def analyse(lines):
+    (fn,) = sass.analyse_listing(listing(lines)).values()
+    return fn
+
+
+def test_parse_fields():
+    (arch, name, instructions), = sass.parse(listing(
+        ["@!P0 BRA 0x20", "HMMA.16816.F32.BF16 R4, R8, R12, R4", "BRA.U !UP0, 0x0"],
+        name="_Z6kernelv"))
+    assert (arch, name) == ("sm_90", "_Z6kernelv")
+    assert [i.mnemonic for i in instructions] == ["BRA", "HMMA", "BRA"]
+    assert instructions[0].predicated and instructions[0].target == 0x20
+    assert instructions[1].opcode == "HMMA.16816.F32.BF16" and instructions[1].target is None
+    assert instructions[2].target == 0 and not instructions[2].predicated
+    assert [i.address for i in instructions] == [0, 16, 32]
+
+
+def test_one_loop_two_hmma_in_twenty():
+    # 3 setup instructions, a 20-instruction loop (2 HMMA, 3 LDG, 1 LDS, the back edge
+    # last), then the store.
+    body = (["LDG.E.U16 R2, desc[UR4][R6.64]"] * 3 + ["LDS R3, [R7]"]
+            + ["HMMA.16816.F32.BF16 R8, R12, R16, R8"] * 2 + ["IMAD R1, R1, 0x2, RZ"] * 13)
+    lines = ["S2R R0, SR_TID.X", "IMAD R1, R0, 0x4, RZ", "MOV R2, RZ"]
+    lines += body + [f"@P0 BRA {at(3)}", "STG.E desc[UR4][R4.64], R8"]
+    k = analyse(padding(lines))
+    assert k.loop_instructions == 20
+    assert k.loop_counts["HMMA"] == 2 and k.loop_counts["LDG"] == 3
+    assert k.loop_counts["LDS"] == 1 and k.loop_counts["STG"] == 0
+    assert k.instructions_per_mma == 10.0 and k.instructions_per_fma is None
+    assert k.hmma_kind == "HMMA.16816.F32.BF16"
+    assert k.loop == (3 * 16, 22 * 16) and k.loop_innermost
+    assert k.instructions == len(lines) + 1  # + EXIT; the branch to itself and NOPs are padding
+    assert k.counts["STG"] == 1
+
+
+def test_nested_loops_give_the_inner_one():
+    lines = ["MOV R0, RZ",                        # 0
+             "LDG.E R2, desc[UR4][R6.64]",        # 1: outer loop top
+             "FFMA R3, R2, R2, R3",               # 2: inner loop top
+             "FFMA R3, R2, R3, R3",               # 3
+             "LDS R4, [R5]",                      # 4
+             f"@P1 BRA {at(2)}",                  # 5: inner back edge
+             "FFMA R8, R3, R3, R8",               # 6
+             f"@P0 BRA {at(1)}",                  # 7: outer back edge
+             "STG.E desc[UR4][R6.64], R3"]
+    k = analyse(padding(lines))
+    assert k.loop == (2 * 16, 5 * 16) and k.loop_instructions == 4
+    assert k.loop_counts["FFMA"] == 2 and k.instructions_per_fma == 2.0
+    assert k.innermost_loops == 1 and k.loop_innermost
+    assert sass.loops(sass.parse(listing(lines))[0][2]) == [(1, 7), (2, 5)]
+
+
+def test_the_loop_with_the_most_hmma_wins():
+    lines = ["MOV R0, RZ",
+             "LDG.E R2, desc[UR4][R6.64]", "STS [R1], R2", f"@P0 BRA {at(1)}",  # staging, 3
+             "HMMA.16816.F32 R8, R12, R16, R8", "IADD3 R0, R0, 0x1, RZ",
+             f"@P1 BRA {at(4)}"]                                             # mma, 3
+    k = analyse(padding(lines))
+    assert k.loop == (4 * 16, 6 * 16) and k.instructions_per_mma == 3.0
+    assert k.innermost_loops == 2
+
+
+def test_no_loop_reports_the_whole_kernel():
+    lines = ["S2R R0, SR_TID.X", "@P0 BRA 0x40", "FFMA R1, R0, R0, R1", "FFMA R1, R1, R0, R1",
+             "STG.E desc[UR4][R2.64], R1"]
+    k = analyse(padding(lines))
+    assert k.loop is None and k.loop_instructions is None and k.loop_innermost is None
+    assert k.instructions == 6  # with EXIT, without the padding
+    assert k.loop_counts["FFMA"] == 2 and k.instructions_per_fma == 3.0
+    assert k.instructions_per_mma is None and k.hmma_kind is None
+
+
+def test_straight_line_math_beside_a_staging_loop_is_the_whole_kernel():
+    # A fully unrolled FMA tile after a staging loop: the loop holds none of the math.
+    lines = ["MOV R0, RZ", "LDG.E R2, desc[UR4][R6.64]", "STS [R1], R2", f"@P0 BRA {at(1)}",
+             "FFMA R1, R0, R0, R1", "FFMA R1, R1, R0, R1", "STG.E desc[UR4][R2.64], R1"]
+    k = analyse(padding(lines))
+    assert k.loop is None and k.loop_counts["FFMA"] == 2 and k.instructions == 8
+
+
+def test_a_call_on_every_trip_counts_its_subroutine():
+    lines = ["MOV R0, RZ",                                   # 0
+             "FFMA R1, R0, R0, R1",                          # 1: loop top
+             f"CALL.REL.NOINC {at(8)}",                      # 2: every trip
+             f"@P2 BRA {at(5)}",                             # 3
+             f"CALL.REL.NOINC {at(8)}",                      # 4: skipped when P2
+             f"@P0 BRA {at(1)}",                             # 5: back edge
+             "EXIT",                                         # 6
+             f"BRA {at(7)}",                                 # 7
+             "IADD3 R2, R2, 0x1, RZ", "IMAD R2, R2, R2, RZ", "RET.REL.NODEC R16 0x0"]  # 8-10
+    k = analyse(lines + ["BRA 0xb0"])
+    assert k.loop == (16, 5 * 16)
+    assert k.loop_call_instructions == 3 and k.loop_instructions == 5 + 3
+    assert k.loop_counts["CALL"] == 2
+
+
+def test_lookup_and_json_round_trip():
+    k = analyse(padding(["FFMA R1, R0, R0, R1"]))
+    t = analyse(padding(["FFMA R1, R0, R0, R1", "FFMA R1, R0, R0, R1"]))
+    rep = {"cuda": {"_Z1kv": sass.asdict(k)}, "triton": {"v(warps=4)": sass.asdict(k)},
+           "triton_dtypes": {"fp16": {"v(warps=4)": sass.asdict(k)},
+                             "fp32": {"v(warps=4)": sass.asdict(t)}}}
+    rep = json.loads(json.dumps(rep))
+    assert sass.lookup(rep, "_Z1kv") == k
+    assert sass.lookup(rep, "v(warps=4)") == k
+    assert sass.lookup(rep, "v(warps=4)", "fp32") == t
+    assert sass.lookup(rep, "v(warps=4)", "bf16") == k  # no bf16 table: the default
+    assert sass.lookup(rep, "missing") is None
+
+
+def test_triton_variant_names_and_the_fixed_tiles():
+    pytest.importorskip("triton")
+    from resnext_kernels.bench import triton_aot
+
+    assert (triton_aot.variant_name("conv_fwd_kernel", {"STRIDE": 2, "STATS": True,
+                                                        "BLOCK_P": 32, "BLOCK_C": 32}, 4)
+            == "conv_fwd_kernel(STRIDE=2,STATS=1,BLOCK_P=32,BLOCK_C=32,warps=4)")
+    names = {triton_aot.variant_name(*v) for v in sass._default_variants()}
+    for stride in (1, 2):  # the GPU's fixed tiles (triton_backend.FIXED, STATS_WARPS, WGRAD_*)
+        assert f"conv_fwd_kernel(STRIDE={stride},STATS=1,BLOCK_P=32,BLOCK_C=32,warps=8)" in names
+        assert f"conv_fwd_kernel(STRIDE={stride},STATS=0,BLOCK_P=32,BLOCK_C=32,warps=4)" in names
+        assert f"bwd_reduce_kernel(STRIDE={stride},BLOCK_P=32,BLOCK_C=32,warps=4)" in names
+        assert (f"bwd_wgrad_kernel(STRIDE={stride},FROM_DY=0,DETERMINISTIC=0,BLOCK_P=32,"
+                "BLOCK_E=64,warps=8)") in names
+
+
+def test_triton_specialisation_marks_pointers_and_channel_counts():
+    pytest.importorskip("triton")
+    from resnext_kernels import triton_kernels
+    from resnext_kernels.bench import triton_aot
+
+    fn = triton_kernels.conv_fwd_kernel
+    signature, attrs = triton_aot.specialisation(fn, "fp16")
+    marked = {fn.arg_names[i] for (i,) in attrs}
+    assert marked == {"x_ptr", "w_ptr", "y_ptr", "scale_ptr", "shift_ptr", "partial_ptr",
+                      "P", "C_in", "C_out"}
+    assert all(v == [["tt.divisibility", 16]] for v in attrs.values())
+    assert signature["x_ptr"] == "*fp16" and signature["scale_ptr"] == "*fp32"
+    assert signature["H"] == "i32" and signature["STRIDE"] == "constexpr"
+
+
+def _cuda_kernels():
+    from resnext_kernels.bench.kernels import find_cuobjdump
+
+    if find_cuobjdump() is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton)")
+    if sass._library() is None:
+        pytest.skip("resnext_kernels._C holds no CUDA kernels")
+    from resnext_kernels.bench.kernels import cuda_report
+    from rich.console import Console
+
+    return cuda_report(Console(quiet=True))
+
+
+def test_every_conv_kernel_of_the_library():
+    resources = _cuda_kernels()
+    found = sass.cuda_sass("sm_90")
+    assert found, "no sm_90 SASS in resnext_kernels._C"
+    # Every kernel the resource report lists for sm_90 is there, by its mangled name.
+    from resnext_kernels.bench.kernels import demangle
+
+    names = dict(zip(demangle(list(found)), found))
+    conv = [r.name for r in resources if r.arch == "sm_90" and "_kernel<" in r.name]
+    assert conv
+    for name in conv:
+        assert name in names, name
+        k = found[names[name]]
+        assert k.symbol.startswith("_ZN2rk6detail") and k.arch == "sm_90"
+        assert k.instructions > 0
+        assert k.loop_instructions is None or 0 < k.loop_instructions
