@@ -193,3 +193,20 @@ def test_predict_bad_options(capsys):
         with pytest.raises(SystemExit):
             bench_main(["predict", "--measure", "--backends", "cuda"])
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_measured_kernels_are_put_beside_their_model():
+    from resnext_kernels.bench.predict import attach_measured
+
+    cuda = "void rk::detail::conv_fwd_kernel<__nv_bfloat16, 16, 1, (rk::Pass)2>(rk::ConvFwdParams)"
+    row = {"kernels": [{"kernel": cuda, "modeled_ms": 0.5},
+                       {"kernel": "torch aten::mul", "modeled_ms": 0.0025},
+                       {"kernel": "conv_fwd_kernel(STRIDE=1,STATS=0,BLOCK_P=32,BLOCK_C=32,"
+                                  "warps=4)", "modeled_ms": 0.2}],
+           "measured_kernels": [("void at::native::vectorized_elementwise_kernel<4>", 0.003),
+                                (cuda, 1.0), ("conv_fwd_kernel", 0.1)]}
+    attach_measured(row)
+    assert row["kernels"][0]["measured_over_modeled"] == 2.0
+    assert "measured_ms" not in row["kernels"][1]
+    assert row["kernels"][2]["measured_ms"] == 0.1
+    assert row["measured_other_ms"] == 0.003

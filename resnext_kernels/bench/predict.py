@@ -9,6 +9,7 @@ and kernel and prints measured / modelled.
 import json
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -26,7 +27,14 @@ PROG = "resnext-bench predict"
 MODELLED = Path(__file__).with_name("modelled_h200.json")
 BACKENDS = ("cuda", "triton")
 COUNTED = ("eval", "train_fwd", "train_bwd", "eval_bwd")
-QUICK_LAYERS = ("s3", "s4-down")
+QUICK_LAYERS = ("s3",)
+# The Triton interpreter runs today's gather kernels' loops in Python: ~40-70 ms a
+# program (two waves of one s2 pass: ~90 s), and every wgrad program loops over
+# hundreds of pixel tiles (~2 s a program). So Triton is counted on fewer programs
+# than the CUDA kernels (docs/performance-model.md); the tl.dot rewrite should
+# allow two waves again.
+TRITON_WAVES = 0.2
+TRITON_KERNEL_WAVES = {"bwd_wgrad_kernel": 0.01}
 
 
 def default_backends() -> list[str]:
@@ -61,14 +69,20 @@ def parse_args(argv):
     parser.add_argument("--waves", type=float, default=2.0,
                         help="waves of blocks counted per kernel (a wave: "
                              f"{counters.SMS} SMs x {counters.BLOCKS_PER_SM} blocks)")
+    parser.add_argument("--triton-waves", type=float, default=TRITON_WAVES,
+                        help="waves of programs counted per Triton kernel (wgrad: "
+                             f"{TRITON_KERNEL_WAVES['bwd_wgrad_kernel']})")
     parser.add_argument("--quick", action="store_true",
-                        help=f"layers {', '.join(QUICK_LAYERS)} only (about 2 minutes on 2 cores)")
+                        help=f"layer {', '.join(QUICK_LAYERS)} only, one wave (CUDA) and half "
+                             "the Triton programs: about 2 minutes on 2 cores")
     parser.add_argument("--measure", action="store_true",
                         help="on a GPU: also time every pass and kernel (measured / modelled)")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--modelled", default=None, metavar="JSON",
                         help="take the modelled rows from this JSON (an earlier --json) instead "
                              f"of counting; e.g. {MODELLED.relative_to(MODELLED.parents[2])}")
+    parser.add_argument("--markdown", default=None, metavar="PATH",
+                        help="also write the table as Markdown (for docs/kernels.md)")
     parser.add_argument("--no-sass", dest="sass", action="store_false",
                         help="leave out the issue ceiling (no compiled code read)")
     opts = parser.parse_args(argv)
@@ -84,8 +98,11 @@ def parse_args(argv):
     opts.passes = comma_list(PROG, "--passes", opts.passes, perfmodel.PASSES)
     if opts.batch < 1:
         fail(PROG, f"--batch must be at least 1; got {opts.batch}")
-    if opts.waves <= 0:
-        fail(PROG, f"--waves must be positive; got {opts.waves}")
+    if opts.waves <= 0 or opts.triton_waves <= 0:
+        fail(PROG, f"--waves and --triton-waves must be positive; got {opts.waves} and "
+                   f"{opts.triton_waves}")
+    if opts.quick:
+        opts.waves, opts.triton_waves = min(opts.waves, 1.0), opts.triton_waves / 2
     if opts.measure and not torch.cuda.is_available():
         fail(PROG, "--measure needs a CUDA GPU; without one predict models only")
     opts.dtype = DTYPES[opts.dtype]
@@ -97,15 +114,17 @@ def problem_of(layer: str, batch: int) -> testing.Problem:
     return testing.Problem(batch, channels, channels, size, size, 32, stride)
 
 
-def count(backend: str, problem, pass_name: str, dtype, waves: float) -> list:
+def count(backend: str, problem, pass_name: str, dtype, opts) -> list:
     if backend == "cuda":
         from .count_cuda import count_pass
 
-        return count_pass(problem, pass_name, dtype, waves=waves)
+        return count_pass(problem, pass_name, dtype, waves=opts.waves)
     from .count_triton import count_pass_subprocess
 
     counted = torch.float16 if dtype == torch.bfloat16 else dtype
-    return count_pass_subprocess(problem, pass_name, counted, waves=waves)
+    kernel_waves = {k: v * opts.triton_waves / TRITON_WAVES for k, v in TRITON_KERNEL_WAVES.items()}
+    return count_pass_subprocess(problem, pass_name, counted, waves=opts.triton_waves,
+                                 kernel_waves=kernel_waves)
 
 
 SASS_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -147,25 +166,52 @@ def measure_pass(backend: str, problem, pass_name: str, dtype) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         call()
         torch.cuda.synchronize()
-    kernels = [(e.name, e.device_time / 1e3) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0]
+    kernels = [(e.name, e.time_range.elapsed_us() / 1e3) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
     return {"measured_ms": sorted(times)[len(times) // 2], "measured_kernels": kernels}
+
+
+def attach_measured(row: dict) -> None:
+    """Put each measured kernel time beside the modelled kernel it belongs to, in
+    launch order (CUDA: the same demangled name; Triton: the jit function's name);
+    what matches no modelled kernel (the torch glue's own kernels) is summed apart."""
+    pending = list(row.get("measured_kernels", []))
+    for kernel in row["kernels"]:
+        for i, (name, ms) in enumerate(pending):
+            if name == kernel["kernel"] or kernel["kernel"].startswith(name + "("):
+                kernel["measured_ms"] = ms
+                kernel["measured_over_modeled"] = ms / kernel["modeled_ms"]
+                del pending[i]
+                break
+    row["measured_other_ms"] = sum(ms for _, ms in pending)
+
+
+def cells(r: dict) -> list[str]:
+    smem = (f"{r['smem_wavefronts'] / r['smem_ideal_wavefronts']:.2f}x"
+            if r["smem_ideal_wavefronts"] else "-")
+    return [r["layer"], r["backend"], r["pass"], f"{r['floor_ms']:.3f}", f"{r['modeled_ms']:.3f}",
+            f"{r['ratio']:.1f}", r["bound"],
+            f"{r['dram_bytes'] / 1e6:.0f} / {r['unique_bytes'] / 1e6:.0f}",
+            f"{r['coalescing']:.0%}", smem, str(r["launches"])]
+
+
+COLUMNS = ("layer", "backend", "pass", "floor ms", "modelled ms", "ratio", "bound",
+           "DRAM / unique MB", "coalescing", "smem wf / ideal", "launches")
+
+
+def markdown(rows) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def show(console, rows, title):
     table = Table(title=title)
-    for col in ("layer", "backend", "pass", "floor ms", "modelled ms", "ratio", "bound",
-                "DRAM / unique MB", "coalescing", "smem wf / ideal", "launches", "measured ms"):
+    for col in COLUMNS + ("measured ms",):
         table.add_column(col, justify="left" if col in ("layer", "backend", "pass", "bound")
                          else "right")
     for r in rows:
-        smem = (f"{r['smem_wavefronts'] / r['smem_ideal_wavefronts']:.2f}x"
-                if r["smem_ideal_wavefronts"] else "-")
-        table.add_row(r["layer"], r["backend"], r["pass"], f"{r['floor_ms']:.3f}",
-                      f"{r['modeled_ms']:.3f}", f"{r['ratio']:.1f}", r["bound"],
-                      f"{r['dram_bytes'] / 1e6:.0f} / {r['unique_bytes'] / 1e6:.0f}",
-                      f"{r['coalescing']:.0%}", smem, str(r["launches"]),
-                      f"{r['measured_ms']:.3f}" if "measured_ms" in r else "-")
+        table.add_row(*cells(r), f"{r['measured_ms']:.3f}" if "measured_ms" in r else "-")
     console.print(table)
 
 
@@ -180,7 +226,7 @@ def load_modelled(path, layers, backends, passes, dtype, batch) -> list[dict]:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     started = time.monotonic()
     if opts.modelled:
         rows = load_modelled(opts.modelled, opts.layers, opts.backends, opts.passes, opts.dtype,
@@ -194,25 +240,45 @@ def main(argv=None) -> int:
                 row.update(measure_pass(row["backend"], problem_of(row["layer"], opts.batch),
                                         row["pass"], opts.dtype))
                 row["measured_over_modeled"] = row["measured_ms"] / row["modeled_ms"]
+                attach_measured(row)
         return report(console, opts, rows, started, "read from " + opts.modelled)
     sass = compiled_code(opts.dtype, console) if opts.sass else {}
     counted = [p for p in COUNTED if p in opts.passes or
                (p in perfmodel.STEP and "train_step" in opts.passes)]
+    # The Triton counts run in child processes (the interpreter), one after another on
+    # a worker thread, while this thread counts the CUDA kernels: both cores busy.
+    jobs = [(layer, backend, pass_name) for layer in opts.layers for backend in opts.backends
+            for pass_name in counted]
+
+    def counted_launches(job):
+        layer, backend, pass_name = job
+        tic = time.monotonic()
+        launches = count(backend, problem_of(layer, opts.batch), pass_name, opts.dtype, opts)
+        seconds = time.monotonic() - tic
+        console.print(f"counted {backend} {layer} {pass_name}: {len(launches)} launches in "
+                      f"{seconds:.0f} s")
+        return launches, seconds
+
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        pending = {job: worker.submit(counted_launches, job) for job in jobs
+                   if job[1] == "triton"}
+        results = {job: pending[job] if job in pending else counted_launches(job)
+                   for job in jobs}
+        results = {job: r.result() if isinstance(r, Future) else r for job, r in results.items()}
     rows = []
     for layer in opts.layers:
         problem = problem_of(layer, opts.batch)
         for backend in opts.backends:
             by_pass = {}
             for pass_name in counted:
-                tic = time.monotonic()
-                with console.status(f"counting {backend} {layer} {pass_name}"):
-                    launches = count(backend, problem, pass_name, opts.dtype, opts.waves)
+                launches, seconds = results[(layer, backend, pass_name)]
                 kernels = perfmodel.model_pass(launches, sass)
                 row = perfmodel.pass_row(layer, backend, pass_name, problem, opts.dtype, kernels)
-                row["count_seconds"] = time.monotonic() - tic
+                row["count_seconds"] = seconds
                 if opts.measure:
                     row.update(measure_pass(backend, problem, pass_name, opts.dtype))
                     row["measured_over_modeled"] = row["measured_ms"] / row["modeled_ms"]
+                    attach_measured(row)
                 by_pass[pass_name] = row
             if "train_step" in opts.passes:
                 by_pass["train_step"] = perfmodel.step_row(by_pass["train_fwd"],
@@ -224,19 +290,41 @@ def main(argv=None) -> int:
     return report(console, opts, rows, started, "counted")
 
 
+def show_kernels(console, rows):
+    """Measured against modelled, kernel by kernel."""
+    table = Table(title="measured / modelled per kernel")
+    for col in ("layer", "backend", "pass", "kernel", "bound", "modelled ms", "measured ms",
+                "measured / modelled"):
+        table.add_column(col, justify="right" if "ms" in col or "/" in col else "left")
+    for r in rows:
+        for k in r["kernels"]:
+            if "measured_ms" in k:
+                table.add_row(r["layer"], r["backend"], r["pass"], k["kernel"][:60], k["bound"],
+                              f"{k['modeled_ms']:.4f}", f"{k['measured_ms']:.4f}",
+                              f"{k['measured_over_modeled']:.2f}")
+    console.print(table)
+
+
 def report(console, opts, rows, started, how) -> int:
     elapsed = time.monotonic() - started
     dtype = str(opts.dtype).replace("torch.", "")
     console.print(f"Every figure below is {perfmodel.LABEL}" +
-                  (", except 'measured ms' (this GPU)." if opts.measure else "."), soft_wrap=True)
+                  (", except the measured ones (this GPU)." if opts.measure else "."),
+                  soft_wrap=True)
     show(console, rows, f"H200 time per pass, batch {opts.batch}, {dtype}")
+    if opts.measure:
+        show_kernels(console, rows)
     console.print(f"reference bytes per pass: {perfmodel.REFERENCE_NOTE}; ratio = modelled / "
                   f"reference time at {perfmodel.H200['dram_bandwidth'].value / 1e12:.1f} TB/s; "
                   f"{how} in {elapsed:.0f} s.")
+    if opts.markdown:
+        with replacing(opts.markdown) as f:
+            f.write(markdown(rows))
     if opts.json:
         doc = {"label": perfmodel.LABEL, "command": " ".join(["resnext-bench", "predict"] +
                                                               opts.argv),
                "model": perfmodel.constants(), "waves": opts.waves,
+               "triton_waves": opts.triton_waves, "triton_kernel_waves": TRITON_KERNEL_WAVES,
                "environment": environment(torch.device("cuda" if opts.measure else "cpu")),
                "rows": rows}
         with replacing(opts.json) as f:

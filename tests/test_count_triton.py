@@ -1,0 +1,335 @@
+"""The Triton launch counters (resnext_kernels/bench/count_triton.py): known answers on
+tiny synthetic kernels, the window sampling, the glue detection, and one real pass of
+the backend per pass name on a small problem. Counting needs the Triton interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1 without a GPU); on a machine that compiles
+Triton kernels only the child-process test runs here."""
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from resnext_kernels import triton_backend as tb  # noqa: E402
+from resnext_kernels.bench import count_triton as ct  # noqa: E402
+from resnext_kernels.bench.counters import ATOMIC, READ, WRITE  # noqa: E402
+from resnext_kernels.testing import Problem  # noqa: E402
+
+interpreted = pytest.mark.skipif(
+    not ct.interpreting(),
+    reason="counts in-process through the Triton interpreter: run with TRITON_INTERPRET=1")
+
+SMALL = Problem(2, 32, 32, 8, 8, 8, 1)  # 4 conv programs of 32 pixels x 32 channels
+
+
+@triton.jit
+def copy_kernel(src, dst, n, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if MASKED:
+        tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+    else:
+        tl.store(dst + offs, tl.load(src + offs))
+
+
+@triton.jit
+def gather_sum_kernel(src, dst, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + tl.program_id(0), tl.sum(tl.load(src + offs * STRIDE), axis=0))
+
+
+@triton.jit
+def atomic_kernel(dst, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    total = tl.sum(tl.load(dst + offs % 8), axis=0)
+    tl.atomic_add(dst + offs % 8, total * 0 + 1.0, mask=offs < n)
+
+
+@triton.jit
+def dot_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    m = tl.arange(0, M)
+    n = tl.arange(0, N)
+    k = tl.arange(0, K)
+    a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+    b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+    tl.store(c_ptr + m[:, None] * N + n[None, :], tl.dot(a, b))
+
+
+@triton.jit
+def fma_kernel(x_ptr, w_ptr, out_ptr, half_ptr, STEPS: tl.constexpr):
+    r = tl.arange(0, 32)
+    acc = tl.zeros((32, 32), dtype=tl.float32)
+    for i in range(STEPS):
+        x = tl.load(x_ptr + r * STEPS + i)
+        w = tl.load(w_ptr + r * STEPS + i)
+        acc += x[:, None] * w[None, :]
+    h = tl.load(half_ptr + r)
+    tl.store(half_ptr + r, h * h)  # fp16: not an FMA
+    tl.store(out_ptr + r[:, None] * 32 + r[None, :], acc)
+
+
+@triton.jit
+def id_kernel(dst):
+    linear = tl.program_id(0) + tl.num_programs(0) * tl.program_id(1)
+    tl.store(dst + linear, linear.to(tl.float32))
+
+
+def one_launch(run):
+    with ct.hooked() as recorder:
+        run()
+    (launch,) = recorder.launches
+    return launch
+
+
+def test_variant_name():
+    name = ct.variant_name("conv_fwd_kernel", dict(STRIDE=1, STATS=False, BLOCK_P=32,
+                                                   BLOCK_C=32), 4)
+    assert name == "conv_fwd_kernel(STRIDE=1,STATS=0,BLOCK_P=32,BLOCK_C=32,warps=4)"
+    from resnext_kernels.bench import triton_aot
+    if hasattr(triton_aot, "variant_name"):  # the AOT/SASS reports' key: the same format
+        assert triton_aot.variant_name("k", dict(A=True, B=2), 8) == ct.variant_name(
+            "k", dict(A=True, B=2), 8)
+
+
+def test_sample_window():
+    w = ct.sample_window(2000)  # 2 waves of 528 counted after 0.5 wave of warm-up
+    assert (w.warm_start, w.count_start, w.count_end) == (680, 944, 2000)  # clamped at the end
+    assert w.counted == 1056 and w.scale == pytest.approx(2000 / 1056)
+    assert w.window_start == pytest.approx(944 / 2000)
+    w = ct.sample_window(10_000)
+    assert (w.warm_start, w.count_start, w.count_end) == (4736, 5000, 6056)  # the middle
+    w = ct.sample_window(1320)  # warm-up + window: the whole grid, all counted
+    assert (w.warm_start, w.count_start, w.count_end, w.scale) == (0, 0, 1320, 1.0)
+    w = ct.sample_window(700, waves=0.25, warmup_waves=1.0)  # after its warm-up
+    assert (w.warm_start, w.count_start, w.count_end) == (0, 528, 660)
+
+
+def test_vector_width():
+    base = np.uint64(1 << 20)
+    row = base + 4 * np.arange(64, dtype=np.uint64)
+    assert ct.vector_width(np.stack([row, row + 4096]), 4) == 4  # 16 bytes of fp32
+    assert ct.vector_width(base + 2 * np.arange(64, dtype=np.uint64), 2) == 8
+    assert ct.vector_width(base + 8 * np.arange(64, dtype=np.uint64), 4) == 1
+    groups = base + 2 * ((np.arange(64) // 4) * 16 + np.arange(64) % 4).astype(np.uint64)
+    assert ct.vector_width(groups, 2) == 4  # runs of 4 consecutive channels
+    assert ct.vector_width(np.array([base]), 4) == 1
+
+
+@interpreted
+def test_coalesced_copy():
+    src, dst = torch.zeros(1024), torch.zeros(1024)
+    src.copy_(torch.arange(1024.0))
+    launch = one_launch(lambda: copy_kernel[(4,)](src, dst, 1024, BLOCK=256, MASKED=False))
+    assert torch.equal(dst, src)
+    # 4 programs x (load + store) x 2 instructions of 32 lanes x 4 floats
+    assert launch.global_requests == 16
+    assert launch.global_bytes == 2 * 4096
+    assert launch.global_sectors == 2 * 4096 // 32 and launch.coalescing == 1.0
+    assert launch.global_wavefronts == 2 * 4096 // 128
+    assert (launch.kernel, launch.symbol) == ("copy_kernel",
+                                              "copy_kernel(BLOCK=256,MASKED=0,warps=4)")
+    assert (launch.grid, launch.blocks, launch.sampled_blocks, launch.scale,
+            launch.window_start, launch.threads) == ((4, 1, 1), 4, 4, 1.0, 0.0, 128)
+    assert launch.fma == launch.mma == launch.atomics == launch.smem_wavefronts == 0
+    # trace: per program its 32 source sectors (read) then 32 destination sectors, each
+    # tensor at its own 512-byte aligned (virtual) address
+    sectors = launch.trace_sector
+    assert sectors.dtype == np.int64 and sectors.size == 256 and launch.trace_counted.all()
+    src0, dst0 = sectors[0], sectors[32]
+    assert src0 % 16 == 0 and dst0 % 16 == 0 and dst0 >= src0 + 4096 // 32
+    assert np.array_equal(sectors[:32], src0 + np.arange(32))
+    assert np.array_equal(sectors[32:64], dst0 + np.arange(32))
+    assert np.array_equal(sectors[64:96], src0 + 32 + np.arange(32))
+    assert (launch.trace_kind[:32] == READ).all() and (launch.trace_kind[32:64] == WRITE).all()
+    assert launch.l2_bytes == 2 * 4096
+
+
+@interpreted
+def test_masked_tail():
+    src, dst = torch.zeros(1024), torch.full((1024,), -1.0)
+    launch = one_launch(lambda: copy_kernel[(4,)](src, dst, 784, BLOCK=256, MASKED=True))
+    assert (dst[784:] == -1).all()
+    # the last program: one instruction with 16 active lanes' elements, one without
+    assert launch.global_requests == 2 * (3 * 2 + 1)
+    assert launch.global_bytes == 2 * 784 * 4
+    assert launch.global_sectors == 2 * (3 * 32 + 2) and launch.coalescing == 1.0
+    assert launch.global_wavefronts == 2 * (3 * 8 + 1)
+    assert launch.trace_sector.size == 2 * (3 * 32 + 2)
+
+
+@interpreted
+def test_strided_gather():
+    src, dst = torch.zeros(4 * 128 * 32), torch.zeros(4)
+    launch = one_launch(lambda: gather_sum_kernel[(4,)](src, dst, STRIDE=32, BLOCK=128))
+    # gather: vec 1, 32 lanes 128 bytes apart: a sector and a line per element; plus
+    # one scalar store (4 bytes of 1 sector) per program
+    assert launch.global_requests == 4 * (128 // 32 + 1)
+    assert launch.global_sectors == 4 * (128 + 1)
+    assert launch.global_wavefronts == 4 * (128 + 1)
+    assert launch.global_bytes == 4 * (128 + 1) * 4
+    assert launch.coalescing == 4 / 32
+
+
+@interpreted
+def test_atomic_add():
+    dst = torch.zeros(8)
+    launch = one_launch(lambda: atomic_kernel[(1,)](dst, 50, BLOCK=64))
+    assert torch.equal(dst, torch.tensor([7.0, 7, 6, 6, 6, 6, 6, 6]))  # 50 lanes on 8 floats
+    assert launch.atomics == 50
+    # load: offs % 8 runs of 4 consecutive floats: vec 4, one instruction on the 8
+    # floats (1 sector); atomic: vec 1, instructions of 32 and 18 active lanes, each on
+    # the 8 floats
+    assert launch.global_requests == 1 + 2
+    assert launch.global_sectors == 3 and launch.global_bytes == 3 * 32
+    assert launch.trace_sector.size == 1
+    assert launch.trace_kind.tolist() == [READ | ATOMIC]
+
+
+@interpreted
+@pytest.mark.parametrize("m,n,k,valid_k", [(16, 16, 16, 9), (8, 8, 8, 8)])
+def test_padded_dot(m, n, k, valid_k):
+    a = torch.rand(m, k, dtype=torch.float16) + 0.5
+    a[:, valid_k:] = 0  # K = 9 zero-padded to the 16-deep tile
+    b = torch.rand(k, n, dtype=torch.float16) + 0.5
+    c = torch.empty(m, n)
+    launch = one_launch(lambda: dot_kernel[(1,)](a, b, c, M=m, N=n, K=k))
+    torch.testing.assert_close(c, a.float() @ b.float())
+    assert launch.mma_kind == "tl.dot"
+    assert launch.executed_macs == 16 * max(n, 8) * 16  # padded to 16 x 8 x 16 steps
+    assert launch.mma == (16 // 16) * (max(n, 8) // 8) * (16 // 16)
+    assert launch.useful_macs == m * n * valid_k
+    assert launch.smem_wavefronts == launch.smem_ideal_wavefronts == (m * k + k * n) * 2 * 2 // 128
+    assert launch.fma == 0
+
+
+@interpreted
+def test_fma_count():
+    x, w, out = torch.randn(32 * 5), torch.randn(32 * 5), torch.empty(32, 32)
+    half = torch.ones(32, dtype=torch.float16)
+    launch = one_launch(lambda: fma_kernel[(3,)](x, w, out, half, STEPS=5))
+    torch.testing.assert_close(out, x.view(32, 5) @ w.view(32, 5).T)
+    assert launch.fma == 3 * 5 * 32 * 32  # the fp32 multiplies, not the fp16 one
+
+
+@interpreted
+def test_window_sampling_1d():
+    dst = torch.full((2000,), -1.0)
+    launch = one_launch(lambda: id_kernel[(2000,)](dst))
+    ran = np.flatnonzero(dst.numpy() >= 0)
+    assert ran.tolist() == list(range(680, 2000))  # warm-up + counted; the rest skipped
+    assert np.array_equal(dst[680:].numpy(), np.arange(680, 2000, dtype=np.float32))
+    assert (launch.blocks, launch.sampled_blocks) == (2000, 1056)
+    assert launch.scale == pytest.approx(2000 / 1056)
+    assert launch.window_start == pytest.approx(944 / 2000)
+    assert launch.global_requests == 1056 and launch.global_bytes == 4 * 1056
+    # one sector per program, in launch order, warm-up first
+    assert launch.trace_counted.tolist() == [False] * 264 + [True] * 1056
+    assert np.array_equal(launch.trace_sector - launch.trace_sector[0], 4 * ran // 32 - 680 // 8)
+
+
+@interpreted
+def test_window_sampling_launch_order():
+    # grid (3, 700): program id x fastest in launch order (the interpreter runs y fastest)
+    dst = torch.full((2100,), -1.0)
+    launch = one_launch(lambda: id_kernel[(3, 700)](dst))
+    window = ct.sample_window(2100)
+    ran = np.flatnonzero(dst.numpy() >= 0)
+    assert ran.tolist() == list(range(window.warm_start, window.count_end))
+    assert launch.grid == (3, 700, 1) and launch.sampled_blocks == window.counted
+    first = window.warm_start * 4 // 32
+    assert np.array_equal(launch.trace_sector - launch.trace_sector[0], 4 * ran // 32 - first)
+    assert launch.trace_counted.sum() == window.counted
+
+
+@interpreted
+def test_glue_detection():
+    recorder = ct._Recorder(2.0, 0.5)
+    x = torch.randn(4, 6)
+    with ct._glue_mode(recorder):
+        x.contiguous()
+        x.to(torch.float32)
+        x.t()
+        x.view(6, 4).permute(1, 0)
+        x[:, 0].unsqueeze(0)
+        torch.empty(3)
+        x.sum().item()  # the sum is a kernel; item is a host read
+        x.double()
+        x.t().contiguous()
+        torch.rsqrt(x.abs() + 1)
+        torch.zeros(3).add_(1)
+    assert [r.kernel for r in recorder.launches] == [
+        f"torch aten::{op}" for op in ("sum", "_to_copy", "clone", "abs", "add", "rsqrt",
+                                       "zeros", "add_")]
+    glue = recorder.launches[0]
+    assert (glue.grid, glue.blocks, glue.sampled_blocks, glue.scale, glue.global_bytes,
+            glue.trace_sector.size) == ((1, 1, 1), 1, 1, 1.0, 0, 0)
+
+
+# The Triton launches of each pass, and the glue around them, on a GPU's fixed tiles.
+STATS_WARPS = tb.STATS_WARPS
+TRITON_KERNELS = {
+    "eval": ["conv_fwd_kernel(STRIDE=1,STATS=0,BLOCK_P=32,BLOCK_C=32,warps=4)"],
+    "train_fwd": [f"conv_fwd_kernel(STRIDE=1,STATS=1,BLOCK_P=32,BLOCK_C=32,warps={STATS_WARPS})",
+                  "conv_fwd_kernel(STRIDE=1,STATS=0,BLOCK_P=32,BLOCK_C=32,warps=4)"],
+    "train_bwd": ["bwd_reduce_kernel(STRIDE=1,BLOCK_P=32,BLOCK_C=32,warps=4)",
+                  "bwd_dc_kernel(STRIDE=1,BLOCK_P=32,BLOCK_C=32,warps=4)",
+                  "bwd_dgrad_kernel(STRIDE=1,FROM_DY=0,BLOCK_P=32,BLOCK_C=32,warps=4)",
+                  "bwd_wgrad_kernel(STRIDE=1,FROM_DY=0,DETERMINISTIC=0,BLOCK_P=32,BLOCK_E=64,"
+                  "warps=8)"],
+    "eval_bwd": ["bwd_dgrad_kernel(STRIDE=1,FROM_DY=1,BLOCK_P=32,BLOCK_C=32,warps=4)",
+                 "bwd_wgrad_kernel(STRIDE=1,FROM_DY=1,DETERMINISTIC=0,BLOCK_P=32,BLOCK_E=64,"
+                 "warps=8)"],
+}
+
+
+@interpreted
+@pytest.mark.parametrize("pass_name", ct.PASSES)
+def test_real_pass(pass_name):
+    launches = ct.count_pass(SMALL, pass_name, torch.float16)
+    kernels = [r for r in launches if not r.kernel.startswith("torch ")]
+    glue = [r for r in launches if r.kernel.startswith("torch ")]
+    assert [r.symbol for r in kernels] == TRITON_KERNELS[pass_name]
+    from resnext_kernels.bench import triton_aot
+    compiled = {ct.variant_name(*v) for v in triton_aot.variants(quick=False)}
+    assert {r.symbol for r in kernels} <= compiled  # keys of the AOT/SASS reports
+    for r in kernels:
+        assert r.backend == "triton" and r.scale == 1.0 and r.sampled_blocks == r.blocks > 0
+        assert r.global_requests > 0 and r.global_sectors > 0 and r.fma > 0
+        assert 0 < r.global_bytes <= r.global_sectors * 32
+        assert r.trace_sector.size == r.trace_kind.size == r.trace_counted.size > 0
+        assert r.trace_counted.all() and r.mma == 0
+    assert glue and all(r.global_bytes == 0 and r.grid == (1, 1, 1) for r in glue)
+    names = [r.kernel for r in launches]
+    assert names[0] == "torch aten::clone"  # the OIHW -> OHWI weight copy
+    if pass_name == "eval":
+        assert names == [f"torch aten::{op}" for op in (
+            "clone", "_to_copy", "_to_copy", "add", "rsqrt", "mul", "mul", "sub")] + [
+            "conv_fwd_kernel"]
+        (conv,) = kernels
+        again = [r for r in ct.count_pass(SMALL, pass_name, torch.float16)
+                 if r.kernel == "conv_fwd_kernel"][0]  # independent of the CPU's addresses
+        assert (again.global_wavefronts, again.global_sectors) == (conv.global_wavefronts,
+                                                                    conv.global_sectors)
+        assert np.array_equal(again.trace_sector, conv.trace_sector)
+        # 4 programs: 9 taps x 4 channels of fp32 multiply-adds on 32 x 32, plus the scale
+        assert conv.fma == 4 * (36 + 1) * 32 * 32
+        # the output, 2 x 8 x 8 pixels x 32 fp16 channels, is written once
+        assert np.count_nonzero(conv.trace_kind & WRITE) == 2 * 64 * 32 * 2 // 32
+        assert conv.threads == 128 and conv.grid == (4, 1, 1)
+    if pass_name == "train_fwd":  # statistics merged between the two conv passes
+        between = names[names.index("conv_fwd_kernel") + 1:-1]
+        assert "torch aten::sum" in between and "torch aten::rsqrt" in between
+    if pass_name in ("train_bwd", "eval_bwd"):
+        wgrad = kernels[-1]
+        assert wgrad.grid == (18, 4, 1) and wgrad.threads == 256  # 1152 entries / 64
+        assert wgrad.atomics == 32 * 9 * 4 * 4  # every dw entry, once per pixel chunk
+        assert "torch aten::zeros" in names[names.index("bwd_dgrad_kernel"):]
+
+
+def test_count_in_child_process():
+    launches = ct.run_in_child(SMALL, "eval", torch.float16)
+    assert [r.symbol for r in launches if r.kernel == "conv_fwd_kernel"] == \
+        TRITON_KERNELS["eval"]
+    (conv,) = [r for r in launches if r.kernel == "conv_fwd_kernel"]
+    assert conv.fma == 4 * 37 * 32 * 32 and conv.trace_sector.size > 0
+    assert sum(r.kernel.startswith("torch ") for r in launches) == 8
