@@ -31,7 +31,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
-#include <string_view>
+#include <cstring>
 #include <utility>
 #include <unordered_map>
 #include <vector>
@@ -51,18 +51,21 @@ inline int smem_wavefronts(const uint64_t* addr, int bytes, uint32_t mask) {
   const int per_phase = bytes <= 4 ? 32 : bytes <= 8 ? 16 : 8;
   int total = 0;
   for (int p0 = 0; p0 < 32; p0 += per_phase) {
-    uint64_t words[32 * 4];
-    int n = 0;
-    for (int lane = p0; lane < p0 + per_phase; ++lane) {
-      if (!(mask >> lane & 1u)) continue;
-      for (uint64_t w = addr[lane] / 4; w <= (addr[lane] + bytes - 1) / 4; ++w) words[n++] = w;
-    }
-    if (n == 0) continue;
-    std::sort(words, words + n);
-    n = static_cast<int>(std::unique(words, words + n) - words);
+    uint64_t words[32][32];  // distinct words per bank (at most 32 lanes x 4 words)
     int per_bank[32] = {};
     int worst = 0;
-    for (int i = 0; i < n; ++i) worst = std::max(worst, ++per_bank[words[i] % 32]);
+    for (int lane = p0; lane < p0 + per_phase; ++lane) {
+      if (!(mask >> lane & 1u)) continue;
+      for (uint64_t w = addr[lane] / 4; w <= (addr[lane] + bytes - 1) / 4; ++w) {
+        const int bank = static_cast<int>(w % 32);
+        int i = 0;
+        while (i < per_bank[bank] && words[bank][i] != w) ++i;
+        if (i == per_bank[bank]) {  // a word this bank has not served yet in the phase
+          words[bank][per_bank[bank]++] = w;
+          worst = std::max(worst, per_bank[bank]);
+        }
+      }
+    }
     total += worst;
   }
   return total;
@@ -141,8 +144,9 @@ class Tracker {
     counting_ = config.on;
     counted_ = config.on && block >= counted_from_;
     block_sectors_.clear();
-    iteration_ = 0;
-    weight_ = 1.0;
+    // Each thread's place in a persistent loop (threads reach loop_done at different
+    // times: the block's state must not leak between them).
+    lanes_.assign(threads_, Lane());
   }
 
   void end_block(const unsigned* live) {
@@ -182,11 +186,12 @@ class Tracker {
         in.op = op;
         in.bytes = static_cast<uint8_t>(bytes);
         in.matrices = static_cast<uint8_t>(matrices);
-        in.weight = static_cast<float>(weight_);
-        in.iteration = iteration_;
+        in.weight = static_cast<float>(lanes_[lane_linear].weight);
+        in.iteration = lanes_[lane_linear].iteration;
         w.instrs.push_back(in);
       }
-    } else if (w.leader[i].line != line || std::string_view(w.leader[i].file) != file) {
+    } else if (w.leader[i].line != line ||
+               (w.leader[i].file != file && std::strcmp(w.leader[i].file, file) != 0)) {
       char what[512];
       std::snprintf(what, sizeof(what),
                     "divergent memory access: lanes of one warp issue different access "
@@ -202,30 +207,33 @@ class Tracker {
     }
   }
 
-  void add_mma(double executed, double useful) {
+  // The calling thread's (`tid`: linear thread index) work and persistent loop.
+  void add_mma(int tid, double executed, double useful) {
     if (!counted_) return;
-    block_.mma += weight_;
-    block_.executed_macs += executed * weight_;
-    block_.useful_macs += useful * weight_;
+    const double w = lanes_[tid].weight;
+    block_.mma += w;
+    block_.executed_macs += executed * w;
+    block_.useful_macs += useful * w;
   }
 
-  void add_fma(int n) {
-    if (counted_) block_.fma += n * weight_;
+  void add_fma(int tid, int n) {
+    if (counted_) block_.fma += n * lanes_[tid].weight;
   }
 
-  long loop_iterations(long iterations) {
+  long loop_iterations(int tid, long iterations) {
+    Lane& lane = lanes_[tid];
     if (!counting_ || config.max_iterations <= 0 || iterations <= config.max_iterations) {
-      loop_weight_ = 1.0;
+      lane.loop_weight = 1.0;
       return iterations;
     }
-    loop_weight_ = static_cast<double>(iterations) / static_cast<double>(config.max_iterations);
+    lane.loop_weight = static_cast<double>(iterations) / static_cast<double>(config.max_iterations);
     return config.max_iterations;
   }
-  void loop_iteration(long it) {
-    iteration_ = it;
-    weight_ = loop_weight_;
+  void loop_iteration(int tid, long it) {
+    lanes_[tid].iteration = it;
+    lanes_[tid].weight = lanes_[tid].loop_weight;
   }
-  void loop_done() { weight_ = 1.0; }
+  void loop_done(int tid) { lanes_[tid].weight = 1.0; }
 
   // The counted block's aggregates, added to the launch at its end.
   void finish_block() {
@@ -271,6 +279,10 @@ class Tracker {
     double global_requests = 0, global_sectors = 0, global_bytes = 0, global_wavefronts = 0;
     double smem_wavefronts = 0, smem_ideal_wavefronts = 0;
     double mma = 0, executed_macs = 0, useful_macs = 0, fma = 0, atomics = 0;
+  };
+  struct Lane {
+    double weight = 1.0, loop_weight = 1.0;
+    long iteration = 0;
   };
   struct Entry {
     int64_t sector;
@@ -366,8 +378,8 @@ class Tracker {
 
   bool active_ = false, counting_ = false, counted_ = false;
   int threads_ = 0;
-  long counted_from_ = 0, seq_ = 0, iteration_ = 0;
-  double weight_ = 1.0, loop_weight_ = 1.0;
+  long counted_from_ = 0, seq_ = 0;
+  std::vector<Lane> lanes_;
   std::vector<Warp> warps_;
   std::unordered_map<int64_t, size_t> block_sectors_;
   std::vector<Entry> entries_;

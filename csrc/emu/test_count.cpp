@@ -142,6 +142,21 @@ __global__ void loop_kernel(const float* in, float* out, long n) {
   rk::store_global(out + threadIdx.x, sum);
 }
 
+// A persistent loop with a barrier inside: every thread's accesses keep the loop's
+// weight until that thread leaves the loop (the first thread out must not reset it
+// for the others).
+__global__ void loop_barrier_kernel(const float* in, float* out, long n) {
+  float sum = 0.0f;
+  const long iterations = rk::loop_iterations(n);
+  for (long it = 0; it < iterations; ++it) {
+    rk::loop_iteration(it);
+    __syncthreads();
+    sum = rk::fma_count(rk::load_global(in + it * 64 + threadIdx.x), 2.0f, sum);
+  }
+  rk::loop_done();
+  rk::store_global(out + threadIdx.x, sum);
+}
+
 __global__ void divergent_kernel(const float* in, float* out) {
   float v = rk::load_global(in + threadIdx.x);
   if (threadIdx.x == 3) v += rk::load_global(in);  // skipped by the other lanes
@@ -244,6 +259,15 @@ void test_persistent_loop() {
   CHECK_EQ(l.weight[0], 5.0f);
 }
 
+void test_persistent_loop_with_barrier() {
+  alignas(128) static float in[10 * 64], out[64];
+  const auto l = count_one(
+      [&] { RK_LAUNCH(loop_barrier_kernel, dim3(1), dim3(64), 0, 0)(in, out, 10L); }, 1 << 20,
+      0, 2);
+  CHECK_EQ(l.global_requests, 2 * (10 + 1));  // two warps: 10 loads (weighted), one store
+  CHECK_EQ(l.fma, 10 * 64);
+}
+
 void test_divergence_aborts() {
   alignas(128) static float in[32], out[32];
   CHECK(aborts_with([&] { RK_LAUNCH(divergent_kernel, dim3(1), dim3(32), 0, 0)(in, out); },
@@ -264,6 +288,7 @@ int main() {
   test_padded_mma();
   test_window();
   test_persistent_loop();
+  test_persistent_loop_with_barrier();
   test_divergence_aborts();
   if (failures) std::fprintf(stderr, "%d check(s) failed\n", failures);
   return failures ? 1 : 0;

@@ -99,12 +99,12 @@ inline void atomic_add_global(float* p, float v, bool pred = true,
   if (pred) atomicAdd(p, v);
 }
 inline float fma_count(float a, float b, float c) {
-  emu::tracker.add_fma(1);
+  emu::tracker.add_fma(emu::linear_tid, 1);
   return fmaf(a, b, c);
 }
-inline long loop_iterations(long n) { return emu::tracker.loop_iterations(n); }
-inline void loop_iteration(long it) { emu::tracker.loop_iteration(it); }
-inline void loop_done() { emu::tracker.loop_done(); }
+inline long loop_iterations(long n) { return emu::tracker.loop_iterations(emu::linear_tid, n); }
+inline void loop_iteration(long it) { emu::tracker.loop_iteration(emu::linear_tid, it); }
+inline void loop_done() { emu::tracker.loop_done(emu::linear_tid); }
 
 #endif
 

@@ -139,7 +139,7 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
     for (int m = 0; m < 16; ++m)
       for (int n = 0; n < 8; ++n)
         for (int k = 0; k < 16; ++k) useful += A[m][k] != 0.0f && B[k][n] != 0.0f;
-    ::rk::emu::tracker.add_mma(16 * 8 * 16, useful);
+    ::rk::emu::tracker.add_mma(::rk::emu::linear_tid, 16 * 8 * 16, useful);
   }
   const int g = ::rk::emu::lane_id() / 4, t = ::rk::emu::lane_id() % 4;
   for (int i = 0; i < 4; ++i) {

@@ -214,7 +214,7 @@ def l2_model(launches: list, window_bytes: float) -> list:
         weights.append(w)
         owner.append(np.full(len(w), k))
         counted.append(c)
-        start += max(full, warm + float(size.sum()))
+        start += max(full, launch.window_start * full + float(size[c].sum()))
     result = [Dram(0.0, 0.0, 0.0) for _ in launches]
     if not sectors:
         return result

@@ -166,9 +166,13 @@ def model_pass(launches: list[Launch], sass: dict) -> list[dict]:
 
 def step_row(fwd: dict, bwd: dict) -> dict:
     """train_step: the sum of the train_fwd and train_bwd rows."""
-    row = dict(fwd, **{"pass": "train_step"})
+    row = {k: v for k, v in fwd.items() if not k.startswith("measured") and k != "count_seconds"}
+    row["pass"] = "train_step"
     for key in SUMMED + ("floor_bytes", "floor_ms"):
         row[key] = fwd[key] + bwd[key]
+    if "measured_ms" in fwd and "measured_ms" in bwd:
+        row["measured_ms"] = fwd["measured_ms"] + bwd["measured_ms"]
+        row["measured_over_modeled"] = row["measured_ms"] / row["modeled_ms"]
     row["coalescing"] = (row["global_bytes"] / row["global_sector_bytes"]
                          if row["global_sector_bytes"] else 1.0)
     row["ratio"] = row["modeled_ms"] / row["floor_ms"]

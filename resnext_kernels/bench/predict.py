@@ -122,9 +122,13 @@ def count(backend: str, problem, pass_name: str, dtype, opts) -> list:
     from .count_triton import count_pass_subprocess
 
     counted = torch.float16 if dtype == torch.bfloat16 else dtype
-    kernel_waves = {k: v * opts.triton_waves / TRITON_WAVES for k, v in TRITON_KERNEL_WAVES.items()}
     return count_pass_subprocess(problem, pass_name, counted, waves=opts.triton_waves,
-                                 kernel_waves=kernel_waves)
+                                 kernel_waves=triton_kernel_waves(opts))
+
+
+def triton_kernel_waves(opts) -> dict:
+    """TRITON_KERNEL_WAVES scaled as --triton-waves (and --quick) scale the rest."""
+    return {k: v * opts.triton_waves / TRITON_WAVES for k, v in TRITON_KERNEL_WAVES.items()}
 
 
 SASS_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -234,6 +238,7 @@ def main(argv=None) -> int:
         if not rows:
             fail(PROG, f"{opts.modelled} has no rows for this selection")
         if opts.measure:
+            measured = {}
             for row in rows:
                 if row["pass"] == "train_step":
                     continue
@@ -241,6 +246,12 @@ def main(argv=None) -> int:
                                         row["pass"], opts.dtype))
                 row["measured_over_modeled"] = row["measured_ms"] / row["modeled_ms"]
                 attach_measured(row)
+                measured[(row["layer"], row["backend"], row["pass"])] = row["measured_ms"]
+            for row in rows:  # train_step: the sum of its two passes
+                parts = [measured.get((row["layer"], row["backend"], p)) for p in perfmodel.STEP]
+                if row["pass"] == "train_step" and None not in parts:
+                    row["measured_ms"] = sum(parts)
+                    row["measured_over_modeled"] = row["measured_ms"] / row["modeled_ms"]
         return report(console, opts, rows, started, "read from " + opts.modelled)
     sass = compiled_code(opts.dtype, console) if opts.sass else {}
     counted = [p for p in COUNTED if p in opts.passes or
@@ -283,9 +294,6 @@ def main(argv=None) -> int:
             if "train_step" in opts.passes:
                 by_pass["train_step"] = perfmodel.step_row(by_pass["train_fwd"],
                                                            by_pass["train_bwd"])
-                if opts.measure:
-                    by_pass["train_step"]["measured_ms"] = sum(
-                        by_pass[p]["measured_ms"] for p in perfmodel.STEP)
             rows += [by_pass[p] for p in opts.passes if p in by_pass]
     return report(console, opts, rows, started, "counted")
 
@@ -324,7 +332,7 @@ def report(console, opts, rows, started, how) -> int:
         doc = {"label": perfmodel.LABEL, "command": " ".join(["resnext-bench", "predict"] +
                                                               opts.argv),
                "model": perfmodel.constants(), "waves": opts.waves,
-               "triton_waves": opts.triton_waves, "triton_kernel_waves": TRITON_KERNEL_WAVES,
+               "triton_waves": opts.triton_waves, "triton_kernel_waves": triton_kernel_waves(opts),
                "environment": environment(torch.device("cuda" if opts.measure else "cpu")),
                "rows": rows}
         with replacing(opts.json) as f:
