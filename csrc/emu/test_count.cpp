@@ -5,6 +5,7 @@
 // (target count_tests). Exit status 0 when all pass.
 #include "emu/count_types.h"
 #include "kernels/conv_common.cuh"
+#include "emu/abort_test.h"
 
 #include <sys/wait.h>
 #include <unistd.h>
@@ -13,6 +14,8 @@
 #include <string>
 
 namespace {
+
+using rk::emu::testing::aborts_with;
 
 int failures = 0;
 
@@ -33,32 +36,6 @@ int failures = 0;
       ++failures;                                                         \
     }                                                                     \
   } while (0)
-
-// Runs `fn` in a child process; true when it aborted with `expect` in its stderr.
-template <typename F>
-bool aborts_with(F fn, const char* expect) {
-  int pipe_fd[2];
-  if (pipe(pipe_fd) != 0) return false;
-  pid_t pid = fork();
-  if (pid == 0) {
-    dup2(pipe_fd[1], 2);
-    close(pipe_fd[0]);
-    fn();
-    std::_Exit(0);
-  }
-  close(pipe_fd[1]);
-  std::string err;
-  char buf[512];
-  ssize_t got;
-  while ((got = read(pipe_fd[0], buf, sizeof(buf))) > 0) err.append(buf, got);
-  close(pipe_fd[0]);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  const bool ok = WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT &&
-                  err.find(expect) != std::string::npos;
-  if (!ok) std::fprintf(stderr, "expected an abort with '%s'; got: %s\n", expect, err.c_str());
-  return ok;
-}
 
 // ---- the bank rules ----------------------------------------------------------------
 
