@@ -135,6 +135,20 @@ SUMMED = ("dram_bytes", "dram_bytes_25mib", "unique_bytes", "l2_bytes", "smem_wa
           "issue_instructions", "launches", "modeled_ms", "global_bytes", "global_sector_bytes")
 
 
+def short_name(kernel: str) -> str:
+    """A kernel's name without return type, namespace, template and arguments."""
+    name = kernel.removeprefix("void ").removeprefix("rk::detail::")
+    return name.split("<")[0].split("(")[0]
+
+
+def bound_of(kernels: list[dict]) -> str:
+    """The ceiling of the slowest kernel, and which kernel it is."""
+    if not kernels:
+        return "-"
+    slowest = max(kernels, key=lambda k: k["modeled_ms"])
+    return f"{slowest['bound']} ({short_name(slowest['kernel'])})"
+
+
 def pass_row(layer: str, backend: str, pass_name: str, problem: testing.Problem,
              dtype: torch.dtype, kernels: list[dict]) -> dict:
     """One layer x backend x pass: the sums of its kernel rows against the reference."""
@@ -148,8 +162,7 @@ def pass_row(layer: str, backend: str, pass_name: str, problem: testing.Problem,
     row["coalescing"] = (row["global_bytes"] / row["global_sector_bytes"]
                          if row["global_sector_bytes"] else 1.0)
     row["ratio"] = row["modeled_ms"] / floor_ms
-    slowest = max(kernels, key=lambda k: k["modeled_ms"]) if kernels else None
-    row["bound"] = f"{slowest['bound']} ({slowest['kernel'].split('(')[0]})" if slowest else "-"
+    row["bound"] = bound_of(kernels)
     row["label"] = LABEL
     row["kernels"] = kernels
     return row
@@ -176,8 +189,6 @@ def step_row(fwd: dict, bwd: dict) -> dict:
     row["coalescing"] = (row["global_bytes"] / row["global_sector_bytes"]
                          if row["global_sector_bytes"] else 1.0)
     row["ratio"] = row["modeled_ms"] / row["floor_ms"]
-    kernels = fwd["kernels"] + bwd["kernels"]
-    slowest = max(kernels, key=lambda k: k["modeled_ms"])
-    row["bound"] = f"{slowest['bound']} ({slowest['kernel'].split('(')[0]})"
-    row["kernels"] = kernels
+    row["kernels"] = fwd["kernels"] + bwd["kernels"]
+    row["bound"] = bound_of(row["kernels"])
     return row
