@@ -32,7 +32,7 @@ def test_rehearsal_runs_every_step_and_returns_its_files(tmp_path):
     assert summary["rehearsal"] is True
     assert [s["name"] for s in summary["steps"]] == STEPS
     status = {s["name"]: s["status"] for s in summary["steps"]}
-    skipped = {"compile": "GPU-only", "predict": "does not exist yet"}
+    skipped = {"compile": "GPU-only"}
     for name, verdict in status.items():
         if name in skipped:
             assert verdict.startswith("skipped") and skipped[name] in verdict, (name, verdict)
@@ -40,8 +40,11 @@ def test_rehearsal_runs_every_step_and_returns_its_files(tmp_path):
             assert verdict == "ok", (name, verdict)
     assert sum(s["seconds"] for s in summary["steps"]) <= summary["budget_s"] == 470
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["device.json", "layers.json", "log.txt", "model.json", "steps.tar.gz",
-                     "summary.json", "validate.json"]  # at most 8 come back from a device
+    assert files == ["device.json", "layers.json", "log.txt", "model.json", "predict.json",
+                     "steps.tar.gz", "summary.json", "validate.json"]  # at most 8 come back
+    predict = json.loads((tmp_path / "predict.json").read_text())
+    assert predict["label"] == "modelled (CPU counters), not measured"
+    assert {r["layer"] for r in predict["rows"]} == {"s2", "s4-down"}
     with tarfile.open(tmp_path / "steps.tar.gz") as tar:
         packed = {pathlib.PurePath(n).name for n in tar.getnames()}
     for step in summary["steps"]:
