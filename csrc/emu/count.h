@@ -123,7 +123,7 @@ class Tracker {
   }
 
   void end_launch() {
-    active_ = false;
+    active_ = counting_ = counted_ = false;  // the threads back-end never counts
     if (!config.on) return;
     // Interleave persistent blocks by iteration, as they run (stable: block order within).
     std::stable_sort(entries_.begin(), entries_.end(), [](const Entry& a, const Entry& b) {
@@ -221,8 +221,9 @@ class Tracker {
   }
 
   long loop_iterations(int tid, long iterations) {
+    if (!counting_) return iterations;
     Lane& lane = lanes_[tid];
-    if (!counting_ || config.max_iterations <= 0 || iterations <= config.max_iterations) {
+    if (config.max_iterations <= 0 || iterations <= config.max_iterations) {
       lane.loop_weight = 1.0;
       return iterations;
     }
@@ -230,10 +231,13 @@ class Tracker {
     return config.max_iterations;
   }
   void loop_iteration(int tid, long it) {
+    if (!counting_) return;
     lanes_[tid].iteration = it;
     lanes_[tid].weight = lanes_[tid].loop_weight;
   }
-  void loop_done(int tid) { lanes_[tid].weight = 1.0; }
+  void loop_done(int tid) {
+    if (counting_) lanes_[tid].weight = 1.0;
+  }
 
   // The counted block's aggregates, added to the launch at its end.
   void finish_block() {
