@@ -18,6 +18,7 @@ output instead of saving it, like the CUDA kernels (docs/kernels.md).
 
 import os
 
+import numpy as np
 import torch
 
 from . import reference
@@ -45,62 +46,128 @@ except ImportError as exc:  # triton is optional at run time
 else:
     IMPORT_ERROR = None
 
-# The fixed tiles: of the statistics and reduce passes, of wgrad (whose float atomics
-# must not run once per autotuning trial), and of every pass under the interpreter,
-# where large tiles mean fewer programs (its cost is per operation, not per element).
-FIXED = {"BLOCK_P": 64, "BLOCK_C": 64} if INTERPRET else {"BLOCK_P": 32, "BLOCK_C": 32}
-WGRAD_FIXED = {"BLOCK_P": 64, "BLOCK_E": 512} if INTERPRET else {"BLOCK_P": 32, "BLOCK_E": 64}
-WGRAD_WARPS = 8  # eight tile elements per thread (see _tuned)
-# The statistics pass: four warps spill 16 bytes at 128 registers in bf16 once the
-# kernel is specialised as the JIT does (resnext-bench kernels); eight do not.
-STATS_WARPS = 8
+# Warps per program with RESNEXT_TRITON_AUTOTUNE=0 and under the interpreter (what the
+# AOT report compiles and the launch counters count), and the autotuned choices.
+FIXED_WARPS = 4
+CONFIGS = (4, 8)
+# Keyed on the whole shape (the input dtype is part of every Triton autotuning key):
+# the batch rounded up to a power of two, the sizes and channels of the conv.
+TUNE_KEYS = ("N_BUCKET", "H_A", "W_A", "KC", "H_O", "W_O", "NC", "KG", "NG")
+WGRAD_BLOCK_P = 64
+WGRAD_WARPS = 4
 WGRAD_TARGET_PROGRAMS = 2048
 WGRAD_PARTIAL_FLOATS = 16 << 20
+SLAB = 64  # output channels a program owns, where the layer has them
 
 
-# The autotuned passes' tiles: (BLOCK_P, BLOCK_C, num_warps); the AOT report
-# (resnext-bench kernels) compiles each.
-TILES = ((32, 32, 4), (64, 32, 8), (32, 64, 8))
-
-# What the best tile depends on besides the pixel and channel counts: the input size
-# and the stride (s3-down and s3 have the same channels and pixel count).
-TUNE_KEYS = ("H", "W", "STRIDE")
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
 
 
-def _tuned(kernel, keys=("P", "C_out", "CG_IN")):
-    """``kernel`` autotuned over a few tiles on a GPU, keyed on TUNE_KEYS + ``keys``;
-    itself under the interpreter."""
-    if INTERPRET:
-        return kernel
-    # Eight tile elements per thread and at most 256 threads: every gathered element
-    # costs registers (its 64-bit address); 16 elements per thread spilled up to
-    # 2.4 KB, and 512 threads (a 128-register cap) spilled too (`resnext-bench
-    # kernels`, docs/kernels.md).
-    configs = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w) for p, c, w in TILES]
-    return triton.autotune(configs=configs, key=[*TUNE_KEYS, *keys])(kernel)
+class Plan:
+    """The tiling of one grouped conv orientation: ``kc`` input channels in groups of
+    ``kg``, ``nc`` output channels in groups of ``ng``, an output ``h_out`` x ``w_out``."""
+
+    def __init__(self, kc, nc, kg, ng, h_out, w_out):
+        self.kc, self.nc, self.kg, self.ng = kc, nc, kg, ng
+        self.sub_n = 16 if ng < 16 else min(SLAB, _next_pow2(ng))
+        self.pieces = max(1, min(SLAB, _next_pow2(nc)) // self.sub_n)
+        slab = self.pieces * self.sub_n
+        self.slabs = -(-nc // slab)
+        # The input channels of the groups a piece's output channels belong to.
+        spans = []
+        for n0 in range(0, nc, self.sub_n):
+            last = min(n0 + self.sub_n, nc) - 1
+            spans.append(last // ng - n0 // ng + 1)
+        self.slots = max(spans)
+        span = self.slots * kg
+        self.sub_k = min(SLAB, max(16, _next_pow2(span)))
+        self.k_steps = -(-span // self.sub_k)
+        self.w_out = w_out
+        self.bw = min(32, max(16, _next_pow2(w_out)))  # pixels along a row: M of the dots
+        self.h_out = h_out
+        # Output rows per program: a divisor of the height from 8 to 16 where there is
+        # one (56, 28, 14 -> 14; 7 -> 7): each program re-reads 2 halo rows.
+        divisors = [d for d in range(16, 7, -1) if h_out % d == 0]
+        self.rows = divisors[0] if divisors else max(1, min(h_out, 8))
+        self.aligned = all((n0 // ng) * kg % 16 == 0 for n0 in range(0, nc, self.sub_n))
+
+    def constexprs(self):
+        # The nine weight tiles are held in registers when there is one input-channel
+        # step and they are small (<= 2,048 elements each: 4-32 channels per group).
+        hold = self.k_steps == 1 and self.pieces * self.sub_k * self.sub_n <= 2048
+        return dict(HOLD=hold, GUARD=self.slots > 1, ALIGNED=self.aligned, ROWS=self.rows,
+                    SLOTS=self.slots, K_STEPS=self.k_steps,
+                    PIECES=self.pieces, SUB_K=self.sub_k, SUB_N=self.sub_n)
 
 
-# Passes that only store their tile are autotuned; the statistics and reduce passes
-# write one partial row per BLOCK_P pixels, so they keep the fixed tile.
+_PACK_INDEX = {}
+
+
+def _pack_index(plan: Plan, transposed: bool, device):
+    """(index into the OIHW weight, mask of the zeros) of the packed tiles, cached per shape:
+    [slabs·PIECES, 9 taps, K_STEPS, SUB_K, SUB_N], zeros off the groups. ``transposed``:
+    dgrad's weights (input and output channels swapped, taps flipped). Built with numpy:
+    no device work once cached."""
+    key = (plan.kc, plan.nc, plan.kg, plan.ng, plan.sub_n, plan.pieces, plan.sub_k,
+           plan.k_steps, transposed, str(device))
+    if key not in _PACK_INDEX:
+        p, tap, ks, k, n = np.ogrid[:plan.slabs * plan.pieces, :9, :plan.k_steps,
+                                    :plan.sub_k, :plan.sub_n]
+        n = p * plan.sub_n + n
+        group = n // plan.ng
+        kglob = (p * plan.sub_n // plan.ng) * plan.kg + ks * plan.sub_k + k
+        valid = (kglob // plan.kg == group) & (kglob < plan.kc) & (n < plan.nc)
+        if transposed:  # dgrad: w[k = co, n - group·Cg_in, 2 - kh, 2 - kw]
+            index = (kglob * plan.ng + n - group * plan.ng) * 9 + 8 - tap
+        else:
+            index = (n * plan.kg + kglob - group * plan.kg) * 9 + tap
+        index = np.where(valid, index, 0)
+        _PACK_INDEX[key] = (torch.from_numpy(index).to(device),
+                            torch.from_numpy(np.ascontiguousarray(~valid)).to(device))
+    return _PACK_INDEX[key]
+
+
+def _packed_weight(weight, plan: Plan, transposed=False):
+    """The packed tiles: two launches (a gather, a masked fill)."""
+    index, outside = _pack_index(plan, transposed, weight.device)
+    return weight.contiguous().view(-1)[index].masked_fill_(outside, 0)
+
+
+def _precision(dtype):
+    """TF32 where PyTorch's conv would use it (``cudnn.allow_tf32``), else exact fp32."""
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
 if triton is not None:
-    CONV_FWD = _tuned(K.conv_fwd_kernel)
-    DC = _tuned(K.bwd_dc_kernel)
-    DGRAD = _tuned(K.bwd_dgrad_kernel, keys=("P_in", "C_in", "CG_OUT"))
+    ROWS_KERNEL = K.conv_rows_kernel if INTERPRET else triton.autotune(
+        configs=[triton.Config({}, num_warps=w) for w in CONFIGS],
+        key=list(TUNE_KEYS))(K.conv_rows_kernel)
 
 
-def _launch(kernel, rows, cols, *args, **meta):
-    """Launch over a (rows / BLOCK_P, cols / BLOCK_C) grid: the fixed tile for a plain
-    kernel (everything under the interpreter, and with RESNEXT_TRITON_AUTOTUNE=0),
-    the autotuner's choice otherwise."""
-    if isinstance(kernel, triton.runtime.Autotuner) and not _autotune_enabled():
+def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, *, mode,
+               stride=1, dil=1, from_dy=False, tune=True, vd=None, sv=None, eps=0.0):
+    """One ``conv_rows_kernel`` launch; ``tune``: autotuned on a GPU (the statistics
+    and reduce passes, whose partial sums are merged by the glue, keep the fixed warps)."""
+    (h_a, w_a), (h_o, w_o) = in_hw, out_hw
+    args = (a, wp, out, partial, va, vb, vc, va if vd is None else vd, va if sv is None else sv,
+            dy, ys, eps, _next_pow2(n), h_a, w_a, plan.kc, h_o, w_o, plan.nc, plan.kg, plan.ng)
+    meta = dict(MODE=mode, STRIDE=stride, DIL=dil, FROM_DY=from_dy, BW=plan.bw, SAVE=sv is not None,
+                PRECISION=_precision(a.dtype), **plan.constexprs())
+    kernel = ROWS_KERNEL
+    if isinstance(kernel, triton.runtime.Autotuner) and (not tune or not _autotune_enabled()):
         kernel = kernel.fn
     if not isinstance(kernel, triton.runtime.Autotuner):
-        grid = (triton.cdiv(rows, FIXED["BLOCK_P"]), triton.cdiv(cols, FIXED["BLOCK_C"]))
-        torch.library.wrap_triton(kernel)[grid](*args, **meta, **FIXED)
-    else:
-        def grid(m):
-            return (triton.cdiv(rows, m["BLOCK_P"]), triton.cdiv(cols, m["BLOCK_C"]))
-        torch.library.wrap_triton(kernel)[grid](*args, **meta)
+        meta["num_warps"] = FIXED_WARPS
+    grid = (_row_programs(plan, n), plan.slabs)
+    torch.library.wrap_triton(kernel)[grid](*args, **meta)
+
+
+def _row_programs(plan, n):
+    """Programs along the pixels: row tiles x column tiles of every image."""
+    return n * triton.cdiv(plan.h_out, plan.rows) * triton.cdiv(plan.w_out, plan.bw)
 
 
 class _Layer:
@@ -114,10 +181,10 @@ class _Layer:
         self.stride, self.groups = stride, groups
         self.cg_in, self.cg_out = self.c_in // groups, self.c_out // groups
         self.x = input.contiguous(memory_format=torch.channels_last)
-        self.wt = weight.permute(0, 2, 3, 1).contiguous()  # [C_out, 3, 3, C_in/groups]
+        self.weight = weight
         self.pixels = self.n * self.h_out * self.w_out
-        self.shape = (self.h, self.w, self.c_in, self.c_out, self.h_out, self.w_out,
-                      self.cg_in, self.cg_out)
+        self.plan = Plan(self.c_in, self.c_out, self.cg_in, self.cg_out, self.h_out,
+                         self.w_out)
 
     def empty(self, like, input_side=False):
         """An NHWC tensor shaped like the output (or, ``input_side``, like the input)."""
@@ -125,6 +192,16 @@ class _Layer:
                 else (self.n, self.c_out, self.h_out, self.w_out))
         return torch.empty(size, dtype=like.dtype, device=like.device,
                            memory_format=torch.channels_last)
+
+    def conv(self, wp, out, partial, va, vb, vc, dy, ys, *, mode, tune=True, **extra):
+        _conv_rows(self.plan, self.n, self.x, wp, out, partial, va, vb, vc, dy, ys,
+                   (self.h, self.w), (self.h_out, self.w_out), mode=mode, stride=self.stride,
+                   tune=tune, **extra)
+
+    def partial(self, fields, device):
+        """Per-program partials of the fixed-row passes."""
+        rows = _row_programs(self.plan, self.n)
+        return torch.empty(rows, self.c_out, fields, dtype=torch.float32, device=device)
 
 
 def _f32(t):
@@ -135,41 +212,37 @@ def _as_input_format(t, input):
     return t.contiguous(memory_format=reference.memory_format_of(input))
 
 
-def _conv_pass(layer, out, scale, shift, partial, stats):
-    _launch(K.conv_fwd_kernel if stats else CONV_FWD, layer.pixels, layer.c_out, layer.x,
-            layer.wt, out, scale, shift, partial, layer.pixels, *layer.shape,
-            STRIDE=layer.stride, STATS=stats, **({"num_warps": STATS_WARPS} if stats else {}))
-
-
-def _partial(layer, fields, device):
-    """Per-program partials of the fixed-tile passes (one row per BLOCK_P pixels)."""
-    blocks = triton.cdiv(layer.pixels, FIXED["BLOCK_P"])
-    return torch.empty(blocks, layer.c_out, fields, dtype=torch.float32, device=device)
-
-
 def forward(input, weight, bn_weight, bn_bias, running_mean, running_var, stride, groups, eps,
             training):
     layer = _Layer(input, weight, stride, groups)
     gamma, beta = _f32(bn_weight), _f32(bn_bias)
     out = layer.empty(input)
     dummy = gamma  # pointer arguments a pass does not use
+    wp = _packed_weight(weight, layer.plan) if layer.pixels else None
     if training:
         if layer.pixels == 0:
             mean, var = gamma.new_zeros(layer.c_out), gamma.new_ones(layer.c_out)
         else:
-            partial = _partial(layer, 3, input.device)
-            _conv_pass(layer, out, dummy, dummy, partial, stats=True)
+            partial = layer.partial(3, input.device)
+            layer.conv(wp, out, partial, dummy, dummy, dummy, dummy, dummy, mode=K.STATS,
+                       tune=False)
             # Per-program (count, mean, M2) merged in program order, fp64 (Chan).
             count, mean_b, m2_b = partial.double().unbind(-1)
             total, mean, m2 = merge_moments(count[:, 0], mean_b, m2_b)
             mean, var = mean.float(), (m2 / total).float()
-    else:
-        mean, var = running_mean.to(torch.float32, copy=True), running_var.to(torch.float32,
-                                                                                copy=True)
-    scale = (gamma * torch.rsqrt(var + eps)).contiguous()
-    shift = (beta - mean * scale).contiguous()
+    else:  # the kernel folds scale and shift and copies the running statistics
+        mean = torch.empty(layer.c_out, dtype=torch.float32, device=input.device)
+        var = torch.empty_like(mean)
+        if layer.pixels:
+            layer.conv(wp, out, mean, gamma, beta, _f32(running_mean), dummy, dummy, mode=K.WRITE,
+                       vd=_f32(running_var), sv=var, eps=eps)
+        else:
+            mean.copy_(running_mean)
+            var.copy_(running_var)
+        return _as_input_format(out, input), mean, var
     if layer.pixels:
-        _conv_pass(layer, out, scale, shift, dummy, stats=False)
+        layer.conv(wp, out, dummy, gamma, beta, mean, dummy, dummy, mode=K.WRITE, vd=var,
+                   eps=eps)
     return _as_input_format(out, input), mean, var
 
 
@@ -188,9 +261,9 @@ class _Backward:
         if layer.pixels == 0:
             zeros = self.gamma.new_zeros(layer.c_out)
             return zeros, zeros.clone()
-        partial = _partial(layer, 2, self.dy.device)
-        _launch(K.bwd_reduce_kernel, layer.pixels, layer.c_out, layer.x, layer.wt, self.dy, self.y,
-                self.mean, self.invstd, partial, layer.pixels, *layer.shape, STRIDE=layer.stride)
+        partial = layer.partial(2, self.dy.device)
+        layer.conv(_packed_weight(self.weight, layer.plan), self.dy, partial, self.mean,
+                   self.invstd, self.gamma, self.dy, self.y, mode=K.REDUCE, tune=False)
         sums = partial.double().sum(0).float()
         return sums[:, 0].contiguous(), sums[:, 1].contiguous()
 
@@ -199,22 +272,25 @@ class _Backward:
         without, dgrad and wgrad form it from dy and y (eval)."""
         layer = self.layer
         dz_scale = (self.gamma * self.invstd).contiguous()
-        dc = dz_scale  # unused pointer when dc is formed while loading
         from_dy = sums is None
+        dc = self.dy  # eval: dgrad and wgrad read dy (and y) and form dc
         if not from_dy and layer.pixels:
-            dc_shift = (dz_scale * sums[0].float() / count).contiguous()
-            dc_xhat = (dz_scale * sums[1].float() / count).contiguous()
+            # dc = dz_scale·dz − dc_shift − dc_xhat·x̂ with x̂ = (c − mean)·invstd.
+            dc_xhat = dz_scale * sums[1].float() / count
+            slope = (dc_xhat * self.invstd).contiguous()
+            offset = (dz_scale * sums[0].float() / count - slope * self.mean).contiguous()
             dc = layer.empty(self.dy)
-            _launch(DC, layer.pixels, layer.c_out, layer.x, layer.wt, self.dy, self.y,
-                    self.mean, self.invstd, dz_scale, dc_shift, dc_xhat, dc, layer.pixels,
-                    *layer.shape, STRIDE=layer.stride)
+            layer.conv(_packed_weight(self.weight, layer.plan), dc, dz_scale, dz_scale, offset,
+                       slope, self.dy, self.y, mode=K.DC)
         grad_input, grad_weight = self.input.new_empty(0), self.weight.new_empty(0)
         if want_input:
             dx = layer.empty(self.input, input_side=True)
             if layer.pixels:
-                pixels_in = layer.n * layer.h * layer.w
-                _launch(DGRAD, pixels_in, layer.c_in, layer.wt, dc, self.dy, self.y, dz_scale,
-                        dx, pixels_in, *layer.shape, STRIDE=layer.stride, FROM_DY=from_dy)
+                plan = Plan(layer.c_out, layer.c_in, layer.cg_out, layer.cg_in, layer.h, layer.w)
+                wp = _packed_weight(self.weight, plan, transposed=True)
+                _conv_rows(plan, layer.n, dc, wp, dx, dz_scale, dz_scale, dz_scale, dz_scale,
+                           dz_scale, self.y, (layer.h_out, layer.w_out), (layer.h, layer.w),
+                           mode=K.PLAIN, dil=layer.stride, from_dy=from_dy)
             else:
                 dx.zero_()
             grad_input = _as_input_format(dx, self.input)
@@ -223,22 +299,25 @@ class _Backward:
         return grad_input, grad_weight
 
     def _wgrad(self, dc, dz_scale, from_dy):
-        layer = self.layer
+        layer, plan = self.layer, self.layer.plan
         entries = layer.c_out * 9 * layer.cg_in
         if layer.pixels == 0:
             dw = torch.zeros(entries, dtype=torch.float32, device=self.dy.device)
         else:
-            blocks = triton.cdiv(entries, WGRAD_FIXED["BLOCK_E"])
-            tiles = triton.cdiv(layer.pixels, WGRAD_FIXED["BLOCK_P"])
+            blocks = plan.slabs * 3 * plan.k_steps
+            tiles = triton.cdiv(layer.pixels, WGRAD_BLOCK_P)
             chunks = max(1, min(tiles, triton.cdiv(WGRAD_TARGET_PROGRAMS, blocks),
                                 WGRAD_PARTIAL_FLOATS // entries))
             deterministic = torch.are_deterministic_algorithms_enabled()
             shape = (chunks, entries) if deterministic else (entries,)
             dw = torch.zeros(shape, dtype=torch.float32, device=self.dy.device)
-            torch.library.wrap_triton(K.bwd_wgrad_kernel)[(blocks, chunks)](
-                layer.x, dc, self.dy, self.y, dz_scale, dw, layer.pixels, *layer.shape, chunks,
-                STRIDE=layer.stride, FROM_DY=from_dy, DETERMINISTIC=deterministic,
-                num_warps=WGRAD_WARPS, **WGRAD_FIXED)
+            torch.library.wrap_triton(K.wgrad_kernel)[(plan.slabs, 3 * plan.k_steps, chunks)](
+                layer.x, dc, self.y, dz_scale, dw, layer.pixels, layer.h, layer.w, layer.c_in,
+                layer.h_out, layer.w_out, layer.c_out, layer.cg_in, layer.cg_out, chunks,
+                FROM_DY=from_dy, STRIDE=layer.stride, DETERMINISTIC=deterministic,
+                K_STEPS=plan.k_steps, PIECES=plan.pieces, SUB_K=plan.sub_k, SUB_N=plan.sub_n,
+                ALIGNED=plan.aligned, BLOCK_P=WGRAD_BLOCK_P, PRECISION=_precision(layer.x.dtype),
+                num_warps=WGRAD_WARPS)
             if deterministic:
                 dw = dw.sum(0)  # chunk order: fixed
         return (dw.view(layer.c_out, 3, 3, layer.cg_in).permute(0, 3, 1, 2)

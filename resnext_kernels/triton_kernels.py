@@ -1,30 +1,48 @@
-"""Triton kernels of the fused grouped 3x3 conv (padding 1) + BatchNorm + ReLU, NHWC.
+"""Triton kernels of the fused grouped 3x3 conv (padding 1) + BatchNorm + ReLU, NHWC, on
+tensor cores (``tl.dot``) for every group width.
 
-The same fusion plan as the CUDA kernels (csrc/kernels/conv_fwd.cuh, conv_bwd.cuh),
-in a direct formulation: a program computes a [BLOCK_P pixels] x [BLOCK_C channels]
-tile, where the channels may span several groups, as a sum over the 9 taps and the
-group's input channels of (gathered input column) x (weight row). No ``tl.dot``: at
-4 or 8 channels per group its smallest tile (16 deep) would multiply mostly zeros,
-and several groups per program keep the tile full (docs/kernels.md).
+Groups packed block-diagonally. A program owns a slab of ``PIECES x SUB_N`` contiguous
+output channels (64 where the layer has them: whole 128-byte lines in 16-bit types) and
+multiplies each piece of ``SUB_N`` channels by the input channels of the groups in it:
+``SUB_N = max(16, Cg)``, so at 4 and 8 channels per group a piece holds 4 or 2 groups and
+its weight tile is block-diagonal (zeros off the groups, packed once per call by the glue,
+``triton_backend._packed_weight``); from 16 up a piece is (part of) one group, and wide
+groups loop over ``K_STEPS`` chunks of input channels. The pieces are the batch dimension
+of a 3-D ``tl.dot``.
+
+Rows walked once. A program computes ``ROWS`` output rows x ``BW`` columns. It walks the
+input rows once; each row's three column-shifted tiles (taps kw = 0, 1, 2) are loaded once
+and multiplied by the weights of every kh tap that reaches an output row of the program,
+into three rolling output-row accumulators (stride 1), or two (stride 2). An input row is
+thus loaded (and staged as an MMA operand) once per program instead of once per tap.
+
+Non-finite inputs. A packed product multiplies an input of one group by the zeros of
+another group's weights, and 0 x Inf = NaN would leak across groups; where a piece holds
+several groups (``GUARD``) a row tile holding a non-finite input is multiplied group by
+group instead (each product masked to its group's outputs), which gives PyTorch's pattern.
 
 Kernels (the glue is ``resnext_kernels/triton_backend.py``):
 
-* ``conv_fwd_kernel``: WRITE: y = relu(conv·scale + shift); STATS: per-program
-  (count, mean, M2) partials per channel (merged in program order, fp64, by the glue);
-* ``bwd_reduce_kernel``: per-program partial Σdz and Σdz·x̂ (c recomputed, never
-  saved; dz = dy·[y > 0]);
-* ``bwd_dc_kernel``: dc = dz_scale·dz − dc_shift − dc_xhat·x̂ (training);
-* ``bwd_dgrad_kernel``: dx, the transposed grouped conv of dc (FROM_DY: dc formed
-  from dy and y while loading, eval);
-* ``bwd_wgrad_kernel``: dw = Σ_pixels x ⋆ dc per chunk of pixel tiles, added with
-  ``tl.atomic_add`` or written as per-chunk partials (DETERMINISTIC).
+* ``conv_rows_kernel``: the conv and an epilogue chosen by ``MODE``: WRITE (y =
+  relu(c·scale + shift), folded in the prologue from va..vd = γ, β, mean, var; ``SAVE``
+  also copies mean and var to ``partial_ptr``/``sv_ptr``: eval), STATS (per-program (count, mean, M2) per channel, merged in program
+  order by the glue), REDUCE (per-program Σdz and Σdz·x̂, x̂ = (c − va)·vb; c recomputed,
+  dz = dy·[y > 0]), DC (dc = va·dz − vb − vc·c), PLAIN (store c: dgrad). dgrad is this
+  conv on dc with each group's weights transposed and the taps flipped; at stride 2 on
+  dc dilated by 2 (``DIL``; the zero rows are skipped, the zero columns are masked loads).
+  ``FROM_DY`` forms the operand dc = va·dy·[y > 0] while loading (eval backward).
+* ``wgrad_kernel``: dw = Σ_pixels x_tap^T · dc per (channel slab, kh, input-channel
+  step), over the pixel tiles chunk, chunk + CHUNKS, ...; added with ``tl.atomic_add``
+  or written as per-chunk partials (DETERMINISTIC), only the entries inside the groups.
 
-Every load is converted to fp32 right after it (the interpreter's bf16 loads are
-broken, triton#11584); accumulation is fp32.
+Operands reach ``tl.dot`` in the input dtype (fp32 with ``PRECISION`` "tf32" or "ieee");
+accumulation and epilogues are fp32.
 """
 
 import triton
 import triton.language as tl
+
+WRITE, STATS, REDUCE, DC, PLAIN = 0, 1, 2, 3, 4
 
 
 @triton.jit
@@ -34,195 +52,332 @@ def _relu(v):
 
 
 @triton.jit
-def _conv_tile(x_ptr, w_ptr, offs_p, mask_p, offs_c, mask_c, H, W, C_in, H_out, W_out,
-               CG_IN, CG_OUT, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_C: tl.constexpr):
-    """conv(x) for pixels offs_p (flat N·H_out·W_out) x output channels offs_c, fp32."""
-    n = offs_p // (H_out * W_out)
-    rem = offs_p % (H_out * W_out)
-    oh = rem // W_out
-    ow = rem % W_out
-    first_in = (offs_c // CG_OUT) * CG_IN  # the group's first input channel
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for kh in range(3):
-        ih = oh * STRIDE - 1 + kh
-        for kw in range(3):
-            iw = ow * STRIDE - 1 + kw
-            valid = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            base = ((n * H + ih) * W + iw) * C_in
-            load_mask = valid[:, None] & mask_c[None, :]
-            for ci in range(0, CG_IN):
-                xv = tl.load(x_ptr + base[:, None] + (first_in + ci)[None, :], mask=load_mask,
-                             other=0.0).to(tl.float32)
-                wv = tl.load(w_ptr + offs_c * (9 * CG_IN) + (kh * 3 + kw) * CG_IN + ci,
-                             mask=mask_c, other=0.0).to(tl.float32)
-                acc += xv * wv[None, :]
-    return acc
+def _load_a(a_ptr, ys_ptr, va_ptr, n, ir, ow, kw, kglob, kmask, H_A, W_A, KC,
+            STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr):
+    """The [PIECES, BW, SUB_K] operand of (virtual) input row ``ir``, tap ``kw``, for the
+    output columns ``ow``: zeros outside the image, in dilated holes and past KC."""
+    col = ow * STRIDE - 1 + kw
+    if DIL == 1:
+        ok_col = (col >= 0) & (col < W_A)
+        row = ir
+    else:
+        ok_col = (col >= 0) & (col % DIL == 0) & (col // DIL < W_A)
+        col = col // DIL
+        row = ir // DIL
+    pix = ((n * H_A + row) * W_A + col).to(tl.int64) * KC
+    offs = pix[:, None, None] + kglob[None, :, :]
+    mask = ok_col[:, None, None] & kmask[None, :, :]
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0)
+    if FROM_DY:  # eval backward: dc = γ·invstd·dy·[y > 0], formed while loading
+        y = tl.load(ys_ptr + offs, mask=mask, other=0.0)
+        scale = tl.load(va_ptr + kglob, mask=kmask, other=0.0)
+        a = (tl.where(y > 0, a.to(tl.float32), 0.0) * scale[None, :, :]).to(a.dtype)
+    return tl.permute(a, (1, 0, 2))
 
 
 @triton.jit
-def conv_fwd_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, partial_ptr,
-                    P, H, W, C_in, C_out, H_out, W_out, CG_IN, CG_OUT,
-                    STRIDE: tl.constexpr, STATS: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_p = tl.program_id(0)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < P
-    mask_c = offs_c < C_out
-    acc = _conv_tile(x_ptr, w_ptr, offs_p, mask_p, offs_c, mask_c, H, W, C_in, H_out, W_out,
-                     CG_IN, CG_OUT, STRIDE, BLOCK_P, BLOCK_C)
-    mask = mask_p[:, None] & mask_c[None, :]
-    if STATS:
-        count = tl.sum(mask_p.to(tl.float32), axis=0)
-        mean = tl.sum(tl.where(mask, acc, 0.0), axis=0) / count
-        dev = tl.where(mask, acc - mean[None, :], 0.0)
+def _nonfinite(a0, a1, a2):
+    """Whether any of the three tiles holds a NaN or an infinity."""
+    bad = (a0 - a0 != 0) | (a1 - a1 != 0) | (a2 - a2 != 0)  # Inf - Inf and NaN are NaN
+    return tl.max(tl.max(tl.max(bad.to(tl.int32), 2), 1), 0) > 0
+
+
+@triton.jit
+def _weights(wp_ptr, wbase, tap, ks, K_STEPS: tl.constexpr, SUB_K: tl.constexpr,
+             SUB_N: tl.constexpr):
+    """The packed [PIECES, SUB_K, SUB_N] weight tile of ``tap``, input-channel step ``ks``."""
+    k = tl.arange(0, SUB_K)
+    nn = tl.arange(0, SUB_N)
+    offs = (wbase[:, None, None] * 9 + tap) * K_STEPS + ks
+    return tl.load(wp_ptr + offs * (SUB_K * SUB_N) + k[None, :, None] * SUB_N + nn[None, None, :])
+
+
+@triton.jit
+def _kh(acc, a0, a1, a2, h0, h1, h2, wp_ptr, wbase, kh: tl.constexpr, ks, HOLD: tl.constexpr,
+        K_STEPS: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr,
+        PRECISION: tl.constexpr):
+    """acc + Σ_kw a_kw · w(kh, kw): the weights ``h0..h2`` held in registers (``HOLD``) or
+    loaded here for input-channel step ``ks``."""
+    if HOLD:
+        b0, b1, b2 = h0, h1, h2
+    else:
+        b0 = _weights(wp_ptr, wbase, 3 * kh, ks, K_STEPS, SUB_K, SUB_N)
+        b1 = _weights(wp_ptr, wbase, 3 * kh + 1, ks, K_STEPS, SUB_K, SUB_N)
+        b2 = _weights(wp_ptr, wbase, 3 * kh + 2, ks, K_STEPS, SUB_K, SUB_N)
+    acc = tl.dot(a0, b0, acc, input_precision=PRECISION)
+    acc = tl.dot(a1, b1, acc, input_precision=PRECISION)
+    return tl.dot(a2, b2, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _row(t0, t1, t2, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7, w8,
+         wbase, n, ir, ow, first_group, nslot, H_A, W_A, KC, KG,
+         USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+         STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr, HOLD: tl.constexpr,
+         GUARD: tl.constexpr, SLOTS: tl.constexpr, K_STEPS: tl.constexpr, SUB_K: tl.constexpr,
+         SUB_N: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
+    """Adds what input row ``ir`` gives through taps kh = 0, 1, 2 (``USEkh``) to the
+    [PIECES, BW, SUB_N] accumulators t0, t1, t2 (summed over kw and the input-channel
+    steps); nothing for a row outside the image or in a dilation hole, not loaded.
+
+    ``GUARD``: a row holding a NaN or an infinity is multiplied one group slot at a time
+    (the operand masked to the slot's input channels, the sum kept for its outputs only),
+    so that no packed zero meets it."""
+    if (ir >= 0) & (ir % DIL == 0) & (ir // DIL < H_A):
+        for ks in range(K_STEPS):
+            kstart = first_group * KG
+            if ALIGNED:  # every piece's first input channel is a multiple of 16
+                kstart = tl.multiple_of(kstart, 16)
+            kglob = kstart[:, None] + ks * SUB_K + tl.arange(0, SUB_K)[None, :]
+            kmask = kglob < KC
+            a0 = _load_a(a_ptr, ys_ptr, va_ptr, n, ir, ow, 0, kglob, kmask, H_A, W_A, KC,
+                         STRIDE, DIL, FROM_DY)
+            a1 = _load_a(a_ptr, ys_ptr, va_ptr, n, ir, ow, 1, kglob, kmask, H_A, W_A, KC,
+                         STRIDE, DIL, FROM_DY)
+            a2 = _load_a(a_ptr, ys_ptr, va_ptr, n, ir, ow, 2, kglob, kmask, H_A, W_A, KC,
+                         STRIDE, DIL, FROM_DY)
+            bad = False
+            if GUARD:
+                bad = _nonfinite(a0, a1, a2)
+            if bad:
+                kslot = (kglob // KG - first_group[:, None])[:, None, :]
+                for j in range(SLOTS):
+                    on = nslot[:, None, :] == j
+                    b0 = tl.where(kslot == j, a0, tl.zeros_like(a0))
+                    b1 = tl.where(kslot == j, a1, tl.zeros_like(a1))
+                    b2 = tl.where(kslot == j, a2, tl.zeros_like(a2))
+                    if USE0:
+                        t0 = tl.where(on, _kh(t0, b0, b1, b2, w0, w1, w2, wp_ptr, wbase, 0, ks,
+                                              HOLD, K_STEPS, SUB_K, SUB_N, PRECISION), t0)
+                    if USE1:
+                        t1 = tl.where(on, _kh(t1, b0, b1, b2, w3, w4, w5, wp_ptr, wbase, 1, ks,
+                                              HOLD, K_STEPS, SUB_K, SUB_N, PRECISION), t1)
+                    if USE2:
+                        t2 = tl.where(on, _kh(t2, b0, b1, b2, w6, w7, w8, wp_ptr, wbase, 2, ks,
+                                              HOLD, K_STEPS, SUB_K, SUB_N, PRECISION), t2)
+            else:
+                if USE0:
+                    t0 = _kh(t0, a0, a1, a2, w0, w1, w2, wp_ptr, wbase, 0, ks, HOLD, K_STEPS,
+                             SUB_K, SUB_N, PRECISION)
+                if USE1:
+                    t1 = _kh(t1, a0, a1, a2, w3, w4, w5, wp_ptr, wbase, 1, ks, HOLD, K_STEPS,
+                             SUB_K, SUB_N, PRECISION)
+                if USE2:
+                    t2 = _kh(t2, a0, a1, a2, w6, w7, w8, wp_ptr, wbase, 2, ks, HOLD, K_STEPS,
+                             SUB_K, SUB_N, PRECISION)
+    return t0, t1, t2
+
+
+@triton.jit
+def _emit(acc, oh, s0, s1, s2, out_ptr, va_ptr, vb_ptr, vc_ptr, dy_ptr, ys_ptr, n, ow, nglob,
+          nmask, va, vb, vc, H_O, W_O, NC, MODE: tl.constexpr):
+    """The epilogue of output row ``oh``; returns the running per-channel sums."""
+    c = tl.permute(acc, (1, 0, 2))  # [BW, PIECES, SUB_N]: 64 channels a pixel, in a row
+    pmask = (ow < W_O) & (oh < H_O)
+    offs = ((n * H_O + oh) * W_O + ow).to(tl.int64)[:, None, None] * NC + nglob[None, :, :]
+    mask = pmask[:, None, None] & nmask[None, :, :]
+    if MODE == 0:  # WRITE
+        out = _relu(c * va[None, :, :] + vb[None, :, :])
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    elif MODE == 4:  # PLAIN
+        tl.store(out_ptr + offs, c.to(out_ptr.dtype.element_ty), mask=mask)
+    elif MODE == 1:  # STATS: Chan's merge of this row into the running (count, mean, M2)
+        count = tl.sum(pmask.to(tl.float32), axis=0)
+        mean = tl.sum(tl.where(mask, c, 0.0), axis=0) / tl.maximum(count, 1.0)
+        dev = tl.where(mask, c - mean[None, :, :], 0.0)
         m2 = tl.sum(dev * dev, axis=0)
-        out = partial_ptr + (pid_p * C_out + offs_c) * 3
-        tl.store(out, tl.zeros_like(mean) + count, mask=mask_c)
-        tl.store(out + 1, mean, mask=mask_c)
-        tl.store(out + 2, m2, mask=mask_c)
+        total = s0 + count
+        delta = mean - s1
+        weight = count / tl.maximum(total, 1.0)
+        s1 = s1 + delta * weight
+        s2 = s2 + m2 + delta * delta * s0 * weight
+        s0 = total
+    else:  # REDUCE, DC: c recomputed, dz = dy·[y > 0]
+        y = tl.load(ys_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dz = tl.where(y > 0, dy, 0.0)
+        if MODE == 2:
+            xhat = (c - va[None, :, :]) * vb[None, :, :]
+            s0 += tl.sum(dz, axis=0)
+            s1 += tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0)
+        else:
+            dc = va[None, :, :] * dz - vb[None, :, :] - vc[None, :, :] * c
+            tl.store(out_ptr + offs, dc.to(out_ptr.dtype.element_ty), mask=mask)
+    return s0, s1, s2
+
+
+@triton.jit
+def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr, vd_ptr,
+                     sv_ptr, dy_ptr, ys_ptr, eps, N_BUCKET, H_A, W_A, KC, H_O, W_O, NC, KG, NG,
+                     MODE: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr,
+                     FROM_DY: tl.constexpr, HOLD: tl.constexpr, GUARD: tl.constexpr,
+                     SLOTS: tl.constexpr,
+                     K_STEPS: tl.constexpr, PIECES: tl.constexpr, SUB_K: tl.constexpr,
+                     SUB_N: tl.constexpr, BW: tl.constexpr, ROWS: tl.constexpr,
+                     ALIGNED: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (row tile, channel slab): output rows [oh0, oh0 + ROWS) x columns
+    [ow0, ow0 + BW) of image n, channels [c0, c0 + PIECES·SUB_N). ``N_BUCKET`` is only an
+    autotuning key (the batch size rounded up to a power of two)."""
+    row_tiles = tl.cdiv(H_O, ROWS)
+    col_tiles = tl.cdiv(W_O, BW)
+    t = tl.program_id(0)
+    n = t // (row_tiles * col_tiles)
+    oh0 = (t // col_tiles) % row_tiles * ROWS
+    ow = (t % col_tiles) * BW + tl.arange(0, BW)
+    c0 = tl.program_id(1) * (PIECES * SUB_N)
+    piece = tl.arange(0, PIECES)
+    nglob = c0 + piece[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
+    nmask = nglob < NC
+    first_group = (c0 + piece * SUB_N) // NG
+    nslot = nglob // NG - first_group[:, None]
+    wbase = c0 // SUB_N + piece
+    va = tl.load(va_ptr + nglob, mask=nmask, other=0.0)
+    vb = tl.load(vb_ptr + nglob, mask=nmask, other=0.0)
+    vc = tl.load(vc_ptr + nglob, mask=nmask, other=0.0)
+    if MODE == 0:  # va, vb, vc, vd = γ, β, mean, var: the folded scale and shift
+        vd = tl.load(vd_ptr + nglob, mask=nmask, other=1.0)
+        if SAVE:  # the statistics the backward reads, copied by the first row tile
+            tl.store(partial_ptr + nglob, vc, mask=nmask & (t == 0))
+            tl.store(sv_ptr + nglob, vd, mask=nmask & (t == 0))
+        va = va / tl.sqrt_rn(vd + eps)
+        vb = vb - vc * va
+    s0 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
+    s1 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
+    s2 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
+    if HOLD:  # the nine weight tiles, loaded once per program and held in registers
+        w0 = _weights(wp_ptr, wbase, 0, 0, K_STEPS, SUB_K, SUB_N)
+        w1 = _weights(wp_ptr, wbase, 1, 0, K_STEPS, SUB_K, SUB_N)
+        w2 = _weights(wp_ptr, wbase, 2, 0, K_STEPS, SUB_K, SUB_N)
+        w3 = _weights(wp_ptr, wbase, 3, 0, K_STEPS, SUB_K, SUB_N)
+        w4 = _weights(wp_ptr, wbase, 4, 0, K_STEPS, SUB_K, SUB_N)
+        w5 = _weights(wp_ptr, wbase, 5, 0, K_STEPS, SUB_K, SUB_N)
+        w6 = _weights(wp_ptr, wbase, 6, 0, K_STEPS, SUB_K, SUB_N)
+        w7 = _weights(wp_ptr, wbase, 7, 0, K_STEPS, SUB_K, SUB_N)
+        w8 = _weights(wp_ptr, wbase, 8, 0, K_STEPS, SUB_K, SUB_N)
     else:
-        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
-        out = _relu(acc * scale[None, :] + shift[None, :])
-        tl.store(y_ptr + offs_p[:, None] * C_out + offs_c[None, :],
-                 out.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _dz_xhat_tile(x_ptr, w_ptr, dy_ptr, y_ptr, mean_ptr, invstd_ptr,
-                  P, H, W, C_in, C_out, H_out, W_out, CG_IN, CG_OUT,
-                  STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The program's tile of dz = dy·[y > 0] and x̂ = (conv(x) − mean)·invstd (c is
-    recomputed, never saved), with its channels, their mask, the tile's flat NHWC
-    offsets and its mask. dz is 0 outside the mask."""
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < P
-    mask_c = offs_c < C_out
-    mask = mask_p[:, None] & mask_c[None, :]
-    acc = _conv_tile(x_ptr, w_ptr, offs_p, mask_p, offs_c, mask_c, H, W, C_in, H_out, W_out,
-                     CG_IN, CG_OUT, STRIDE, BLOCK_P, BLOCK_C)
-    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
-    invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
-    at = offs_p[:, None] * C_out + offs_c[None, :]
-    y = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    dz = tl.where(y > 0, dy, 0.0)
-    xhat = (acc - mean[None, :]) * invstd[None, :]
-    return dz, xhat, offs_c, mask_c, at, mask
-
-
-@triton.jit
-def bwd_reduce_kernel(x_ptr, w_ptr, dy_ptr, y_ptr, mean_ptr, invstd_ptr, partial_ptr,
-                      P, H, W, C_in, C_out, H_out, W_out, CG_IN, CG_OUT,
-                      STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    dz, xhat, offs_c, mask_c, at, mask = _dz_xhat_tile(
-        x_ptr, w_ptr, dy_ptr, y_ptr, mean_ptr, invstd_ptr, P, H, W, C_in, C_out, H_out, W_out,
-        CG_IN, CG_OUT, STRIDE, BLOCK_P, BLOCK_C)
-    out = partial_ptr + (tl.program_id(0) * C_out + offs_c) * 2
-    tl.store(out, tl.sum(dz, axis=0), mask=mask_c)
-    tl.store(out + 1, tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0), mask=mask_c)
-
-
-@triton.jit
-def bwd_dc_kernel(x_ptr, w_ptr, dy_ptr, y_ptr, mean_ptr, invstd_ptr, dz_scale_ptr,
-                  dc_shift_ptr, dc_xhat_ptr, dc_ptr,
-                  P, H, W, C_in, C_out, H_out, W_out, CG_IN, CG_OUT,
-                  STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    dz, xhat, offs_c, mask_c, at, mask = _dz_xhat_tile(
-        x_ptr, w_ptr, dy_ptr, y_ptr, mean_ptr, invstd_ptr, P, H, W, C_in, C_out, H_out, W_out,
-        CG_IN, CG_OUT, STRIDE, BLOCK_P, BLOCK_C)
-    dz_scale = tl.load(dz_scale_ptr + offs_c, mask=mask_c, other=0.0)
-    dc_shift = tl.load(dc_shift_ptr + offs_c, mask=mask_c, other=0.0)
-    dc_xhat = tl.load(dc_xhat_ptr + offs_c, mask=mask_c, other=0.0)
-    dc = dz_scale[None, :] * dz - dc_shift[None, :] - dc_xhat[None, :] * xhat
-    tl.store(dc_ptr + at, dc.to(dc_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _load_dc(dc_ptr, dy_ptr, y_ptr, dz_scale_ptr, at, co, mask, FROM_DY: tl.constexpr):
-    if FROM_DY:  # eval: dc = γ·invstd·dy·[y > 0], formed while loading
-        y = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        dz_scale = tl.load(dz_scale_ptr + co, mask=mask, other=0.0)
-        return tl.where(y > 0, dy, 0.0) * dz_scale
+        w0, w1, w2, w3, w4, w5, w6, w7, w8 = 0, 0, 0, 0, 0, 0, 0, 0, 0
+    zeros = tl.zeros((PIECES, BW, SUB_N), dtype=tl.float32)
+    if STRIDE == 1:
+        # acc_prev: output row ir - 1 (complete after input row ir); acc_cur: row ir.
+        acc_prev = zeros
+        acc_cur = zeros
+        for r in range(ROWS + 2):
+            ir = oh0 - 1 + r
+            acc_next, acc_cur, acc_prev = _row(
+                zeros, acc_cur, acc_prev, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4,
+                w5, w6, w7, w8, wbase, n, ir, ow, first_group, nslot, H_A, W_A, KC, KG, True,
+                True, True, 1, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N, ALIGNED,
+                PRECISION)
+            if r >= 2:
+                s0, s1, s2 = _emit(acc_prev, ir - 1, s0, s1, s2, out_ptr, va_ptr, vb_ptr,
+                                   vc_ptr, dy_ptr, ys_ptr, n, ow, nglob, nmask, va, vb, vc,
+                                   H_O, W_O, NC, MODE)
+            acc_prev = acc_cur
+            acc_cur = acc_next
     else:
-        return tl.load(dc_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        # Output row oh reads input rows 2oh - 1 (kh 0), 2oh (kh 1), 2oh + 1 (kh 2); the
+        # odd row 2oh + 1 is also row 2(oh + 1) - 1 of the next output row.
+        acc, unused1, unused2 = _row(
+            zeros, zeros, zeros, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6,
+            w7, w8, wbase, n, 2 * oh0 - 1, ow, first_group, nslot, H_A, W_A, KC, KG, True,
+            False, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
+            ALIGNED, PRECISION)
+        for j in range(ROWS):
+            oh = oh0 + j
+            unused0, acc, unused2 = _row(
+                zeros, acc, zeros, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6,
+                w7, w8, wbase, n, 2 * oh, ow, first_group, nslot, H_A, W_A, KC, KG, False,
+                True, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
+                ALIGNED, PRECISION)
+            acc_next, unused1, acc = _row(
+                zeros, zeros, acc, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6,
+                w7, w8, wbase, n, 2 * oh + 1, ow, first_group, nslot, H_A, W_A, KC, KG, True,
+                False, True, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
+                ALIGNED, PRECISION)
+            s0, s1, s2 = _emit(acc, oh, s0, s1, s2, out_ptr, va_ptr, vb_ptr, vc_ptr, dy_ptr,
+                               ys_ptr, n, ow, nglob, nmask, va, vb, vc, H_O, W_O, NC, MODE)
+            acc = acc_next
+    if MODE == 1:
+        out = partial_ptr + (t * NC + nglob) * 3
+        tl.store(out, s0, mask=nmask)
+        tl.store(out + 1, s1, mask=nmask)
+        tl.store(out + 2, s2, mask=nmask)
+    elif MODE == 2:
+        out = partial_ptr + (t * NC + nglob) * 2
+        tl.store(out, s0, mask=nmask)
+        tl.store(out + 1, s1, mask=nmask)
 
 
 @triton.jit
-def bwd_dgrad_kernel(w_ptr, dc_ptr, dy_ptr, y_ptr, dz_scale_ptr, dx_ptr,
-                     P_in, H, W, C_in, C_out, H_out, W_out, CG_IN, CG_OUT,
-                     STRIDE: tl.constexpr, FROM_DY: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # input channels
-    mask_p = offs_p < P_in
-    mask_c = offs_c < C_in
-    n = offs_p // (H * W)
-    ih = (offs_p // W) % H
-    iw = offs_p % W
-    first_out = (offs_c // CG_IN) * CG_OUT  # the group's first output channel
-    ci = offs_c % CG_IN
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for kh in range(3):
-        row = ih + 1 - kh  # = oh·STRIDE when tap kh reaches output row oh
-        oh = row // STRIDE
-        ok_h = (row >= 0) & (row % STRIDE == 0) & (oh < H_out)
-        for kw in range(3):
-            col = iw + 1 - kw
-            ow = col // STRIDE
-            valid = mask_p & ok_h & (col >= 0) & (col % STRIDE == 0) & (ow < W_out)
-            base = ((n * H_out + oh) * W_out + ow) * C_out
-            load_mask = valid[:, None] & mask_c[None, :]
-            for co_l in range(0, CG_OUT):
-                co = first_out + co_l
-                v = _load_dc(dc_ptr, dy_ptr, y_ptr, dz_scale_ptr, base[:, None] + co[None, :],
-                             co[None, :], load_mask, FROM_DY)
-                wv = tl.load(w_ptr + co * (9 * CG_IN) + (kh * 3 + kw) * CG_IN + ci,
-                             mask=mask_c, other=0.0).to(tl.float32)
-                acc += v * wv[None, :]
-    tl.store(dx_ptr + offs_p[:, None] * C_in + offs_c[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=mask_p[:, None] & mask_c[None, :])
+def _wgrad_tap(x_ptr, n, oh, ow, pmask, kh, kw, kglob, kmask, H, W, C_in,
+               STRIDE: tl.constexpr):
+    """x of tap (kh, kw) for the output pixels, as the [PIECES, SUB_K, BLOCK_P] operand."""
+    ih = oh * STRIDE - 1 + kh
+    iw = ow * STRIDE - 1 + kw
+    ok = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    pix = ((n * H + ih) * W + iw).to(tl.int64) * C_in
+    x = tl.load(x_ptr + pix[:, None, None] + kglob[None, :, :],
+                mask=ok[:, None, None] & kmask[None, :, :], other=0.0)
+    return tl.permute(x, (1, 2, 0))
 
 
 @triton.jit
-def bwd_wgrad_kernel(x_ptr, dc_ptr, dy_ptr, y_ptr, dz_scale_ptr, dw_ptr,
-                     P, H, W, C_in, C_out, H_out, W_out, CG_IN, CG_OUT, CHUNKS,
-                     STRIDE: tl.constexpr, FROM_DY: tl.constexpr,
-                     DETERMINISTIC: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Program (entry block, chunk): dw entries e = co·9·CG_IN + tap·CG_IN + ci (OHWI),
-    summed over the pixel tiles chunk, chunk + CHUNKS, ..."""
-    K = 9 * CG_IN
-    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    chunk = tl.program_id(1)
-    mask_e = e < C_out * K
-    co = e // K
-    tap = (e % K) // CG_IN
-    channel = (co // CG_OUT) * CG_IN + e % CG_IN  # input channel of the entry
-    kh = tap // 3
-    kw = tap % 3
-    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    tiles = tl.cdiv(P, BLOCK_P)
-    for tile in range(chunk, tiles, CHUNKS):
-        offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-        mask_p = offs_p < P
+def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, dw_ptr, P, H, W, C_in, H_out, W_out, C_out,
+                 CG_IN, CG_OUT, CHUNKS, FROM_DY: tl.constexpr, STRIDE: tl.constexpr,
+                 DETERMINISTIC: tl.constexpr, K_STEPS: tl.constexpr, PIECES: tl.constexpr,
+                 SUB_K: tl.constexpr, SUB_N: tl.constexpr, BLOCK_P: tl.constexpr,
+                 ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (channel slab, kh·K_STEPS + ks, chunk): dw of the slab's output channels,
+    taps (kh, 0..2), input-channel step ks, summed over the pixel tiles chunk,
+    chunk + CHUNKS, ... ``FROM_DY``: ``dc_ptr`` is dy and dc = va·dy·[y > 0]."""
+    c0 = tl.program_id(0) * (PIECES * SUB_N)
+    kh = tl.program_id(1) // K_STEPS
+    ks = tl.program_id(1) % K_STEPS
+    chunk = tl.program_id(2)
+    piece = tl.arange(0, PIECES)
+    nglob = c0 + piece[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
+    nmask = nglob < C_out
+    first_group = (c0 + piece * SUB_N) // CG_OUT
+    kstart = first_group * CG_IN
+    if ALIGNED:
+        kstart = tl.multiple_of(kstart, 16)
+    kglob = kstart[:, None] + ks * SUB_K + tl.arange(0, SUB_K)[None, :]
+    kmask = kglob < C_in
+    va = tl.load(va_ptr + nglob, mask=nmask, other=0.0)
+    acc0 = tl.zeros((PIECES, SUB_K, SUB_N), dtype=tl.float32)
+    acc1 = tl.zeros((PIECES, SUB_K, SUB_N), dtype=tl.float32)
+    acc2 = tl.zeros((PIECES, SUB_K, SUB_N), dtype=tl.float32)
+    for tile in range(chunk, tl.cdiv(P, BLOCK_P), CHUNKS):
+        offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = offs_p < P
         n = offs_p // (H_out * W_out)
         oh = (offs_p // W_out) % H_out
         ow = offs_p % W_out
-        ih = oh[:, None] * STRIDE - 1 + kh[None, :]
-        iw = ow[:, None] * STRIDE - 1 + kw[None, :]
-        mask = mask_p[:, None] & mask_e[None, :]
-        valid = mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xv = tl.load(x_ptr + ((n[:, None] * H + ih) * W + iw) * C_in + channel[None, :],
-                     mask=valid, other=0.0).to(tl.float32)
-        v = _load_dc(dc_ptr, dy_ptr, y_ptr, dz_scale_ptr, offs_p[:, None] * C_out + co[None, :],
-                     co[None, :], mask, FROM_DY)
-        acc += tl.sum(xv * v, axis=0)
+        at = offs_p.to(tl.int64)[:, None, None] * C_out + nglob[None, :, :]
+        mask = pmask[:, None, None] & nmask[None, :, :]
+        dc = tl.load(dc_ptr + at, mask=mask, other=0.0)
+        if FROM_DY:
+            y = tl.load(ys_ptr + at, mask=mask, other=0.0)
+            dc = (tl.where(y > 0, dc.to(tl.float32), 0.0) * va[None, :, :]).to(dc.dtype)
+        dc = tl.permute(dc, (1, 0, 2))  # [PIECES, BLOCK_P, SUB_N]
+        acc0 += tl.dot(_wgrad_tap(x_ptr, n, oh, ow, pmask, kh, 0, kglob, kmask, H, W, C_in,
+                                  STRIDE), dc, input_precision=PRECISION)
+        acc1 += tl.dot(_wgrad_tap(x_ptr, n, oh, ow, pmask, kh, 1, kglob, kmask, H, W, C_in,
+                                  STRIDE), dc, input_precision=PRECISION)
+        acc2 += tl.dot(_wgrad_tap(x_ptr, n, oh, ow, pmask, kh, 2, kglob, kmask, H, W, C_in,
+                                  STRIDE), dc, input_precision=PRECISION)
+    # Entry (co, tap, ci) of dw (OHWI) exists where ci is in co's group.
+    group = nglob // CG_OUT
+    inside = ((kglob[:, :, None] // CG_IN) == group[:, None, :]) & kmask[:, :, None] \
+        & nmask[:, None, :]
+    entry = nglob[:, None, :] * (9 * CG_IN) + kh * 3 * CG_IN \
+        + (kglob[:, :, None] - group[:, None, :] * CG_IN)
     if DETERMINISTIC:
-        tl.store(dw_ptr + chunk * (C_out * K) + e, acc, mask=mask_e)
+        base = dw_ptr + chunk.to(tl.int64) * (C_out * 9 * CG_IN)
+        tl.store(base + entry, acc0, mask=inside)
+        tl.store(base + entry + CG_IN, acc1, mask=inside)
+        tl.store(base + entry + 2 * CG_IN, acc2, mask=inside)
     else:
-        tl.atomic_add(dw_ptr + e, acc, mask=mask_e)
+        tl.atomic_add(dw_ptr + entry, acc0, mask=inside)
+        tl.atomic_add(dw_ptr + entry + CG_IN, acc1, mask=inside)
+        tl.atomic_add(dw_ptr + entry + 2 * CG_IN, acc2, mask=inside)

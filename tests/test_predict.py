@@ -201,10 +201,10 @@ def test_measured_kernels_are_put_beside_their_model():
     cuda = "void rk::detail::conv_fwd_kernel<__nv_bfloat16, 16, 1, (rk::Pass)2>(rk::ConvFwdParams)"
     row = {"kernels": [{"kernel": cuda, "modeled_ms": 0.5},
                        {"kernel": "torch aten::mul", "modeled_ms": 0.0025},
-                       {"kernel": "conv_fwd_kernel(STRIDE=1,STATS=0,BLOCK_P=32,BLOCK_C=32,"
-                                  "warps=4)", "modeled_ms": 0.2}],
+                       {"kernel": "conv_rows_kernel(MODE=0,STRIDE=1,BW=32,warps=4)",
+                        "modeled_ms": 0.2}],
            "measured_kernels": [("void at::native::vectorized_elementwise_kernel<4>", 0.003),
-                                (cuda, 1.0), ("conv_fwd_kernel", 0.1)]}
+                                (cuda, 1.0), ("conv_rows_kernel", 0.1)]}
     attach_measured(row)
     assert row["kernels"][0]["measured_over_modeled"] == 2.0
     assert "measured_ms" not in row["kernels"][1]

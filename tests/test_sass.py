@@ -140,20 +140,29 @@ def test_lookup_and_json_round_trip():
     assert sass.lookup(rep, "missing") is None
 
 
-def test_triton_variant_names_and_the_fixed_tiles():
+def test_triton_variants_cover_every_pass_of_every_layer():
     pytest.importorskip("triton")
+    from resnext_kernels import triton_backend as tb
     from resnext_kernels.bench import triton_aot
 
-    assert (triton_aot.variant_name("conv_fwd_kernel", {"STRIDE": 2, "STATS": True,
-                                                        "BLOCK_P": 32, "BLOCK_C": 32}, 4)
-            == "conv_fwd_kernel(STRIDE=2,STATS=1,BLOCK_P=32,BLOCK_C=32,warps=4)")
-    names = {triton_aot.variant_name(*v) for v in sass._default_variants()}
-    for stride in (1, 2):  # the GPU's fixed tiles (triton_backend.FIXED, STATS_WARPS, WGRAD_*)
-        assert f"conv_fwd_kernel(STRIDE={stride},STATS=1,BLOCK_P=32,BLOCK_C=32,warps=8)" in names
-        assert f"conv_fwd_kernel(STRIDE={stride},STATS=0,BLOCK_P=32,BLOCK_C=32,warps=4)" in names
-        assert f"bwd_reduce_kernel(STRIDE={stride},BLOCK_P=32,BLOCK_C=32,warps=4)" in names
-        assert (f"bwd_wgrad_kernel(STRIDE={stride},FROM_DY=0,DETERMINISTIC=0,BLOCK_P=32,"
-                "BLOCK_E=64,warps=8)") in names
+    assert (triton_aot.variant_name("k", {"STRIDE": 2, "STATS": True, "BW": 32}, 4)
+            == "k(STRIDE=2,STATS=1,BW=32,warps=4)")
+    variants = sass._default_variants()
+    names = {triton_aot.variant_name(*v) for v in variants}
+    assert len(names) == len(variants)
+    # s2 (4 channels per group, 56 x 56): four groups a piece, 14 rows of 32 pixels
+    s2 = "HOLD=1,GUARD=1,SLOTS=4,K_STEPS=1,PIECES=4,SUB_K=16,SUB_N=16,BW=32,ROWS=14,ALIGNED=1"
+    warps = tb.FIXED_WARPS
+    for mode, save in ((0, 0), (0, 1), (1, 0), (2, 0), (3, 0)):
+        assert (f"conv_rows_kernel(MODE={mode},STRIDE=1,DIL=1,FROM_DY=0,{s2},SAVE={save},"
+                f"PRECISION=tf32,warps={warps})") in names
+    for from_dy in (0, 1):  # dgrad
+        assert (f"conv_rows_kernel(MODE=4,STRIDE=1,DIL=1,FROM_DY={from_dy},{s2},SAVE=0,"
+                f"PRECISION=tf32,warps={warps})") in names
+    assert ("wgrad_kernel(FROM_DY=0,STRIDE=1,DETERMINISTIC=0,K_STEPS=1,PIECES=4,SUB_K=16,"
+            f"SUB_N=16,BLOCK_P=64,ALIGNED=1,PRECISION=tf32,warps={tb.WGRAD_WARPS})") in names
+    # s3-down's dgrad runs on the dilated grid
+    assert any("MODE=4,STRIDE=1,DIL=2" in name for name in names)
 
 
 def test_triton_specialisation_marks_pointers_and_channel_counts():
@@ -161,14 +170,15 @@ def test_triton_specialisation_marks_pointers_and_channel_counts():
     from resnext_kernels import triton_kernels
     from resnext_kernels.bench import triton_aot
 
-    fn = triton_kernels.conv_fwd_kernel
+    fn = triton_kernels.conv_rows_kernel
     signature, attrs = triton_aot.specialisation(fn, "fp16")
     marked = {fn.arg_names[i] for (i,) in attrs}
-    assert marked == {"x_ptr", "w_ptr", "y_ptr", "scale_ptr", "shift_ptr", "partial_ptr",
-                      "P", "C_in", "C_out"}
+    assert marked == {name for name in fn.arg_names if name.endswith("_ptr")} | {
+        "N_BUCKET", "KC", "NC"}
     assert all(v == [["tt.divisibility", 16]] for v in attrs.values())
-    assert signature["x_ptr"] == "*fp16" and signature["scale_ptr"] == "*fp32"
-    assert signature["H"] == "i32" and signature["STRIDE"] == "constexpr"
+    assert signature["a_ptr"] == "*fp16" and signature["va_ptr"] == "*fp32"
+    assert signature["H_A"] == "i32" and signature["STRIDE"] == "constexpr"
+    assert signature["eps"] == "fp32"
 
 
 def _cuda_kernels():

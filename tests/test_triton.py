@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif("triton" not in available_backends(),
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Channels per group -> groups: enough groups that a 64-channel tile spans several,
 # small enough that the interpreter stays within minutes.
-WIDTHS = {4: 3, 8: 3, 12: 3, 16: 3, 32: 2, 64: 1}
+WIDTHS = {4: 3, 8: 3, 12: 3, 16: 3, 32: 2, 40: 2, 64: 1, 128: 1}
 NAMES = ("output", "grad_input", "grad_weight", "grad_bn_weight", "grad_bn_bias",
          "running_mean", "running_var")
 
@@ -29,6 +29,14 @@ def problem_for(width, stride, channels_last):
         n, h, w = 2, 5, 4
     groups = WIDTHS[width]
     return Problem(n, groups * width, groups * width, h, w, groups, stride)
+
+
+def fp32_tolerance():
+    """float32 products run as TF32 (10-bit mantissa, like float16) on a GPU where
+    PyTorch's conv would (cudnn.allow_tf32, its default); exactly under the interpreter
+    and when the flag is off."""
+    tf32 = DEVICE == "cuda" and torch.backends.cudnn.allow_tf32
+    return REL_TOLERANCE[torch.float16] if tf32 else REL_TOLERANCE[torch.float32]
 
 
 def run(backend, args, problem, training, grad, dtype=None):
@@ -73,9 +81,27 @@ def test_triton_matches_reference(width, stride, dtype, training, channels_last)
     for i, (name, g, e) in enumerate(zip(NAMES, got, expected)):
         assert g.shape == e.shape and not g.isnan().any(), name
         err = rel_error(g, e)
-        bound = REL_TOLERANCE[dtype] if baseline is None else \
+        bound = fp32_tolerance() if baseline is None else \
             max(2 * baseline[i], REL_TOLERANCE[dtype] / 4)
         assert err <= bound, (name, err, bound)
+
+
+@pytest.mark.parametrize("allow_tf32", [True, False], ids=["tf32", "ieee"])
+def test_triton_float32_follows_cudnn_allow_tf32(monkeypatch, allow_tf32):
+    """TF32 products where cudnn.allow_tf32 is set, exact fp32 ones where it is not; each
+    within the tolerance it implies."""
+    from resnext_kernels import triton_backend
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    assert triton_backend._precision(torch.float32) == ("tf32" if allow_tf32 else "ieee")
+    assert triton_backend._precision(torch.float16) == "tf32"  # no effect on 16-bit types
+    problem = Problem(2, 32, 32, 6, 5, 4, 1)
+    gen = torch.Generator().manual_seed(11)
+    args = make_arguments(problem, torch.float32, channels_last=True, generator=gen)
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
+    for g, e in zip(run("triton", args, problem, True, grad),
+                    run("reference", args, problem, True, grad, dtype=torch.float64)):
+        assert rel_error(g, e) <= fp32_tolerance()
 
 
 def test_triton_several_groups_of_64_channels():
@@ -85,7 +111,7 @@ def test_triton_several_groups_of_64_channels():
     grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
     for g, e in zip(run("triton", args, problem, True, grad),
                     run("reference", args, problem, True, grad, dtype=torch.float64)):
-        assert rel_error(g, e) <= REL_TOLERANCE[torch.float32]
+        assert rel_error(g, e) <= fp32_tolerance()
 
 
 def test_triton_deterministic_mode_is_bit_identical():
@@ -106,7 +132,7 @@ def test_triton_deterministic_mode_is_bit_identical():
 def test_triton_split_ops_match_reference():
     """backward_reduce + backward_apply, the distributed path."""
     errors = split_backward_errors("triton", DEVICE)
-    assert len(errors) == 4 and max(errors) <= REL_TOLERANCE[torch.float32], errors
+    assert len(errors) == 4 and max(errors) <= fp32_tolerance(), errors
 
 
 def test_triton_empty_batch():
@@ -172,20 +198,37 @@ def test_triton_ops_pass_opcheck(dtype):
     opcheck_backend_ops("triton", "cuda", dtype)
 
 
-def test_triton_autotune_keys_name_the_stride_and_input_size(monkeypatch):
-    """Every autotuned pass is keyed on H, W and STRIDE (s3-down and s3 share channels
-    and pixel counts) besides its pixel and channel counts, all real arguments."""
+def test_triton_autotune_key_is_the_whole_shape():
+    """The autotuned conv is keyed on every size of the conv (real arguments; the dtype is
+    in every Triton key) and on the batch rounded up to a power of two, so a new batch
+    size re-tunes only when it crosses a power of two."""
     from resnext_kernels import triton_backend
     from resnext_kernels import triton_kernels as K
 
-    monkeypatch.setattr(triton_backend, "INTERPRET", False)
-    for kernel, keys in ((K.conv_fwd_kernel, ("P", "C_out", "CG_IN")),
-                         (K.bwd_dc_kernel, ("P", "C_out", "CG_IN")),
-                         (K.bwd_dgrad_kernel, ("P_in", "C_in", "CG_OUT"))):
-        tuner = triton_backend._tuned(kernel, keys)
-        assert set(tuner.keys) == {"H", "W", "STRIDE", *keys}
-        assert set(tuner.keys) <= set(kernel.arg_names)
-        assert tuner.fn is kernel  # what RESNEXT_TRITON_AUTOTUNE=0 launches instead
+    assert set(triton_backend.TUNE_KEYS) <= set(K.conv_rows_kernel.arg_names)
+    assert {"N_BUCKET", "H_A", "W_A", "KC", "NC", "KG", "NG"} <= set(triton_backend.TUNE_KEYS)
+    assert [triton_backend._next_pow2(n) for n in (1, 2, 3, 200, 256, 257)] == \
+        [1, 2, 4, 256, 256, 512]
+
+
+@pytest.mark.parametrize("width,groups", [(4, 32), (8, 32), (16, 32), (32, 32), (12, 3),
+                                          (40, 2), (64, 1), (512, 1)])
+def test_plan_covers_every_group_with_its_input_channels(width, groups):
+    """A piece's input-channel range holds every group of its output channels; 4 and 8
+    channels per group pack 4 and 2 groups into 16; wide groups take K steps."""
+    from resnext_kernels.triton_backend import Plan
+
+    c = width * groups
+    plan = Plan(c, c, width, width, 28, 28)
+    assert plan.pieces * plan.sub_n <= 64 or plan.pieces == 1
+    assert plan.k_steps * plan.sub_k >= plan.slots * width
+    if width in (4, 8):
+        assert (plan.sub_n, plan.sub_k, plan.slots) == (16, 16, 16 // width)
+    if width in (16, 32):
+        assert (plan.sub_n, plan.sub_k, plan.slots, plan.constexprs()["GUARD"]) == \
+            (width, width, 1, False)
+    if width == 512:
+        assert (plan.sub_n, plan.sub_k, plan.k_steps) == (64, 64, 8)
 
 
 def test_autotune_setting_is_checked_at_each_call(monkeypatch):

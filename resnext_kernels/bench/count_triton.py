@@ -47,12 +47,16 @@ How a Triton launch is counted (the assumptions, in one place):
   order (warm-up first): ``trace_sector`` (address // 32), ``trace_kind``,
   ``trace_counted``.
 * **tl.dot** (the builder's ``create_dot``): ``mma`` = 16x8x16 steps after padding
-  M to 16, N to 8, K to 16; ``executed_macs`` = padded M·N·K; ``useful_macs`` =
-  (m, n, k) with A[m, k] and B[k, n] both non-zero; ``mma_kind`` "tl.dot". Shared
-  memory is invisible to the interpreter: each dot is charged (A bytes + B bytes) x 2
-  / 128 wavefronts (operands stored once and read once, 128 bytes a wavefront,
-  assumed conflict-free) in both ``smem_wavefronts`` and ``smem_ideal_wavefronts``;
-  no other shared-memory traffic is modelled (reductions' scratch included).
+  M to 16, N to 8, K to 16 (per batch entry of a 3-D dot); ``executed_macs`` = padded
+  M·N·K; ``useful_macs`` = (m, n, k) with A[m, k] and B[k, n] both non-zero;
+  ``mma_kind`` "tl.dot" for 2-D dots (wgmma on sm_90) and "tl.dot batched" once a
+  3-D dot is seen (Triton lowers those to mma.sync: ``HMMA`` in the SASS). Shared
+  memory is invisible to the interpreter: each operand is charged its bytes x 2 / 128
+  wavefronts (staged once and read once, 128 bytes a wavefront, assumed
+  conflict-free) in both ``smem_wavefronts`` and ``smem_ideal_wavefronts``, once per
+  program for the same operand tensor used by several dots (it is converted to the
+  MMA operand layout once and held in registers); no other shared-memory traffic is
+  modelled (reductions' scratch and layout conversions of epilogues included).
 * **FMA.** Every fp32 element-wise multiply (the builder's ``create_fmul``) and fp32
   ``create_fma`` counts one FMA per element of its result, masked lanes included: the
   kernels' ``acc += x * w`` is one FFMA per element, but a plain multiply in an
@@ -63,12 +67,10 @@ How a Triton launch is counted (the assumptions, in one place):
   ``num_warps``); ``symbol`` = :func:`variant_name` of the kernel, its constexprs (in
   the kernel's signature order) and ``num_warps``, the key of the AOT/SASS reports.
 
-Tiles: under the interpreter ``triton_backend`` launches larger fixed tiles than on a
-GPU (``FIXED``/``WGRAD_FIXED``). ``tiles="gpu"`` (the default) counts the GPU's fixed
-tiles (``GPU_FIXED``/``GPU_WGRAD_FIXED``, what a GPU runs with
-``RESNEXT_TRITON_AUTOTUNE=0``, and the tiles the AOT report compiles); the autotuned
-tiles a GPU may choose instead are not modelled. ``tiles="interpreter"`` keeps the
-interpreter's tiles.
+Tiles: ``triton_backend`` launches the same tiles under the interpreter as on a GPU
+with ``RESNEXT_TRITON_AUTOTUNE=0`` (its per-layer ``Plan`` and ``FIXED`` rows per
+program; the variants ``bench/triton_aot.py`` compiles); the autotuned tiles a GPU may
+choose instead are not modelled.
 
 Glue: a ``TorchDispatchMode`` around the call records every aten operation outside
 the Triton launches that would launch a kernel on a GPU, as a record with kernel
@@ -126,10 +128,6 @@ SMEM_WAVEFRONT_BYTES = 128
 DEFAULT_WARPS = 4         # Triton's default num_warps
 
 PASSES = ("eval", "train_fwd", "train_bwd", "eval_bwd")
-# The fixed tiles of triton_backend on a GPU (its FIXED / WGRAD_FIXED when not
-# interpreting; the tiles bench/triton_aot.py compiles).
-GPU_FIXED = {"BLOCK_P": 32, "BLOCK_C": 32}
-GPU_WGRAD_FIXED = {"BLOCK_P": 32, "BLOCK_E": 64}
 EPS = 1e-5
 
 # aten ops that launch no kernel on a GPU: views, metadata, allocations, host reads.
@@ -192,7 +190,7 @@ def interpreting() -> bool:
         from .. import triton_kernels
     except ImportError:
         return False
-    return isinstance(triton_kernels.conv_fwd_kernel, InterpretedFunction)
+    return isinstance(triton_kernels.conv_rows_kernel, InterpretedFunction)
 
 
 # --------------------------------------------------------------------------- accesses
@@ -263,10 +261,11 @@ def _first_touch(sectors: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- recorder
 
 class _Program:
-    __slots__ = ("counted", "sectors", "kinds")
+    __slots__ = ("counted", "sectors", "kinds", "operands")
 
     def __init__(self, counted):
         self.counted = counted
+        self.operands = {}  # id -> dot operand already charged (kept alive: ids stay unique)
         self.sectors = []  # per access: distinct sectors, first touch first
         self.kinds = []    # per access: its kind bit
 
@@ -290,6 +289,7 @@ class _LaunchState:
         self.name, self.constexprs, self.num_warps = name, constexprs, num_warps
         self.grid = None
         self.window = None
+        self.batched = False  # a 3-D tl.dot was seen (mma.sync, not wgmma)
         self.patched = frozenset()  # ids of the triton.language modules patched
         self.traces = {}  # linear program id -> (sectors, kinds, counted)
         self.counts = dict(global_requests=0, global_sectors=0, global_bytes=0,
@@ -310,7 +310,8 @@ class _LaunchState:
             symbol=variant_name(self.name, self.constexprs, self.num_warps),
             grid=tuple(grid), threads=self.num_warps * WARP, blocks=window.total,
             sampled_blocks=window.counted, scale=window.scale,
-            mma_kind="tl.dot" if self.counts["mma"] else "",
+            mma_kind=("" if not self.counts["mma"]
+                      else "tl.dot batched" if self.batched else "tl.dot"),
             trace_sector=sectors, trace_kind=kinds, trace_counted=counted,
             window_start=window.window_start, **self.counts)
 
@@ -377,7 +378,8 @@ class _Recorder:
         if mask is None:
             active = np.ones(addresses.size, bool)
         else:
-            active = np.broadcast_to(mask.data, data.shape).reshape(-1)
+            # a mask may come as int32 (an & of a scalar comparison): nonzero is active
+            active = np.broadcast_to(mask.data, data.shape).reshape(-1).astype(bool)
         if program.counted:
             vec = 1 if kind == ATOMIC else vector_width(data, element_size)
             requests, sectors, nbytes, lines = request_stats(addresses, active, element_size,
@@ -412,7 +414,13 @@ class _Recorder:
         counts["executed_macs"] += batch * pm * pn * pk
         nonzero = np.matmul((a_data != 0).astype(np.float64), (b_data != 0).astype(np.float64))
         counts["useful_macs"] += int(round(float(nonzero.sum())))
-        operand_bytes = a_data.size * a_data.itemsize + b_data.size * b_data.itemsize
+        operand_bytes = 0
+        for operand in (a, b):
+            if id(operand) not in self.program.operands:
+                self.program.operands[id(operand)] = operand
+                operand_bytes += operand.data.size * operand.data.itemsize
+        if batch > 1 or a_data.ndim > 2:
+            self.launch.batched = True
         wavefronts = -(-operand_bytes * 2 // SMEM_WAVEFRONT_BYTES)
         counts["smem_wavefronts"] += wavefronts
         counts["smem_ideal_wavefronts"] += wavefronts
@@ -664,29 +672,6 @@ def _glue_mode(recorder):
     return GlueOps()
 
 
-@contextlib.contextmanager
-def _gpu_tiles(tiles):
-    """``triton_backend``'s fixed tiles set to the GPU's for the duration (or kept)."""
-    from .. import triton_backend as tb
-
-    if tiles == "interpreter":
-        yield
-        return
-    if tiles != "gpu":
-        raise ValueError(f"tiles must be 'gpu' or 'interpreter'; got {tiles!r}")
-    saved = dict(tb.FIXED), dict(tb.WGRAD_FIXED)
-    try:
-        tb.FIXED.clear()
-        tb.FIXED.update(GPU_FIXED)
-        tb.WGRAD_FIXED.clear()
-        tb.WGRAD_FIXED.update(GPU_WGRAD_FIXED)
-        yield
-    finally:
-        for target, values in zip((tb.FIXED, tb.WGRAD_FIXED), saved):
-            target.clear()
-            target.update(values)
-
-
 def _direct_triton_calls():
     """wrap_triton's kernels called directly, not through its higher-order op (which a
     dispatch mode would have to handle): what triton_op does for plain tensors."""
@@ -731,7 +716,7 @@ def _pass_call(problem, pass_name, dtype, seed, channels_last):
 
 
 def count_pass(problem, pass_name: str, dtype, *, waves: float = 2.0,
-               warmup_waves: float = 0.5, kernel_waves=None, seed=0, tiles: str = "gpu",
+               warmup_waves: float = 0.5, kernel_waves=None, seed=0,
                channels_last: bool = True) -> list:
     """The :class:`counters.Launch` records of one pass of the Triton backend on
     ``problem`` (a ``testing.Problem`` at its full batch), in call order.
@@ -752,7 +737,7 @@ def count_pass(problem, pass_name: str, dtype, *, waves: float = 2.0,
     if dtype not in (torch.float16, torch.float32):
         raise ValueError(f"dtype must be torch.float16 or torch.float32; got {dtype}")
     call = _pass_call(problem, pass_name, dtype, seed, channels_last)
-    with _gpu_tiles(tiles), _direct_triton_calls(), torch.no_grad(), \
+    with _direct_triton_calls(), torch.no_grad(), \
             hooked(waves, warmup_waves, kernel_waves) as recorder, _glue_mode(recorder):
         call()
     return recorder.launches

@@ -34,7 +34,7 @@ QUICK_LAYERS = ("s3",)
 # than the CUDA kernels (docs/performance-model.md); the tl.dot rewrite should
 # allow two waves again.
 TRITON_WAVES = 0.2
-TRITON_KERNEL_WAVES = {"bwd_wgrad_kernel": 0.01}
+TRITON_KERNEL_WAVES = {"wgrad_kernel": 0.01}
 
 
 def default_backends() -> list[str]:
@@ -71,7 +71,7 @@ def parse_args(argv):
                              f"{counters.SMS} SMs x {counters.BLOCKS_PER_SM} blocks)")
     parser.add_argument("--triton-waves", type=float, default=TRITON_WAVES,
                         help="waves of programs counted per Triton kernel (wgrad: "
-                             f"{TRITON_KERNEL_WAVES['bwd_wgrad_kernel']})")
+                             f"{TRITON_KERNEL_WAVES['wgrad_kernel']})")
     parser.add_argument("--quick", action="store_true",
                         help=f"layer {', '.join(QUICK_LAYERS)} only, one wave (CUDA) and half "
                              "the Triton programs: about 2 minutes on 2 cores")

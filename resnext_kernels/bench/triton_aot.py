@@ -13,9 +13,10 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 # Scalar (shape) arguments; every other upper-case argument is a constexpr.
-INTS = {"P", "P_in", "H", "W", "C_in", "C_out", "H_out", "W_out", "CG_IN", "CG_OUT", "CHUNKS"}
-FP32_POINTERS = {"scale_ptr", "shift_ptr", "partial_ptr", "mean_ptr", "invstd_ptr",
-                 "dz_scale_ptr", "dc_shift_ptr", "dc_xhat_ptr", "dw_ptr"}
+INTS = {"N_BUCKET", "H_A", "W_A", "KC", "H_O", "W_O", "NC", "KG", "NG", "P", "H", "W", "C_in",
+        "H_out", "W_out", "C_out", "CG_IN", "CG_OUT", "CHUNKS"}
+FP32_POINTERS = {"partial_ptr", "va_ptr", "vb_ptr", "vc_ptr", "vd_ptr", "sv_ptr", "dw_ptr"}
+FLOATS = {"eps"}
 
 # The JIT marks an argument ``tt.divisibility`` 16 when its value at the launch allows
 # (triton/runtime/jit.py: ``specialize_impl`` gives "D" for a tensor whose data_ptr and
@@ -26,15 +27,14 @@ FP32_POINTERS = {"scale_ptr", "shift_ptr", "partial_ptr", "mean_ptr", "invstd_pt
 # * pointers: always (PyTorch's allocations are 512-byte aligned and in a ResNeXt the
 #   conv's input, weight and outputs are whole tensors; a view at an odd offset gets
 #   another JIT kernel);
-# * C_in, C_out: the group width 128/256/512/1024 — multiples of 16 at every layer;
-# * P (= N·H_out·W_out) and P_in (= N·H·W): multiples of 16 at batch 256 (256·49 at
-#   s5); at 56² and 28² pixels at any batch, at 14² for N % 4 == 0, at 7² for
-#   N % 16 == 0 — other batches get another JIT kernel there;
-# * not H, W, H_out, W_out (56, 28, 14, 7: 14 and 7 are not), CG_IN, CG_OUT (4 and 8
-#   at s2/s3), CHUNKS (wgrad's pixel-chunk count, 29/8/2 at s2–s4).
-# The JIT also turns an int argument equal to 1 into a constexpr: wgrad's CHUNKS is 1
-# at s5 (1024·9·32 entries fill the 2,048 target programs), a variant not compiled here.
-DIVISIBLE_INTS = {"P", "P_in", "C_in", "C_out"}
+# * the channel counts KC, NC, C_in, C_out: 128/256/512/1024 — multiples of 16;
+# * P (= N·H_out·W_out, wgrad): a multiple of 16 at batch 256 (256·49 at s5);
+# * N_BUCKET (the batch rounded up to a power of two): 256;
+# * not the sizes (56, 28, 14, 7: 14 and 7 are not), KG/NG/CG_IN/CG_OUT (4 and 8 at
+#   s2/s3), CHUNKS (wgrad's pixel-chunk count).
+# The JIT also turns an int argument equal to 1 into a constexpr: wgrad's CHUNKS can be 1
+# at s5, a variant not compiled here.
+DIVISIBLE_INTS = {"N_BUCKET", "KC", "NC", "C_in", "C_out", "P"}
 
 
 def variant_name(name: str, constexprs: dict, warps: int) -> str:
@@ -54,6 +54,9 @@ def specialisation(fn, dtype: str):
         if arg in INTS:
             signature[arg] = "i32"
             divisible = arg in DIVISIBLE_INTS
+        elif arg in FLOATS:
+            signature[arg] = "fp32"
+            divisible = False
         elif arg.endswith("_ptr"):
             signature[arg] = "*fp32" if arg in FP32_POINTERS else f"*{dtype}"
             divisible = True
@@ -80,29 +83,53 @@ def compile_variant(name: str, constexprs: dict, warps: int, arch: int, dtype: s
                           options={"num_warps": warps})
 
 
-def variants(quick: bool):
-    """(kernel name, constexprs, num_warps) for every launch the backend can make: the
-    fixed GPU tiles for each flag combination, and each autotuning config."""
-    from .. import triton_backend as tb
+def _ordered(name: str, constexprs: dict) -> dict:
+    """``constexprs`` in the kernel's signature order (the launch records' order)."""
+    from .. import triton_kernels
 
-    fixed = {"BLOCK_P": 32, "BLOCK_C": 32}
-    out = []
-    for stride in (1, 2):
-        out.append(("conv_fwd_kernel", dict(STRIDE=stride, STATS=True, **fixed), tb.STATS_WARPS))
-        out.append(("bwd_reduce_kernel", dict(STRIDE=stride, **fixed), 4))
-        for deterministic, from_dy in itertools.product((False, True), repeat=2):
-            out.append(("bwd_wgrad_kernel", dict(STRIDE=stride, FROM_DY=from_dy,
-                                                  DETERMINISTIC=deterministic,
-                                                  BLOCK_P=32, BLOCK_E=64), tb.WGRAD_WARPS))
-        tiles = [(32, 32, 4)] if quick else tb.TILES
-        for p, c, warps in tiles:
-            tile = {"BLOCK_P": p, "BLOCK_C": c}
-            out.append(("conv_fwd_kernel", dict(STRIDE=stride, STATS=False, **tile), warps))
-            out.append(("bwd_dc_kernel", dict(STRIDE=stride, **tile), warps))
-            for from_dy in (False, True):
-                out.append(("bwd_dgrad_kernel", dict(STRIDE=stride, FROM_DY=from_dy, **tile),
-                            warps))
-    return out
+    order = getattr(triton_kernels, name).arg_names
+    return {k: constexprs[k] for k in order if k in constexprs}
+
+
+def variants(quick: bool):
+    """(kernel name, constexprs, num_warps) of every launch the backend makes on the
+    ResNeXt-50 32x4d layers (their tiling is per layer: ``triton_backend.Plan``): the
+    fixed warps of every pass and, unless ``quick``, each autotuning config of the
+    passes that autotune; wgrad for both flag pairs."""
+    from .. import reference, testing
+    from .. import triton_backend as tb
+    from .. import triton_kernels as K
+
+    out = {}
+
+    def add(name, constexprs, warps):
+        constexprs = _ordered(name, constexprs)
+        out[variant_name(name, constexprs, warps)] = (name, constexprs, warps)
+
+    warps = [tb.FIXED_WARPS] if quick else sorted({tb.FIXED_WARPS, *tb.CONFIGS})
+    for channels, size, stride in testing.resnext_layers(32, 4).values():
+        cg, out_size = channels // 32, reference.output_size(size, stride)
+        fwd = tb.Plan(channels, channels, cg, cg, out_size, out_size)
+        dgrad = tb.Plan(channels, channels, cg, cg, size, size)
+        common = dict(PRECISION="tf32")
+        for mode in (K.WRITE, K.STATS, K.REDUCE, K.DC):
+            for save in ((False, True) if mode == K.WRITE else (False,)):
+                for w in (warps if mode in (K.WRITE, K.DC) else [tb.FIXED_WARPS]):
+                    add("conv_rows_kernel", dict(MODE=mode, STRIDE=stride, DIL=1, FROM_DY=False,
+                                                 BW=fwd.bw, SAVE=save, **fwd.constexprs(),
+                                                 **common), w)
+        for from_dy in (False, True):
+            for w in warps:
+                add("conv_rows_kernel", dict(MODE=K.PLAIN, STRIDE=1, DIL=stride,
+                                             FROM_DY=from_dy, BW=dgrad.bw, SAVE=False,
+                                             **dgrad.constexprs(), **common), w)
+            for deterministic in (False, True):
+                add("wgrad_kernel", dict(FROM_DY=from_dy, STRIDE=stride,
+                                         DETERMINISTIC=deterministic, K_STEPS=fwd.k_steps,
+                                         PIECES=fwd.pieces, SUB_K=fwd.sub_k, SUB_N=fwd.sub_n,
+                                         BLOCK_P=tb.WGRAD_BLOCK_P, ALIGNED=fwd.aligned,
+                                         **common), tb.WGRAD_WARPS)
+    return list(out.values())
 
 
 def _compile(job):
