@@ -50,11 +50,10 @@ else:
 # AOT report compiles and the launch counters count), and the autotuned choices.
 FIXED_WARPS = 4
 CONFIGS = (4, 8)
+WGRAD_WARPS = 4
 # Keyed on the whole shape (the input dtype is part of every Triton autotuning key):
 # the batch rounded up to a power of two, the sizes and channels of the conv.
 TUNE_KEYS = ("N_BUCKET", "H_A", "W_A", "KC", "H_O", "W_O", "NC", "KG", "NG")
-WGRAD_BLOCK_P = 64
-WGRAD_WARPS = 4
 WGRAD_TARGET_PROGRAMS = 2048
 WGRAD_PARTIAL_FLOATS = 16 << 20
 SLAB = 64  # output channels a program owns, where the layer has them
@@ -90,6 +89,12 @@ class Plan:
         # one (56, 28, 14 -> 14; 7 -> 7): each program re-reads 2 halo rows.
         divisors = [d for d in range(16, 7, -1) if h_out % d == 0]
         self.rows = divisors[0] if divisors else max(1, min(h_out, 8))
+        # wgrad holds nine [PIECES, 16, SUB_N] fp32 sums (at most 1,024 elements each);
+        # its input-channel steps are 16 wide (32 x 32 tiles compile to 2-4 KB of spills).
+        self.w_sub_k = 16
+        self.w_pieces = max(1, min(self.pieces, 1024 // (self.w_sub_k * self.sub_n)))
+        self.w_k_steps = -(-span // self.w_sub_k)
+        self.w_slabs = -(-nc // (self.w_pieces * self.sub_n))
         self.aligned = all((n0 // ng) * kg % 16 == 0 for n0 in range(0, nc, self.sub_n))
 
     def constexprs(self):
@@ -304,20 +309,21 @@ class _Backward:
         if layer.pixels == 0:
             dw = torch.zeros(entries, dtype=torch.float32, device=self.dy.device)
         else:
-            blocks = plan.slabs * 3 * plan.k_steps
-            tiles = triton.cdiv(layer.pixels, WGRAD_BLOCK_P)
+            blocks = plan.w_slabs * plan.w_k_steps
+            tiles = _row_programs(plan, layer.n)
             chunks = max(1, min(tiles, triton.cdiv(WGRAD_TARGET_PROGRAMS, blocks),
                                 WGRAD_PARTIAL_FLOATS // entries))
             deterministic = torch.are_deterministic_algorithms_enabled()
             shape = (chunks, entries) if deterministic else (entries,)
             dw = torch.zeros(shape, dtype=torch.float32, device=self.dy.device)
-            torch.library.wrap_triton(K.wgrad_kernel)[(plan.slabs, 3 * plan.k_steps, chunks)](
-                layer.x, dc, self.y, dz_scale, dw, layer.pixels, layer.h, layer.w, layer.c_in,
-                layer.h_out, layer.w_out, layer.c_out, layer.cg_in, layer.cg_out, chunks,
+            grid = (plan.w_slabs, plan.w_k_steps, chunks)
+            torch.library.wrap_triton(K.wgrad_kernel)[grid](
+                layer.x, dc, self.y, dz_scale, dw, layer.h, layer.w, layer.c_in, layer.h_out,
+                layer.w_out, layer.c_out, layer.cg_in, layer.cg_out, tiles, chunks,
                 FROM_DY=from_dy, STRIDE=layer.stride, DETERMINISTIC=deterministic,
-                K_STEPS=plan.k_steps, PIECES=plan.pieces, SUB_K=plan.sub_k, SUB_N=plan.sub_n,
-                ALIGNED=plan.aligned, BLOCK_P=WGRAD_BLOCK_P, PRECISION=_precision(layer.x.dtype),
-                num_warps=WGRAD_WARPS)
+                K_STEPS=plan.w_k_steps, PIECES=plan.w_pieces, SUB_K=plan.w_sub_k,
+                SUB_N=plan.sub_n, BW=plan.bw, ROWS=plan.rows, ALIGNED=plan.aligned,
+                PRECISION=_precision(layer.x.dtype), num_warps=WGRAD_WARPS)
             if deterministic:
                 dw = dw.sum(0)  # chunk order: fixed
         return (dw.view(layer.c_out, 3, 3, layer.cg_in).permute(0, 3, 1, 2)

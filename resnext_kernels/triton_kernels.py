@@ -31,8 +31,9 @@ Kernels (the glue is ``resnext_kernels/triton_backend.py``):
   conv on dc with each group's weights transposed and the taps flipped; at stride 2 on
   dc dilated by 2 (``DIL``; the zero rows are skipped, the zero columns are masked loads).
   ``FROM_DY`` forms the operand dc = va·dy·[y > 0] while loading (eval backward).
-* ``wgrad_kernel``: dw = Σ_pixels x_tap^T · dc per (channel slab, kh, input-channel
-  step), over the pixel tiles chunk, chunk + CHUNKS, ...; added with ``tl.atomic_add``
+* ``wgrad_kernel``: dw = Σ_pixels x_tap^T · dc per (channel slab, input-channel step),
+  all nine taps, over the row tiles chunk, chunk + CHUNKS, ... (rows walked as in the
+  conv: each dc row and each x row loaded once per tile); added with ``tl.atomic_add``
   or written as per-chunk partials (DETERMINISTIC), only the entries inside the groups.
 
 Operands reach ``tl.dot`` in the input dtype (fp32 with ``PRECISION`` "tf32" or "ieee");
@@ -309,30 +310,31 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
 
 
 @triton.jit
-def _wgrad_tap(x_ptr, n, oh, ow, pmask, kh, kw, kglob, kmask, H, W, C_in,
-               STRIDE: tl.constexpr):
-    """x of tap (kh, kw) for the output pixels, as the [PIECES, SUB_K, BLOCK_P] operand."""
-    ih = oh * STRIDE - 1 + kh
+def _x_row(x_ptr, n, ir, ow, kw, kglob, kmask, H, W, C_in, STRIDE: tl.constexpr):
+    """x of input row ``ir`` at tap ``kw`` for the output columns ``ow``, as the
+    [PIECES, SUB_K, BW] operand of wgrad (zeros outside the image)."""
     iw = ow * STRIDE - 1 + kw
-    ok = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    pix = ((n * H + ih) * W + iw).to(tl.int64) * C_in
+    ok = (iw >= 0) & (iw < W) & (ir >= 0) & (ir < H)
+    pix = ((n * H + ir) * W + iw).to(tl.int64) * C_in
     x = tl.load(x_ptr + pix[:, None, None] + kglob[None, :, :],
                 mask=ok[:, None, None] & kmask[None, :, :], other=0.0)
     return tl.permute(x, (1, 2, 0))
 
 
 @triton.jit
-def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, dw_ptr, P, H, W, C_in, H_out, W_out, C_out,
-                 CG_IN, CG_OUT, CHUNKS, FROM_DY: tl.constexpr, STRIDE: tl.constexpr,
+def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, dw_ptr, H, W, C_in, H_out, W_out, C_out,
+                 CG_IN, CG_OUT, TILES, CHUNKS, FROM_DY: tl.constexpr, STRIDE: tl.constexpr,
                  DETERMINISTIC: tl.constexpr, K_STEPS: tl.constexpr, PIECES: tl.constexpr,
-                 SUB_K: tl.constexpr, SUB_N: tl.constexpr, BLOCK_P: tl.constexpr,
-                 ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
-    """Program (channel slab, kh·K_STEPS + ks, chunk): dw of the slab's output channels,
-    taps (kh, 0..2), input-channel step ks, summed over the pixel tiles chunk,
-    chunk + CHUNKS, ... ``FROM_DY``: ``dc_ptr`` is dy and dc = va·dy·[y > 0]."""
+                 SUB_K: tl.constexpr, SUB_N: tl.constexpr, BW: tl.constexpr,
+                 ROWS: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (channel slab, input-channel step ks, chunk): dw of the slab's output
+    channels, all nine taps, summed over the row tiles chunk, chunk + CHUNKS, ... (a row
+    tile: ``ROWS`` output rows x ``BW`` columns of one image, as in ``conv_rows_kernel``).
+    Each output row's dc is loaded once and each input row's three column-shifted x tiles
+    once per tile: they are carried to the next output rows that read them.
+    ``FROM_DY``: ``dc_ptr`` is dy and dc = va·dy·[y > 0]."""
     c0 = tl.program_id(0) * (PIECES * SUB_N)
-    kh = tl.program_id(1) // K_STEPS
-    ks = tl.program_id(1) % K_STEPS
+    ks = tl.program_id(1)
     chunk = tl.program_id(2)
     piece = tl.arange(0, PIECES)
     nglob = c0 + piece[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
@@ -344,40 +346,90 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, dw_ptr, P, H, W, C_in, H_out, W_
     kglob = kstart[:, None] + ks * SUB_K + tl.arange(0, SUB_K)[None, :]
     kmask = kglob < C_in
     va = tl.load(va_ptr + nglob, mask=nmask, other=0.0)
-    acc0 = tl.zeros((PIECES, SUB_K, SUB_N), dtype=tl.float32)
-    acc1 = tl.zeros((PIECES, SUB_K, SUB_N), dtype=tl.float32)
-    acc2 = tl.zeros((PIECES, SUB_K, SUB_N), dtype=tl.float32)
-    for tile in range(chunk, tl.cdiv(P, BLOCK_P), CHUNKS):
-        offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = offs_p < P
-        n = offs_p // (H_out * W_out)
-        oh = (offs_p // W_out) % H_out
-        ow = offs_p % W_out
-        at = offs_p.to(tl.int64)[:, None, None] * C_out + nglob[None, :, :]
-        mask = pmask[:, None, None] & nmask[None, :, :]
-        dc = tl.load(dc_ptr + at, mask=mask, other=0.0)
-        if FROM_DY:
-            y = tl.load(ys_ptr + at, mask=mask, other=0.0)
-            dc = (tl.where(y > 0, dc.to(tl.float32), 0.0) * va[None, :, :]).to(dc.dtype)
-        dc = tl.permute(dc, (1, 0, 2))  # [PIECES, BLOCK_P, SUB_N]
-        acc0 += tl.dot(_wgrad_tap(x_ptr, n, oh, ow, pmask, kh, 0, kglob, kmask, H, W, C_in,
-                                  STRIDE), dc, input_precision=PRECISION)
-        acc1 += tl.dot(_wgrad_tap(x_ptr, n, oh, ow, pmask, kh, 1, kglob, kmask, H, W, C_in,
-                                  STRIDE), dc, input_precision=PRECISION)
-        acc2 += tl.dot(_wgrad_tap(x_ptr, n, oh, ow, pmask, kh, 2, kglob, kmask, H, W, C_in,
-                                  STRIDE), dc, input_precision=PRECISION)
+    row_tiles = tl.cdiv(H_out, ROWS)
+    col_tiles = tl.cdiv(W_out, BW)
+    a00 = tl.zeros((PIECES, SUB_K, SUB_N), dtype=tl.float32)
+    a01 = a00
+    a02 = a00
+    a10 = a00
+    a11 = a00
+    a12 = a00
+    a20 = a00
+    a21 = a00
+    a22 = a00
+    for t in range(chunk, TILES, CHUNKS):
+        n = t // (row_tiles * col_tiles)
+        oh0 = (t // col_tiles) % row_tiles * ROWS
+        ow = (t % col_tiles) * BW + tl.arange(0, BW)
+        # x rows oh·S − 1 (p*) and oh·S (q*, stride 1) carried from the previous row
+        first = oh0 * STRIDE - 1
+        p0 = _x_row(x_ptr, n, first, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
+        p1 = _x_row(x_ptr, n, first, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
+        p2 = _x_row(x_ptr, n, first, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
+        if STRIDE == 1:
+            q0 = _x_row(x_ptr, n, oh0, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
+            q1 = _x_row(x_ptr, n, oh0, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
+            q2 = _x_row(x_ptr, n, oh0, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
+        for j in range(ROWS):
+            oh = oh0 + j
+            if oh < H_out:
+                ok = ow < W_out
+                at = ((n * H_out + oh) * W_out + ow).to(tl.int64)[:, None, None] * C_out \
+                    + nglob[None, :, :]
+                mask = ok[:, None, None] & nmask[None, :, :]
+                dc = tl.load(dc_ptr + at, mask=mask, other=0.0)
+                if FROM_DY:
+                    y = tl.load(ys_ptr + at, mask=mask, other=0.0)
+                    dc = (tl.where(y > 0, dc.to(tl.float32), 0.0) * va[None, :, :]).to(dc.dtype)
+                dc = tl.permute(dc, (1, 0, 2))  # [PIECES, BW, SUB_N]
+                if STRIDE == 1:
+                    r0 = _x_row(x_ptr, n, oh + 1, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
+                    r1 = _x_row(x_ptr, n, oh + 1, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
+                    r2 = _x_row(x_ptr, n, oh + 1, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
+                else:
+                    q0 = _x_row(x_ptr, n, 2 * oh, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
+                    q1 = _x_row(x_ptr, n, 2 * oh, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
+                    q2 = _x_row(x_ptr, n, 2 * oh, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
+                    r0 = _x_row(x_ptr, n, 2 * oh + 1, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
+                    r1 = _x_row(x_ptr, n, 2 * oh + 1, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
+                    r2 = _x_row(x_ptr, n, 2 * oh + 1, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
+                a00 = tl.dot(p0, dc, a00, input_precision=PRECISION)
+                a01 = tl.dot(p1, dc, a01, input_precision=PRECISION)
+                a02 = tl.dot(p2, dc, a02, input_precision=PRECISION)
+                a10 = tl.dot(q0, dc, a10, input_precision=PRECISION)
+                a11 = tl.dot(q1, dc, a11, input_precision=PRECISION)
+                a12 = tl.dot(q2, dc, a12, input_precision=PRECISION)
+                a20 = tl.dot(r0, dc, a20, input_precision=PRECISION)
+                a21 = tl.dot(r1, dc, a21, input_precision=PRECISION)
+                a22 = tl.dot(r2, dc, a22, input_precision=PRECISION)
+                if STRIDE == 1:
+                    p0, p1, p2 = q0, q1, q2
+                    q0, q1, q2 = r0, r1, r2
+                else:
+                    p0, p1, p2 = r0, r1, r2
     # Entry (co, tap, ci) of dw (OHWI) exists where ci is in co's group.
     group = nglob // CG_OUT
     inside = ((kglob[:, :, None] // CG_IN) == group[:, None, :]) & kmask[:, :, None] \
         & nmask[:, None, :]
-    entry = nglob[:, None, :] * (9 * CG_IN) + kh * 3 * CG_IN \
-        + (kglob[:, :, None] - group[:, None, :] * CG_IN)
+    entry = nglob[:, None, :] * (9 * CG_IN) + (kglob[:, :, None] - group[:, None, :] * CG_IN)
     if DETERMINISTIC:
-        base = dw_ptr + chunk.to(tl.int64) * (C_out * 9 * CG_IN)
-        tl.store(base + entry, acc0, mask=inside)
-        tl.store(base + entry + CG_IN, acc1, mask=inside)
-        tl.store(base + entry + 2 * CG_IN, acc2, mask=inside)
+        entry += chunk.to(tl.int64) * (C_out * 9 * CG_IN)
+    _store_dw(dw_ptr, entry, inside, a00, a01, a02, CG_IN, 0, DETERMINISTIC)
+    _store_dw(dw_ptr, entry, inside, a10, a11, a12, CG_IN, 1, DETERMINISTIC)
+    _store_dw(dw_ptr, entry, inside, a20, a21, a22, CG_IN, 2, DETERMINISTIC)
+
+
+@triton.jit
+def _store_dw(dw_ptr, entry, inside, d0, d1, d2, CG_IN, kh: tl.constexpr,
+              DETERMINISTIC: tl.constexpr):
+    """The taps (kh, 0..2) of the program's dw entries: stored (a per-chunk partial) or
+    added (float atomics)."""
+    at = dw_ptr + entry + kh * 3 * CG_IN
+    if DETERMINISTIC:
+        tl.store(at, d0, mask=inside)
+        tl.store(at + CG_IN, d1, mask=inside)
+        tl.store(at + 2 * CG_IN, d2, mask=inside)
     else:
-        tl.atomic_add(dw_ptr + entry, acc0, mask=inside)
-        tl.atomic_add(dw_ptr + entry + CG_IN, acc1, mask=inside)
-        tl.atomic_add(dw_ptr + entry + 2 * CG_IN, acc2, mask=inside)
+        tl.atomic_add(at, d0, mask=inside)
+        tl.atomic_add(at + CG_IN, d1, mask=inside)
+        tl.atomic_add(at + 2 * CG_IN, d2, mask=inside)

@@ -306,7 +306,7 @@ def rows(mode, stride=1, dil=1, from_dy=0, save=0):
 
 def wgrad(from_dy):
     return (f"wgrad_kernel(FROM_DY={from_dy},STRIDE=1,DETERMINISTIC=0,K_STEPS=1,PIECES=2,"
-            "SUB_K=16,SUB_N=16,BLOCK_P=64,ALIGNED=1,PRECISION=tf32,warps=4)")
+            "SUB_K=16,SUB_N=16,BW=16,ROWS=8,ALIGNED=1,PRECISION=tf32,warps=4)")
 
 
 TRITON_KERNELS = {
@@ -357,7 +357,7 @@ def test_real_pass(pass_name):
         assert "torch aten::sum" in between
     if pass_name in ("train_bwd", "eval_bwd"):
         wg = kernels[-1]
-        assert wg.grid == (1, 3, 2) and wg.threads == 128  # slab x kh x pixel chunks
+        assert wg.grid == (1, 1, 2) and wg.threads == 128  # slab x K step x row-tile chunks
         assert wg.atomics == 32 * 9 * 4 * 2  # every dw entry, once per pixel chunk
 
 

@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 # Scalar (shape) arguments; every other upper-case argument is a constexpr.
 INTS = {"N_BUCKET", "H_A", "W_A", "KC", "H_O", "W_O", "NC", "KG", "NG", "P", "H", "W", "C_in",
-        "H_out", "W_out", "C_out", "CG_IN", "CG_OUT", "CHUNKS"}
+        "H_out", "W_out", "C_out", "CG_IN", "CG_OUT", "TILES", "CHUNKS"}
 FP32_POINTERS = {"partial_ptr", "va_ptr", "vb_ptr", "vc_ptr", "vd_ptr", "sv_ptr", "dw_ptr"}
 FLOATS = {"eps"}
 
@@ -125,10 +125,10 @@ def variants(quick: bool):
                                              **dgrad.constexprs(), **common), w)
             for deterministic in (False, True):
                 add("wgrad_kernel", dict(FROM_DY=from_dy, STRIDE=stride,
-                                         DETERMINISTIC=deterministic, K_STEPS=fwd.k_steps,
-                                         PIECES=fwd.pieces, SUB_K=fwd.sub_k, SUB_N=fwd.sub_n,
-                                         BLOCK_P=tb.WGRAD_BLOCK_P, ALIGNED=fwd.aligned,
-                                         **common), tb.WGRAD_WARPS)
+                                         DETERMINISTIC=deterministic, K_STEPS=fwd.w_k_steps,
+                                         PIECES=fwd.w_pieces, SUB_K=fwd.w_sub_k,
+                                         SUB_N=fwd.sub_n, BW=fwd.bw, ROWS=fwd.rows,
+                                         ALIGNED=fwd.aligned, **common), tb.WGRAD_WARPS)
     return list(out.values())
 
 
