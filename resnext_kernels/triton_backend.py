@@ -84,6 +84,8 @@ class Plan:
         self.k_steps = -(-span // self.sub_k)
         self.w_out = w_out
         self.bw = min(32, max(16, _next_pow2(w_out)))  # pixels along a row: M of the dots
+        # Short rows (7 at s5) share the 16 lanes with the same row of other images.
+        self.imgs = self.bw // _next_pow2(w_out) if w_out < 16 else 1
         self.h_out = h_out
         # Output rows per program: a divisor of the height from 8 to 16 where there is
         # one (56, 28, 14 -> 14; 7 -> 7): each program re-reads 2 halo rows.
@@ -102,6 +104,7 @@ class Plan:
         # step and they are small (<= 2,048 elements each: 4-32 channels per group).
         hold = self.k_steps == 1 and self.pieces * self.sub_k * self.sub_n <= 2048
         return dict(HOLD=hold, GUARD=self.slots > 1, ALIGNED=self.aligned, ROWS=self.rows,
+                    IMGS=self.imgs,
                     SLOTS=self.slots, K_STEPS=self.k_steps,
                     PIECES=self.pieces, SUB_K=self.sub_k, SUB_N=self.sub_n)
 
@@ -158,7 +161,7 @@ def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, 
     and reduce passes, whose partial sums are merged by the glue, keep the fixed warps)."""
     (h_a, w_a), (h_o, w_o) = in_hw, out_hw
     args = (a, wp, out, partial, va, vb, vc, va if vd is None else vd, va if sv is None else sv,
-            dy, ys, eps, _next_pow2(n), h_a, w_a, plan.kc, h_o, w_o, plan.nc, plan.kg, plan.ng)
+            dy, ys, eps, n, _next_pow2(n), h_a, w_a, plan.kc, h_o, w_o, plan.nc, plan.kg, plan.ng)
     meta = dict(MODE=mode, STRIDE=stride, DIL=dil, FROM_DY=from_dy, BW=plan.bw, SAVE=sv is not None,
                 PRECISION=_precision(a.dtype), **plan.constexprs())
     kernel = ROWS_KERNEL
@@ -171,8 +174,9 @@ def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, 
 
 
 def _row_programs(plan, n):
-    """Programs along the pixels: row tiles x column tiles of every image."""
-    return n * triton.cdiv(plan.h_out, plan.rows) * triton.cdiv(plan.w_out, plan.bw)
+    """Programs along the pixels: row tiles x column tiles of every group of images."""
+    return (triton.cdiv(n, plan.imgs) * triton.cdiv(plan.h_out, plan.rows)
+            * triton.cdiv(plan.w_out, plan.bw // plan.imgs))
 
 
 class _Layer:
@@ -318,11 +322,12 @@ class _Backward:
             dw = torch.zeros(shape, dtype=torch.float32, device=self.dy.device)
             grid = (plan.w_slabs, plan.w_k_steps, chunks)
             torch.library.wrap_triton(K.wgrad_kernel)[grid](
-                layer.x, dc, self.y, dz_scale, dw, layer.h, layer.w, layer.c_in, layer.h_out,
+                layer.x, dc, self.y, dz_scale, dw, layer.n, layer.h, layer.w, layer.c_in, layer.h_out,
                 layer.w_out, layer.c_out, layer.cg_in, layer.cg_out, tiles, chunks,
                 FROM_DY=from_dy, STRIDE=layer.stride, DETERMINISTIC=deterministic,
                 K_STEPS=plan.w_k_steps, PIECES=plan.w_pieces, SUB_K=plan.w_sub_k,
-                SUB_N=plan.sub_n, BW=plan.bw, ROWS=plan.rows, ALIGNED=plan.aligned,
+                SUB_N=plan.sub_n, BW=plan.bw, ROWS=plan.rows, IMGS=plan.imgs,
+                ALIGNED=plan.aligned,
                 PRECISION=_precision(layer.x.dtype), num_warps=WGRAD_WARPS)
             if deterministic:
                 dw = dw.sum(0)  # chunk order: fixed

@@ -53,10 +53,11 @@ def _relu(v):
 
 
 @triton.jit
-def _load_a(a_ptr, ys_ptr, va_ptr, n, ir, ow, kw, kglob, kmask, H_A, W_A, KC,
+def _load_a(a_ptr, ys_ptr, va_ptr, n, lane_ok, ir, ow, kw, kglob, kmask, H_A, W_A, KC,
             STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr):
     """The [PIECES, BW, SUB_K] operand of (virtual) input row ``ir``, tap ``kw``, for the
-    output columns ``ow``: zeros outside the image, in dilated holes and past KC."""
+    lanes' images ``n`` and output columns ``ow``: zeros outside the image, in dilated
+    holes, past KC and in lanes without an image (``lane_ok``)."""
     col = ow * STRIDE - 1 + kw
     if DIL == 1:
         ok_col = (col >= 0) & (col < W_A)
@@ -67,7 +68,7 @@ def _load_a(a_ptr, ys_ptr, va_ptr, n, ir, ow, kw, kglob, kmask, H_A, W_A, KC,
         row = ir // DIL
     pix = ((n * H_A + row) * W_A + col).to(tl.int64) * KC
     offs = pix[:, None, None] + kglob[None, :, :]
-    mask = ok_col[:, None, None] & kmask[None, :, :]
+    mask = (ok_col & lane_ok)[:, None, None] & kmask[None, :, :]
     a = tl.load(a_ptr + offs, mask=mask, other=0.0)
     if FROM_DY:  # eval backward: dc = γ·invstd·dy·[y > 0], formed while loading
         y = tl.load(ys_ptr + offs, mask=mask, other=0.0)
@@ -112,7 +113,7 @@ def _kh(acc, a0, a1, a2, h0, h1, h2, wp_ptr, wbase, kh: tl.constexpr, ks, HOLD: 
 
 @triton.jit
 def _row(t0, t1, t2, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7, w8,
-         wbase, n, ir, ow, first_group, nslot, H_A, W_A, KC, KG,
+         wbase, n, lane_ok, ir, ow, first_group, nslot, H_A, W_A, KC, KG,
          USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
          STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr, HOLD: tl.constexpr,
          GUARD: tl.constexpr, SLOTS: tl.constexpr, K_STEPS: tl.constexpr, SUB_K: tl.constexpr,
@@ -131,11 +132,11 @@ def _row(t0, t1, t2, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6, 
                 kstart = tl.multiple_of(kstart, 16)
             kglob = kstart[:, None] + ks * SUB_K + tl.arange(0, SUB_K)[None, :]
             kmask = kglob < KC
-            a0 = _load_a(a_ptr, ys_ptr, va_ptr, n, ir, ow, 0, kglob, kmask, H_A, W_A, KC,
+            a0 = _load_a(a_ptr, ys_ptr, va_ptr, n, lane_ok, ir, ow, 0, kglob, kmask, H_A, W_A, KC,
                          STRIDE, DIL, FROM_DY)
-            a1 = _load_a(a_ptr, ys_ptr, va_ptr, n, ir, ow, 1, kglob, kmask, H_A, W_A, KC,
+            a1 = _load_a(a_ptr, ys_ptr, va_ptr, n, lane_ok, ir, ow, 1, kglob, kmask, H_A, W_A, KC,
                          STRIDE, DIL, FROM_DY)
-            a2 = _load_a(a_ptr, ys_ptr, va_ptr, n, ir, ow, 2, kglob, kmask, H_A, W_A, KC,
+            a2 = _load_a(a_ptr, ys_ptr, va_ptr, n, lane_ok, ir, ow, 2, kglob, kmask, H_A, W_A, KC,
                          STRIDE, DIL, FROM_DY)
             bad = False
             if GUARD:
@@ -170,11 +171,11 @@ def _row(t0, t1, t2, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6, 
 
 
 @triton.jit
-def _emit(acc, oh, s0, s1, s2, out_ptr, va_ptr, vb_ptr, vc_ptr, dy_ptr, ys_ptr, n, ow, nglob,
-          nmask, va, vb, vc, H_O, W_O, NC, MODE: tl.constexpr):
+def _emit(acc, oh, s0, s1, s2, out_ptr, va_ptr, vb_ptr, vc_ptr, dy_ptr, ys_ptr, n, lane_ok, ow,
+          nglob, nmask, va, vb, vc, H_O, W_O, NC, MODE: tl.constexpr):
     """The epilogue of output row ``oh``; returns the running per-channel sums."""
     c = tl.permute(acc, (1, 0, 2))  # [BW, PIECES, SUB_N]: 64 channels a pixel, in a row
-    pmask = (ow < W_O) & (oh < H_O)
+    pmask = (ow < W_O) & (oh < H_O) & lane_ok
     offs = ((n * H_O + oh) * W_O + ow).to(tl.int64)[:, None, None] * NC + nglob[None, :, :]
     mask = pmask[:, None, None] & nmask[None, :, :]
     if MODE == 0:  # WRITE
@@ -209,22 +210,29 @@ def _emit(acc, oh, s0, s1, s2, out_ptr, va_ptr, vb_ptr, vc_ptr, dy_ptr, ys_ptr, 
 
 @triton.jit
 def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr, vd_ptr,
-                     sv_ptr, dy_ptr, ys_ptr, eps, N_BUCKET, H_A, W_A, KC, H_O, W_O, NC, KG, NG,
+                     sv_ptr, dy_ptr, ys_ptr, eps, N, N_BUCKET, H_A, W_A, KC, H_O, W_O, NC, KG,
+                     NG,
                      MODE: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr,
                      FROM_DY: tl.constexpr, HOLD: tl.constexpr, GUARD: tl.constexpr,
                      SLOTS: tl.constexpr,
                      K_STEPS: tl.constexpr, PIECES: tl.constexpr, SUB_K: tl.constexpr,
                      SUB_N: tl.constexpr, BW: tl.constexpr, ROWS: tl.constexpr,
-                     ALIGNED: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr):
+                     IMGS: tl.constexpr, ALIGNED: tl.constexpr, SAVE: tl.constexpr,
+                     PRECISION: tl.constexpr):
     """Program (row tile, channel slab): output rows [oh0, oh0 + ROWS) x columns
-    [ow0, ow0 + BW) of image n, channels [c0, c0 + PIECES·SUB_N). ``N_BUCKET`` is only an
-    autotuning key (the batch size rounded up to a power of two)."""
+    [ow0, ow0 + BW / IMGS) of IMGS images (several where the rows are short), channels
+    [c0, c0 + PIECES·SUB_N). ``N_BUCKET`` is only an autotuning key (the batch size
+    rounded up to a power of two)."""
+    # The BW lanes (the M of the dots) hold IMGS images' columns side by side.
+    width: tl.constexpr = BW // IMGS
     row_tiles = tl.cdiv(H_O, ROWS)
-    col_tiles = tl.cdiv(W_O, BW)
+    col_tiles = tl.cdiv(W_O, width)
     t = tl.program_id(0)
-    n = t // (row_tiles * col_tiles)
+    lane = tl.arange(0, BW)
+    n = t // (row_tiles * col_tiles) * IMGS + lane // width
+    lane_ok = n < N
     oh0 = (t // col_tiles) % row_tiles * ROWS
-    ow = (t % col_tiles) * BW + tl.arange(0, BW)
+    ow = (t % col_tiles) * width + lane % width
     c0 = tl.program_id(1) * (PIECES * SUB_N)
     piece = tl.arange(0, PIECES)
     nglob = c0 + piece[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
@@ -266,12 +274,13 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
             ir = oh0 - 1 + r
             acc_next, acc_cur, acc_prev = _row(
                 zeros, acc_cur, acc_prev, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4,
-                w5, w6, w7, w8, wbase, n, ir, ow, first_group, nslot, H_A, W_A, KC, KG, True,
+                w5, w6, w7, w8, wbase, n, lane_ok, ir, ow, first_group, nslot, H_A, W_A, KC, KG, True,
                 True, True, 1, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N, ALIGNED,
                 PRECISION)
             if r >= 2:
                 s0, s1, s2 = _emit(acc_prev, ir - 1, s0, s1, s2, out_ptr, va_ptr, vb_ptr,
-                                   vc_ptr, dy_ptr, ys_ptr, n, ow, nglob, nmask, va, vb, vc,
+                                   vc_ptr, dy_ptr, ys_ptr, n, lane_ok, ow, nglob, nmask, va, vb,
+                                   vc,
                                    H_O, W_O, NC, MODE)
             acc_prev = acc_cur
             acc_cur = acc_next
@@ -280,23 +289,23 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
         # odd row 2oh + 1 is also row 2(oh + 1) - 1 of the next output row.
         acc, unused1, unused2 = _row(
             zeros, zeros, zeros, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6,
-            w7, w8, wbase, n, 2 * oh0 - 1, ow, first_group, nslot, H_A, W_A, KC, KG, True,
+            w7, w8, wbase, n, lane_ok, 2 * oh0 - 1, ow, first_group, nslot, H_A, W_A, KC, KG, True,
             False, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
             ALIGNED, PRECISION)
         for j in range(ROWS):
             oh = oh0 + j
             unused0, acc, unused2 = _row(
                 zeros, acc, zeros, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6,
-                w7, w8, wbase, n, 2 * oh, ow, first_group, nslot, H_A, W_A, KC, KG, False,
+                w7, w8, wbase, n, lane_ok, 2 * oh, ow, first_group, nslot, H_A, W_A, KC, KG, False,
                 True, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
                 ALIGNED, PRECISION)
             acc_next, unused1, acc = _row(
                 zeros, zeros, acc, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6,
-                w7, w8, wbase, n, 2 * oh + 1, ow, first_group, nslot, H_A, W_A, KC, KG, True,
+                w7, w8, wbase, n, lane_ok, 2 * oh + 1, ow, first_group, nslot, H_A, W_A, KC, KG, True,
                 False, True, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
                 ALIGNED, PRECISION)
             s0, s1, s2 = _emit(acc, oh, s0, s1, s2, out_ptr, va_ptr, vb_ptr, vc_ptr, dy_ptr,
-                               ys_ptr, n, ow, nglob, nmask, va, vb, vc, H_O, W_O, NC, MODE)
+                               ys_ptr, n, lane_ok, ow, nglob, nmask, va, vb, vc, H_O, W_O, NC, MODE)
             acc = acc_next
     if MODE == 1:
         out = partial_ptr + (t * NC + nglob) * 3
@@ -310,11 +319,11 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
 
 
 @triton.jit
-def _x_row(x_ptr, n, ir, ow, kw, kglob, kmask, H, W, C_in, STRIDE: tl.constexpr):
-    """x of input row ``ir`` at tap ``kw`` for the output columns ``ow``, as the
-    [PIECES, SUB_K, BW] operand of wgrad (zeros outside the image)."""
+def _x_row(x_ptr, n, lane_ok, ir, ow, kw, kglob, kmask, H, W, C_in, STRIDE: tl.constexpr):
+    """x of input row ``ir`` at tap ``kw`` for the lanes' images ``n`` and output columns
+    ``ow``, as the [PIECES, SUB_K, BW] operand of wgrad (zeros outside the image)."""
     iw = ow * STRIDE - 1 + kw
-    ok = (iw >= 0) & (iw < W) & (ir >= 0) & (ir < H)
+    ok = (iw >= 0) & (iw < W) & (ir >= 0) & (ir < H) & lane_ok
     pix = ((n * H + ir) * W + iw).to(tl.int64) * C_in
     x = tl.load(x_ptr + pix[:, None, None] + kglob[None, :, :],
                 mask=ok[:, None, None] & kmask[None, :, :], other=0.0)
@@ -322,11 +331,12 @@ def _x_row(x_ptr, n, ir, ow, kw, kglob, kmask, H, W, C_in, STRIDE: tl.constexpr)
 
 
 @triton.jit
-def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, dw_ptr, H, W, C_in, H_out, W_out, C_out,
+def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, dw_ptr, N, H, W, C_in, H_out, W_out, C_out,
                  CG_IN, CG_OUT, TILES, CHUNKS, FROM_DY: tl.constexpr, STRIDE: tl.constexpr,
                  DETERMINISTIC: tl.constexpr, K_STEPS: tl.constexpr, PIECES: tl.constexpr,
                  SUB_K: tl.constexpr, SUB_N: tl.constexpr, BW: tl.constexpr,
-                 ROWS: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
+                 ROWS: tl.constexpr, IMGS: tl.constexpr, ALIGNED: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """Program (channel slab, input-channel step ks, chunk): dw of the slab's output
     channels, all nine taps, summed over the row tiles chunk, chunk + CHUNKS, ... (a row
     tile: ``ROWS`` output rows x ``BW`` columns of one image, as in ``conv_rows_kernel``).
@@ -346,8 +356,10 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, dw_ptr, H, W, C_in, H_out, W_out
     kglob = kstart[:, None] + ks * SUB_K + tl.arange(0, SUB_K)[None, :]
     kmask = kglob < C_in
     va = tl.load(va_ptr + nglob, mask=nmask, other=0.0)
+    width: tl.constexpr = BW // IMGS
     row_tiles = tl.cdiv(H_out, ROWS)
-    col_tiles = tl.cdiv(W_out, BW)
+    col_tiles = tl.cdiv(W_out, width)
+    lane = tl.arange(0, BW)
     a00 = tl.zeros((PIECES, SUB_K, SUB_N), dtype=tl.float32)
     a01 = a00
     a02 = a00
@@ -358,22 +370,23 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, dw_ptr, H, W, C_in, H_out, W_out
     a21 = a00
     a22 = a00
     for t in range(chunk, TILES, CHUNKS):
-        n = t // (row_tiles * col_tiles)
+        n = t // (row_tiles * col_tiles) * IMGS + lane // width
+        lane_ok = n < N
         oh0 = (t // col_tiles) % row_tiles * ROWS
-        ow = (t % col_tiles) * BW + tl.arange(0, BW)
+        ow = (t % col_tiles) * width + lane % width
         # x rows oh·S − 1 (p*) and oh·S (q*, stride 1) carried from the previous row
         first = oh0 * STRIDE - 1
-        p0 = _x_row(x_ptr, n, first, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
-        p1 = _x_row(x_ptr, n, first, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
-        p2 = _x_row(x_ptr, n, first, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
+        p0 = _x_row(x_ptr, n, lane_ok, first, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
+        p1 = _x_row(x_ptr, n, lane_ok, first, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
+        p2 = _x_row(x_ptr, n, lane_ok, first, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
         if STRIDE == 1:
-            q0 = _x_row(x_ptr, n, oh0, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
-            q1 = _x_row(x_ptr, n, oh0, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
-            q2 = _x_row(x_ptr, n, oh0, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
+            q0 = _x_row(x_ptr, n, lane_ok, oh0, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
+            q1 = _x_row(x_ptr, n, lane_ok, oh0, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
+            q2 = _x_row(x_ptr, n, lane_ok, oh0, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
         for j in range(ROWS):
             oh = oh0 + j
             if oh < H_out:
-                ok = ow < W_out
+                ok = (ow < W_out) & lane_ok
                 at = ((n * H_out + oh) * W_out + ow).to(tl.int64)[:, None, None] * C_out \
                     + nglob[None, :, :]
                 mask = ok[:, None, None] & nmask[None, :, :]
@@ -383,16 +396,16 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, dw_ptr, H, W, C_in, H_out, W_out
                     dc = (tl.where(y > 0, dc.to(tl.float32), 0.0) * va[None, :, :]).to(dc.dtype)
                 dc = tl.permute(dc, (1, 0, 2))  # [PIECES, BW, SUB_N]
                 if STRIDE == 1:
-                    r0 = _x_row(x_ptr, n, oh + 1, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
-                    r1 = _x_row(x_ptr, n, oh + 1, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
-                    r2 = _x_row(x_ptr, n, oh + 1, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
+                    r0 = _x_row(x_ptr, n, lane_ok, oh + 1, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
+                    r1 = _x_row(x_ptr, n, lane_ok, oh + 1, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
+                    r2 = _x_row(x_ptr, n, lane_ok, oh + 1, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
                 else:
-                    q0 = _x_row(x_ptr, n, 2 * oh, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
-                    q1 = _x_row(x_ptr, n, 2 * oh, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
-                    q2 = _x_row(x_ptr, n, 2 * oh, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
-                    r0 = _x_row(x_ptr, n, 2 * oh + 1, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
-                    r1 = _x_row(x_ptr, n, 2 * oh + 1, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
-                    r2 = _x_row(x_ptr, n, 2 * oh + 1, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
+                    q0 = _x_row(x_ptr, n, lane_ok, 2 * oh, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
+                    q1 = _x_row(x_ptr, n, lane_ok, 2 * oh, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
+                    q2 = _x_row(x_ptr, n, lane_ok, 2 * oh, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
+                    r0 = _x_row(x_ptr, n, lane_ok, 2 * oh + 1, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
+                    r1 = _x_row(x_ptr, n, lane_ok, 2 * oh + 1, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
+                    r2 = _x_row(x_ptr, n, lane_ok, 2 * oh + 1, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
                 a00 = tl.dot(p0, dc, a00, input_precision=PRECISION)
                 a01 = tl.dot(p1, dc, a01, input_precision=PRECISION)
                 a02 = tl.dot(p2, dc, a02, input_precision=PRECISION)

@@ -295,8 +295,9 @@ def test_glue_detection():
 
 
 # The Triton launches of each pass on SMALL (4 channels per group: 2 pieces of 16
-# channels, each 4 groups packed block-diagonally; 8 x 8 pixels: one program per image).
-TILE = "GUARD=1,SLOTS=4,K_STEPS=1,PIECES=2,SUB_K=16,SUB_N=16,BW=16,ROWS=8,ALIGNED=1"
+# channels, each 4 groups packed block-diagonally; rows of 8 pixels: the 16 lanes of a
+# program hold the same row of both images, one program in all).
+TILE = "GUARD=1,SLOTS=4,K_STEPS=1,PIECES=2,SUB_K=16,SUB_N=16,BW=16,ROWS=8,IMGS=2,ALIGNED=1"
 
 
 def rows(mode, stride=1, dil=1, from_dy=0, save=0):
@@ -306,7 +307,7 @@ def rows(mode, stride=1, dil=1, from_dy=0, save=0):
 
 def wgrad(from_dy):
     return (f"wgrad_kernel(FROM_DY={from_dy},STRIDE=1,DETERMINISTIC=0,K_STEPS=1,PIECES=2,"
-            "SUB_K=16,SUB_N=16,BW=16,ROWS=8,ALIGNED=1,PRECISION=tf32,warps=4)")
+            "SUB_K=16,SUB_N=16,BW=16,ROWS=8,IMGS=2,ALIGNED=1,PRECISION=tf32,warps=4)")
 
 
 TRITON_KERNELS = {
@@ -344,21 +345,21 @@ def test_real_pass(pass_name):
         assert (again.global_wavefronts, again.global_sectors) == (conv.global_wavefronts,
                                                                     conv.global_sectors)
         assert np.array_equal(again.trace_sector, conv.trace_sector)
-        # 2 programs; per program 8 input rows x 9 taps of [2 x 16 x 16] x [16 x 16]
-        assert conv.executed_macs == 2 * 8 * 9 * 2 * 16 ** 3
-        # operands staged once: per program 8 rows x 3 input tiles and 9 weight tiles,
-        # 1 KB each, stored and read
-        assert conv.smem_wavefronts == 2 * (8 * 3 + 9) * 1024 * 2 // 128
+        # 1 program: 8 input rows x 9 taps of [2 x 16 x 16] x [16 x 16]
+        assert conv.executed_macs == 8 * 9 * 2 * 16 ** 3
+        # operands staged once: 8 rows x 3 input tiles and 9 weight tiles, 1 KB each,
+        # stored and read
+        assert conv.smem_wavefronts == (8 * 3 + 9) * 1024 * 2 // 128
         # the output, 2 x 8 x 8 pixels x 32 fp16 channels, and the saved mean and var
         assert np.count_nonzero(conv.trace_kind & WRITE) == 2 * 64 * 32 * 2 // 32 + 2 * 4
-        assert conv.threads == 128 and conv.grid == (2, 1, 1)
+        assert conv.threads == 128 and conv.grid == (1, 1, 1)
     if pass_name == "train_fwd":  # statistics merged between the two conv passes
         between = names[names.index("conv_rows_kernel") + 1:-1]
         assert "torch aten::sum" in between
     if pass_name in ("train_bwd", "eval_bwd"):
         wg = kernels[-1]
-        assert wg.grid == (1, 1, 2) and wg.threads == 128  # slab x K step x row-tile chunks
-        assert wg.atomics == 32 * 9 * 4 * 2  # every dw entry, once per pixel chunk
+        assert wg.grid == (1, 1, 1) and wg.threads == 128  # slab x K step x row-tile chunks
+        assert wg.atomics == 32 * 9 * 4  # every dw entry, once per chunk
 
 
 @interpreted
@@ -380,5 +381,5 @@ def test_count_in_child_process():
     assert [r.symbol for r in launches if r.kernel == "conv_rows_kernel"] == \
         TRITON_KERNELS["eval"]
     (conv,) = [r for r in launches if r.kernel == "conv_rows_kernel"]
-    assert conv.executed_macs == 2 * 8 * 9 * 2 * 16 ** 3 and conv.trace_sector.size > 0
+    assert conv.executed_macs == 8 * 9 * 2 * 16 ** 3 and conv.trace_sector.size > 0
     assert sum(r.kernel.startswith("torch ") for r in launches) == 2

@@ -151,7 +151,8 @@ def test_triton_variants_cover_every_pass_of_every_layer():
     names = {triton_aot.variant_name(*v) for v in variants}
     assert len(names) == len(variants)
     # s2 (4 channels per group, 56 x 56): four groups a piece, 14 rows of 32 pixels
-    s2 = "HOLD=1,GUARD=1,SLOTS=4,K_STEPS=1,PIECES=4,SUB_K=16,SUB_N=16,BW=32,ROWS=14,ALIGNED=1"
+    s2 = ("HOLD=1,GUARD=1,SLOTS=4,K_STEPS=1,PIECES=4,SUB_K=16,SUB_N=16,BW=32,ROWS=14,IMGS=1,"
+          "ALIGNED=1")
     warps = tb.FIXED_WARPS
     for mode, save in ((0, 0), (0, 1), (1, 0), (2, 0), (3, 0)):
         assert (f"conv_rows_kernel(MODE={mode},STRIDE=1,DIL=1,FROM_DY=0,{s2},SAVE={save},"
@@ -160,7 +161,8 @@ def test_triton_variants_cover_every_pass_of_every_layer():
         assert (f"conv_rows_kernel(MODE=4,STRIDE=1,DIL=1,FROM_DY={from_dy},{s2},SAVE=0,"
                 f"PRECISION=tf32,warps={warps})") in names
     assert ("wgrad_kernel(FROM_DY=0,STRIDE=1,DETERMINISTIC=0,K_STEPS=1,PIECES=4,SUB_K=16,"
-            f"SUB_N=16,BLOCK_P=64,ALIGNED=1,PRECISION=tf32,warps={tb.WGRAD_WARPS})") in names
+            f"SUB_N=16,BW=32,ROWS=14,IMGS=1,ALIGNED=1,PRECISION=tf32,warps={tb.WGRAD_WARPS})"
+            ) in names
     # s3-down's dgrad runs on the dilated grid
     assert any("MODE=4,STRIDE=1,DIL=2" in name for name in names)
 
@@ -174,7 +176,7 @@ def test_triton_specialisation_marks_pointers_and_channel_counts():
     signature, attrs = triton_aot.specialisation(fn, "fp16")
     marked = {fn.arg_names[i] for (i,) in attrs}
     assert marked == {name for name in fn.arg_names if name.endswith("_ptr")} | {
-        "N_BUCKET", "KC", "NC"}
+        "N", "N_BUCKET", "KC", "NC"}
     assert all(v == [["tt.divisibility", 16]] for v in attrs.values())
     assert signature["a_ptr"] == "*fp16" and signature["va_ptr"] == "*fp32"
     assert signature["H_A"] == "i32" and signature["STRIDE"] == "constexpr"

@@ -13,7 +13,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 # Scalar (shape) arguments; every other upper-case argument is a constexpr.
-INTS = {"N_BUCKET", "H_A", "W_A", "KC", "H_O", "W_O", "NC", "KG", "NG", "P", "H", "W", "C_in",
+INTS = {"N", "N_BUCKET", "H_A", "W_A", "KC", "H_O", "W_O", "NC", "KG", "NG", "H", "W", "C_in",
         "H_out", "W_out", "C_out", "CG_IN", "CG_OUT", "TILES", "CHUNKS"}
 FP32_POINTERS = {"partial_ptr", "va_ptr", "vb_ptr", "vc_ptr", "vd_ptr", "sv_ptr", "dw_ptr"}
 FLOATS = {"eps"}
@@ -28,13 +28,12 @@ FLOATS = {"eps"}
 #   conv's input, weight and outputs are whole tensors; a view at an odd offset gets
 #   another JIT kernel);
 # * the channel counts KC, NC, C_in, C_out: 128/256/512/1024 — multiples of 16;
-# * P (= N·H_out·W_out, wgrad): a multiple of 16 at batch 256 (256·49 at s5);
-# * N_BUCKET (the batch rounded up to a power of two): 256;
+# * N and N_BUCKET (the batch, and it rounded up to a power of two): 256;
 # * not the sizes (56, 28, 14, 7: 14 and 7 are not), KG/NG/CG_IN/CG_OUT (4 and 8 at
-#   s2/s3), CHUNKS (wgrad's pixel-chunk count).
+#   s2/s3), TILES and CHUNKS (wgrad's row tiles and their chunks).
 # The JIT also turns an int argument equal to 1 into a constexpr: wgrad's CHUNKS can be 1
 # at s5, a variant not compiled here.
-DIVISIBLE_INTS = {"N_BUCKET", "KC", "NC", "C_in", "C_out", "P"}
+DIVISIBLE_INTS = {"N", "N_BUCKET", "KC", "NC", "C_in", "C_out"}
 
 
 def variant_name(name: str, constexprs: dict, warps: int) -> str:
@@ -128,7 +127,8 @@ def variants(quick: bool):
                                          DETERMINISTIC=deterministic, K_STEPS=fwd.w_k_steps,
                                          PIECES=fwd.w_pieces, SUB_K=fwd.w_sub_k,
                                          SUB_N=fwd.sub_n, BW=fwd.bw, ROWS=fwd.rows,
-                                         ALIGNED=fwd.aligned, **common), tb.WGRAD_WARPS)
+                                         IMGS=fwd.imgs, ALIGNED=fwd.aligned, **common),
+                    tb.WGRAD_WARPS)
     return list(out.values())
 
 
