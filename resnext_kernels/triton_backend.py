@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from . import reference
-from .distributed import merge_moments
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -51,6 +50,7 @@ else:
 FIXED_WARPS = 4
 CONFIGS = (4, 8)
 WGRAD_WARPS = 4
+STATS_R, STATS_C = 64, 64  # stats_kernel's tile of partials
 # Keyed on the whole shape (the input dtype is part of every Triton autotuning key):
 # the batch rounded up to a power of two, the sizes and channels of the conv.
 TUNE_KEYS = ("N_BUCKET", "H_A", "W_A", "KC", "H_O", "W_O", "NC", "KG", "NG")
@@ -156,13 +156,15 @@ if triton is not None:
 
 
 def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, *, mode,
-               stride=1, dil=1, from_dy=False, tune=True, vd=None, sv=None, eps=0.0):
-    """One ``conv_rows_kernel`` launch; ``tune``: autotuned on a GPU (the statistics
-    and reduce passes, whose partial sums are merged by the glue, keep the fixed warps)."""
+               stride=1, dil=1, from_dy=False, tune=True, vd=None, sv=None, eps=0.0, count=1.0,
+               save=False):
+    """One ``conv_rows_kernel`` launch; ``tune``: autotuned on a GPU (the statistics and
+    reduce passes keep the fixed warps: their partials are merged in program order)."""
     (h_a, w_a), (h_o, w_o) = in_hw, out_hw
     args = (a, wp, out, partial, va, vb, vc, va if vd is None else vd, va if sv is None else sv,
-            dy, ys, eps, n, _next_pow2(n), h_a, w_a, plan.kc, h_o, w_o, plan.nc, plan.kg, plan.ng)
-    meta = dict(MODE=mode, STRIDE=stride, DIL=dil, FROM_DY=from_dy, BW=plan.bw, SAVE=sv is not None,
+            dy, ys, eps, float(count), n, _next_pow2(n), h_a, w_a, plan.kc, h_o, w_o, plan.nc,
+            plan.kg, plan.ng)
+    meta = dict(MODE=mode, STRIDE=stride, DIL=dil, FROM_DY=from_dy, BW=plan.bw, SAVE=save,
                 PRECISION=_precision(a.dtype), **plan.constexprs())
     kernel = ROWS_KERNEL
     if isinstance(kernel, triton.runtime.Autotuner) and (not tune or not _autotune_enabled()):
@@ -235,16 +237,18 @@ def forward(input, weight, bn_weight, bn_bias, running_mean, running_var, stride
             partial = layer.partial(3, input.device)
             layer.conv(wp, out, partial, dummy, dummy, dummy, dummy, dummy, mode=K.STATS,
                        tune=False)
-            # Per-program (count, mean, M2) merged in program order, fp64 (Chan).
-            count, mean_b, m2_b = partial.double().unbind(-1)
-            total, mean, m2 = merge_moments(count[:, 0], mean_b, m2_b)
-            mean, var = mean.float(), (m2 / total).float()
+            # Per-program (count, mean, M2) merged in a fixed order, fp64.
+            mean = torch.empty(layer.c_out, dtype=torch.float32, device=input.device)
+            var = torch.empty_like(mean)
+            torch.library.wrap_triton(K.stats_kernel)[(triton.cdiv(layer.c_out, STATS_C),)](
+                partial, mean, var, partial.shape[0], layer.c_out, BLOCK_R=STATS_R,
+                BLOCK_C=STATS_C)
     else:  # the kernel folds scale and shift and copies the running statistics
         mean = torch.empty(layer.c_out, dtype=torch.float32, device=input.device)
         var = torch.empty_like(mean)
         if layer.pixels:
             layer.conv(wp, out, mean, gamma, beta, _f32(running_mean), dummy, dummy, mode=K.WRITE,
-                       vd=_f32(running_var), sv=var, eps=eps)
+                       vd=_f32(running_var), sv=var, eps=eps, save=True)
         else:
             mean.copy_(running_mean)
             var.copy_(running_var)
@@ -261,8 +265,8 @@ class _Backward:
         self.layer = _Layer(input, weight, stride, groups)
         self.dy = grad_out.contiguous(memory_format=torch.channels_last)
         self.y = out.contiguous(memory_format=torch.channels_last)
-        self.gamma, self.mean = _f32(bn_weight), _f32(mean)
-        self.invstd = torch.rsqrt(var.double() + eps).float()
+        self.gamma, self.mean, self.var = _f32(bn_weight), _f32(mean), _f32(var)
+        self.eps = eps
         self.input, self.weight = input, weight
 
     def reduce(self):
@@ -270,44 +274,46 @@ class _Backward:
         if layer.pixels == 0:
             zeros = self.gamma.new_zeros(layer.c_out)
             return zeros, zeros.clone()
+        sums = [torch.empty(layer.c_out, dtype=torch.float32, device=self.dy.device)
+                for _ in range(2)]
         partial = layer.partial(2, self.dy.device)
         layer.conv(_packed_weight(self.weight, layer.plan), self.dy, partial, self.mean,
-                   self.invstd, self.gamma, self.dy, self.y, mode=K.REDUCE, tune=False)
-        sums = partial.double().sum(0).float()
-        return sums[:, 0].contiguous(), sums[:, 1].contiguous()
+                   self.var, self.gamma, self.dy, self.y, mode=K.REDUCE, tune=False,
+                   eps=self.eps)
+        torch.library.wrap_triton(K.sums_kernel)[(triton.cdiv(layer.c_out, STATS_C),)](
+            partial, *sums, partial.shape[0], layer.c_out, BLOCK_R=STATS_R, BLOCK_C=STATS_C)
+        return tuple(sums)
 
     def apply(self, sums, count, want_input, want_weight):
         """(grad_input, grad_weight): with sums, dc is written by the dc pass (training);
-        without, dgrad and wgrad form it from dy and y (eval)."""
+        without, dgrad and wgrad form it from dy and y (eval). The per-channel vectors
+        are folded inside the kernels."""
         layer = self.layer
-        dz_scale = (self.gamma * self.invstd).contiguous()
         from_dy = sums is None
         dc = self.dy  # eval: dgrad and wgrad read dy (and y) and form dc
         if not from_dy and layer.pixels:
-            # dc = dz_scale·dz − dc_shift − dc_xhat·x̂ with x̂ = (c − mean)·invstd.
-            dc_xhat = dz_scale * sums[1].float() / count
-            slope = (dc_xhat * self.invstd).contiguous()
-            offset = (dz_scale * sums[0].float() / count - slope * self.mean).contiguous()
             dc = layer.empty(self.dy)
-            layer.conv(_packed_weight(self.weight, layer.plan), dc, dz_scale, dz_scale, offset,
-                       slope, self.dy, self.y, mode=K.DC)
+            layer.conv(_packed_weight(self.weight, layer.plan), dc, self.gamma, self.gamma,
+                       self.mean, self.var, self.dy, self.y, mode=K.DC, vd=_f32(sums[0]),
+                       sv=_f32(sums[1]), eps=self.eps, count=count)
         grad_input, grad_weight = self.input.new_empty(0), self.weight.new_empty(0)
         if want_input:
             dx = layer.empty(self.input, input_side=True)
             if layer.pixels:
                 plan = Plan(layer.c_out, layer.c_in, layer.cg_out, layer.cg_in, layer.h, layer.w)
                 wp = _packed_weight(self.weight, plan, transposed=True)
-                _conv_rows(plan, layer.n, dc, wp, dx, dz_scale, dz_scale, dz_scale, dz_scale,
-                           dz_scale, self.y, (layer.h_out, layer.w_out), (layer.h, layer.w),
-                           mode=K.PLAIN, dil=layer.stride, from_dy=from_dy)
+                _conv_rows(plan, layer.n, dc, wp, dx, self.gamma, self.gamma, self.var,
+                           self.gamma, self.gamma, self.y, (layer.h_out, layer.w_out),
+                           (layer.h, layer.w), mode=K.PLAIN, dil=layer.stride, from_dy=from_dy,
+                           eps=self.eps)
             else:
                 dx.zero_()
             grad_input = _as_input_format(dx, self.input)
         if want_weight:
-            grad_weight = self._wgrad(dc, dz_scale, from_dy)
+            grad_weight = self._wgrad(dc, from_dy)
         return grad_input, grad_weight
 
-    def _wgrad(self, dc, dz_scale, from_dy):
+    def _wgrad(self, dc, from_dy):
         layer, plan = self.layer, self.layer.plan
         entries = layer.c_out * 9 * layer.cg_in
         if layer.pixels == 0:
@@ -322,8 +328,9 @@ class _Backward:
             dw = torch.zeros(shape, dtype=torch.float32, device=self.dy.device)
             grid = (plan.w_slabs, plan.w_k_steps, chunks)
             torch.library.wrap_triton(K.wgrad_kernel)[grid](
-                layer.x, dc, self.y, dz_scale, dw, layer.n, layer.h, layer.w, layer.c_in, layer.h_out,
-                layer.w_out, layer.c_out, layer.cg_in, layer.cg_out, tiles, chunks,
+                layer.x, dc, self.y, self.gamma, self.var, dw, self.eps, layer.n, layer.h,
+                layer.w, layer.c_in, layer.h_out, layer.w_out, layer.c_out, layer.cg_in,
+                layer.cg_out, tiles, chunks,
                 FROM_DY=from_dy, STRIDE=layer.stride, DETERMINISTIC=deterministic,
                 K_STEPS=plan.w_k_steps, PIECES=plan.w_pieces, SUB_K=plan.w_sub_k,
                 SUB_N=plan.sub_n, BW=plan.bw, ROWS=plan.rows, IMGS=plan.imgs,

@@ -23,14 +23,20 @@ group instead (each product masked to its group's outputs), which gives PyTorch'
 
 Kernels (the glue is ``resnext_kernels/triton_backend.py``):
 
-* ``conv_rows_kernel``: the conv and an epilogue chosen by ``MODE``: WRITE (y =
-  relu(c·scale + shift), folded in the prologue from va..vd = γ, β, mean, var; ``SAVE``
-  also copies mean and var to ``partial_ptr``/``sv_ptr``: eval), STATS (per-program (count, mean, M2) per channel, merged in program
-  order by the glue), REDUCE (per-program Σdz and Σdz·x̂, x̂ = (c − va)·vb; c recomputed,
-  dz = dy·[y > 0]), DC (dc = va·dz − vb − vc·c), PLAIN (store c: dgrad). dgrad is this
-  conv on dc with each group's weights transposed and the taps flipped; at stride 2 on
-  dc dilated by 2 (``DIL``; the zero rows are skipped, the zero columns are masked loads).
-  ``FROM_DY`` forms the operand dc = va·dy·[y > 0] while loading (eval backward).
+* ``conv_rows_kernel``: the conv and an epilogue chosen by ``MODE``, its per-channel
+  vectors folded in the prologue (no torch ops around it): WRITE (y = relu(c·scale +
+  shift) from va..vd = γ, β, mean, var; ``SAVE`` also copies mean and var to
+  ``partial_ptr``/``sv_ptr``: eval), STATS (per-program (count, mean, M2) per channel),
+  REDUCE (per-program Σdz and Σdz·x̂ from va, vb = mean, var; c recomputed, dz =
+  dy·[y > 0]), DC (dc = γ·invstd·(dz − Σdz/count − x̂·Σdz·x̂/count) from va..vd, sv =
+  γ, mean, var, Σdz, Σdz·x̂), PLAIN (store c: dgrad). dgrad is this conv on dc with each
+  group's weights transposed and the taps flipped; at stride 2 on dc dilated by 2
+  (``DIL``; the zero rows are skipped, the zero columns are masked loads). ``FROM_DY``
+  forms the operand dc = γ·invstd·dy·[y > 0] while loading (eval backward; va, vb = γ,
+  var).
+* ``stats_kernel``: the batch mean and variance from the statistics pass's partials
+  (fp64, fixed order).
+* ``sums_kernel``: Σdz and Σdz·x̂ from the reduce pass's partials (fp64, fixed order).
 * ``wgrad_kernel``: dw = Σ_pixels x_tap^T · dc per (channel slab, input-channel step),
   all nine taps, over the row tiles chunk, chunk + CHUNKS, ... (rows walked as in the
   conv: each dc row and each x row loaded once per tile); added with ``tl.atomic_add``
@@ -53,8 +59,8 @@ def _relu(v):
 
 
 @triton.jit
-def _load_a(a_ptr, ys_ptr, va_ptr, n, lane_ok, ir, ow, kw, kglob, kmask, H_A, W_A, KC,
-            STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr):
+def _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, kw, kglob, kmask, H_A,
+            W_A, KC, STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr):
     """The [PIECES, BW, SUB_K] operand of (virtual) input row ``ir``, tap ``kw``, for the
     lanes' images ``n`` and output columns ``ow``: zeros outside the image, in dilated
     holes, past KC and in lanes without an image (``lane_ok``)."""
@@ -70,9 +76,10 @@ def _load_a(a_ptr, ys_ptr, va_ptr, n, lane_ok, ir, ow, kw, kglob, kmask, H_A, W_
     offs = pix[:, None, None] + kglob[None, :, :]
     mask = (ok_col & lane_ok)[:, None, None] & kmask[None, :, :]
     a = tl.load(a_ptr + offs, mask=mask, other=0.0)
-    if FROM_DY:  # eval backward: dc = γ·invstd·dy·[y > 0], formed while loading
+    if FROM_DY:  # eval backward: dc = γ·invstd·dy·[y > 0] (va, vb = γ, var), formed here
         y = tl.load(ys_ptr + offs, mask=mask, other=0.0)
-        scale = tl.load(va_ptr + kglob, mask=kmask, other=0.0)
+        scale = tl.load(va_ptr + kglob, mask=kmask, other=0.0) / tl.sqrt_rn(
+            tl.load(vb_ptr + kglob, mask=kmask, other=1.0) + eps)
         a = (tl.where(y > 0, a.to(tl.float32), 0.0) * scale[None, :, :]).to(a.dtype)
     return tl.permute(a, (1, 0, 2))
 
@@ -112,7 +119,7 @@ def _kh(acc, a0, a1, a2, h0, h1, h2, wp_ptr, wbase, kh: tl.constexpr, ks, HOLD: 
 
 
 @triton.jit
-def _row(t0, t1, t2, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7, w8,
+def _row(t0, t1, t2, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7, w8,
          wbase, n, lane_ok, ir, ow, first_group, nslot, H_A, W_A, KC, KG,
          USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
          STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr, HOLD: tl.constexpr,
@@ -132,11 +139,14 @@ def _row(t0, t1, t2, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6, 
                 kstart = tl.multiple_of(kstart, 16)
             kglob = kstart[:, None] + ks * SUB_K + tl.arange(0, SUB_K)[None, :]
             kmask = kglob < KC
-            a0 = _load_a(a_ptr, ys_ptr, va_ptr, n, lane_ok, ir, ow, 0, kglob, kmask, H_A, W_A, KC,
+            a0 = _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, 0, kglob, kmask,
+                         H_A, W_A, KC,
                          STRIDE, DIL, FROM_DY)
-            a1 = _load_a(a_ptr, ys_ptr, va_ptr, n, lane_ok, ir, ow, 1, kglob, kmask, H_A, W_A, KC,
+            a1 = _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, 1, kglob, kmask,
+                         H_A, W_A, KC,
                          STRIDE, DIL, FROM_DY)
-            a2 = _load_a(a_ptr, ys_ptr, va_ptr, n, lane_ok, ir, ow, 2, kglob, kmask, H_A, W_A, KC,
+            a2 = _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, 2, kglob, kmask,
+                         H_A, W_A, KC,
                          STRIDE, DIL, FROM_DY)
             bad = False
             if GUARD:
@@ -210,12 +220,10 @@ def _emit(acc, oh, s0, s1, s2, out_ptr, va_ptr, vb_ptr, vc_ptr, dy_ptr, ys_ptr, 
 
 @triton.jit
 def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr, vd_ptr,
-                     sv_ptr, dy_ptr, ys_ptr, eps, N, N_BUCKET, H_A, W_A, KC, H_O, W_O, NC, KG,
-                     NG,
-                     MODE: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr,
+                     sv_ptr, dy_ptr, ys_ptr, eps, count, N, N_BUCKET, H_A, W_A, KC, H_O, W_O, NC,
+                     KG, NG, MODE: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr,
                      FROM_DY: tl.constexpr, HOLD: tl.constexpr, GUARD: tl.constexpr,
-                     SLOTS: tl.constexpr,
-                     K_STEPS: tl.constexpr, PIECES: tl.constexpr, SUB_K: tl.constexpr,
+                     SLOTS: tl.constexpr, K_STEPS: tl.constexpr, PIECES: tl.constexpr, SUB_K: tl.constexpr,
                      SUB_N: tl.constexpr, BW: tl.constexpr, ROWS: tl.constexpr,
                      IMGS: tl.constexpr, ALIGNED: tl.constexpr, SAVE: tl.constexpr,
                      PRECISION: tl.constexpr):
@@ -250,6 +258,15 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
             tl.store(sv_ptr + nglob, vd, mask=nmask & (t == 0))
         va = va / tl.sqrt_rn(vd + eps)
         vb = vb - vc * va
+    elif MODE == 2:  # va, vb = mean, var: x̂ = (c − mean)·invstd
+        vb = 1.0 / tl.sqrt_rn(vb + eps)
+    elif MODE == 3:  # va, vb, vc, vd, sv = γ, mean, var, Σdz, Σdz·x̂ (over ``count`` pixels)
+        invstd = 1.0 / tl.sqrt_rn(vc + eps)
+        scale = va * invstd  # dc = scale·dz − scale·Σdz/count − scale·Σdz·x̂/count·x̂
+        slope = scale * tl.load(sv_ptr + nglob, mask=nmask, other=0.0) / count * invstd
+        va = scale
+        vb = scale * tl.load(vd_ptr + nglob, mask=nmask, other=0.0) / count - slope * vb
+        vc = slope
     s0 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
     s1 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
     s2 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
@@ -273,37 +290,36 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
         for r in range(ROWS + 2):
             ir = oh0 - 1 + r
             acc_next, acc_cur, acc_prev = _row(
-                zeros, acc_cur, acc_prev, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4,
-                w5, w6, w7, w8, wbase, n, lane_ok, ir, ow, first_group, nslot, H_A, W_A, KC, KG, True,
-                True, True, 1, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N, ALIGNED,
-                PRECISION)
+                zeros, acc_cur, acc_prev, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
+                w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, ir, ow, first_group, nslot, H_A, W_A, KC,
+                KG, True, True, True, 1, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
+                ALIGNED, PRECISION)
             if r >= 2:
                 s0, s1, s2 = _emit(acc_prev, ir - 1, s0, s1, s2, out_ptr, va_ptr, vb_ptr,
                                    vc_ptr, dy_ptr, ys_ptr, n, lane_ok, ow, nglob, nmask, va, vb,
-                                   vc,
-                                   H_O, W_O, NC, MODE)
+                                   vc, H_O, W_O, NC, MODE)
             acc_prev = acc_cur
             acc_cur = acc_next
     else:
         # Output row oh reads input rows 2oh - 1 (kh 0), 2oh (kh 1), 2oh + 1 (kh 2); the
         # odd row 2oh + 1 is also row 2(oh + 1) - 1 of the next output row.
         acc, unused1, unused2 = _row(
-            zeros, zeros, zeros, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6,
-            w7, w8, wbase, n, lane_ok, 2 * oh0 - 1, ow, first_group, nslot, H_A, W_A, KC, KG, True,
-            False, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
+            zeros, zeros, zeros, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4, w5,
+            w6, w7, w8, wbase, n, lane_ok, 2 * oh0 - 1, ow, first_group, nslot, H_A, W_A, KC, KG,
+            True, False, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
             ALIGNED, PRECISION)
         for j in range(ROWS):
             oh = oh0 + j
             unused0, acc, unused2 = _row(
-                zeros, acc, zeros, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6,
-                w7, w8, wbase, n, lane_ok, 2 * oh, ow, first_group, nslot, H_A, W_A, KC, KG, False,
-                True, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
+                zeros, acc, zeros, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4,
+                w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh, ow, first_group, nslot, H_A, W_A, KC, KG,
+                False, True, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
                 ALIGNED, PRECISION)
             acc_next, unused1, acc = _row(
-                zeros, zeros, acc, a_ptr, ys_ptr, va_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6,
-                w7, w8, wbase, n, lane_ok, 2 * oh + 1, ow, first_group, nslot, H_A, W_A, KC, KG, True,
-                False, True, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
-                ALIGNED, PRECISION)
+                zeros, zeros, acc, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4,
+                w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh + 1, ow, first_group, nslot, H_A, W_A, KC,
+                KG, True, False, True, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K,
+                SUB_N, ALIGNED, PRECISION)
             s0, s1, s2 = _emit(acc, oh, s0, s1, s2, out_ptr, va_ptr, vb_ptr, vc_ptr, dy_ptr,
                                ys_ptr, n, lane_ok, ow, nglob, nmask, va, vb, vc, H_O, W_O, NC, MODE)
             acc = acc_next
@@ -331,8 +347,8 @@ def _x_row(x_ptr, n, lane_ok, ir, ow, kw, kglob, kmask, H, W, C_in, STRIDE: tl.c
 
 
 @triton.jit
-def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, dw_ptr, N, H, W, C_in, H_out, W_out, C_out,
-                 CG_IN, CG_OUT, TILES, CHUNKS, FROM_DY: tl.constexpr, STRIDE: tl.constexpr,
+def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_in, H_out, W_out,
+                 C_out, CG_IN, CG_OUT, TILES, CHUNKS, FROM_DY: tl.constexpr, STRIDE: tl.constexpr,
                  DETERMINISTIC: tl.constexpr, K_STEPS: tl.constexpr, PIECES: tl.constexpr,
                  SUB_K: tl.constexpr, SUB_N: tl.constexpr, BW: tl.constexpr,
                  ROWS: tl.constexpr, IMGS: tl.constexpr, ALIGNED: tl.constexpr,
@@ -342,7 +358,7 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, dw_ptr, N, H, W, C_in, H_out, W_
     tile: ``ROWS`` output rows x ``BW`` columns of one image, as in ``conv_rows_kernel``).
     Each output row's dc is loaded once and each input row's three column-shifted x tiles
     once per tile: they are carried to the next output rows that read them.
-    ``FROM_DY``: ``dc_ptr`` is dy and dc = va·dy·[y > 0]."""
+    ``FROM_DY``: ``dc_ptr`` is dy and dc = γ·invstd·dy·[y > 0] (va, vb = γ, var)."""
     c0 = tl.program_id(0) * (PIECES * SUB_N)
     ks = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -355,7 +371,8 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, dw_ptr, N, H, W, C_in, H_out, W_
         kstart = tl.multiple_of(kstart, 16)
     kglob = kstart[:, None] + ks * SUB_K + tl.arange(0, SUB_K)[None, :]
     kmask = kglob < C_in
-    va = tl.load(va_ptr + nglob, mask=nmask, other=0.0)
+    va = tl.load(va_ptr + nglob, mask=nmask, other=0.0) / tl.sqrt_rn(
+        tl.load(vb_ptr + nglob, mask=nmask, other=1.0) + eps)
     width: tl.constexpr = BW // IMGS
     row_tiles = tl.cdiv(H_out, ROWS)
     col_tiles = tl.cdiv(W_out, width)
@@ -403,9 +420,12 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, dw_ptr, N, H, W, C_in, H_out, W_
                     q0 = _x_row(x_ptr, n, lane_ok, 2 * oh, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
                     q1 = _x_row(x_ptr, n, lane_ok, 2 * oh, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
                     q2 = _x_row(x_ptr, n, lane_ok, 2 * oh, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
-                    r0 = _x_row(x_ptr, n, lane_ok, 2 * oh + 1, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
-                    r1 = _x_row(x_ptr, n, lane_ok, 2 * oh + 1, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
-                    r2 = _x_row(x_ptr, n, lane_ok, 2 * oh + 1, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
+                    r0 = _x_row(x_ptr, n, lane_ok, 2 * oh + 1, ow, 0, kglob, kmask, H, W, C_in,
+                                STRIDE)
+                    r1 = _x_row(x_ptr, n, lane_ok, 2 * oh + 1, ow, 1, kglob, kmask, H, W, C_in,
+                                STRIDE)
+                    r2 = _x_row(x_ptr, n, lane_ok, 2 * oh + 1, ow, 2, kglob, kmask, H, W, C_in,
+                                STRIDE)
                 a00 = tl.dot(p0, dc, a00, input_precision=PRECISION)
                 a01 = tl.dot(p1, dc, a01, input_precision=PRECISION)
                 a02 = tl.dot(p2, dc, a02, input_precision=PRECISION)
@@ -446,3 +466,53 @@ def _store_dw(dw_ptr, entry, inside, d0, d1, d2, CG_IN, kh: tl.constexpr,
         tl.atomic_add(at, d0, mask=inside)
         tl.atomic_add(at + CG_IN, d1, mask=inside)
         tl.atomic_add(at + 2 * CG_IN, d2, mask=inside)
+
+
+@triton.jit
+def stats_kernel(partial_ptr, mean_ptr, var_ptr, R, C, BLOCK_R: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """The batch mean and (biased) variance of BLOCK_C channels from the R per-program
+    (count, mean, M2) partials of the statistics pass: the total and the mean first,
+    then M2 = Σ (M2_r + count_r·(mean_r − mean)²), in fp64, in a fixed order."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    total = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    weighted = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        at = partial_ptr + (r[:, None].to(tl.int64) * C + c[None, :]) * 3
+        mask = (r < R)[:, None] & cmask[None, :]
+        count = tl.load(at, mask=mask, other=0.0).to(tl.float64)
+        total += tl.sum(count, axis=0)
+        weighted += tl.sum(count * tl.load(at + 1, mask=mask, other=0.0).to(tl.float64), axis=0)
+    mean = weighted / tl.maximum(total, 1.0)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        at = partial_ptr + (r[:, None].to(tl.int64) * C + c[None, :]) * 3
+        mask = (r < R)[:, None] & cmask[None, :]
+        count = tl.load(at, mask=mask, other=0.0).to(tl.float64)
+        dev = tl.load(at + 1, mask=mask, other=0.0).to(tl.float64) - mean[None, :]
+        m2 += tl.sum(tl.load(at + 2, mask=mask, other=0.0).to(tl.float64) + count * dev * dev,
+                     axis=0)
+    tl.store(mean_ptr + c, mean.to(tl.float32), mask=cmask)
+    tl.store(var_ptr + c, (m2 / tl.maximum(total, 1.0)).to(tl.float32), mask=cmask)
+
+
+@triton.jit
+def sums_kernel(partial_ptr, sum0_ptr, sum1_ptr, R, C, BLOCK_R: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """Σdz and Σdz·x̂ of BLOCK_C channels from the R per-program partials of the reduce
+    pass, in fp64, in a fixed order."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    sum0 = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    sum1 = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        at = partial_ptr + (r[:, None].to(tl.int64) * C + c[None, :]) * 2
+        mask = (r < R)[:, None] & cmask[None, :]
+        sum0 += tl.sum(tl.load(at, mask=mask, other=0.0).to(tl.float64), axis=0)
+        sum1 += tl.sum(tl.load(at + 1, mask=mask, other=0.0).to(tl.float64), axis=0)
+    tl.store(sum0_ptr + c, sum0.to(tl.float32), mask=cmask)
+    tl.store(sum1_ptr + c, sum1.to(tl.float32), mask=cmask)

@@ -14,8 +14,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 # Scalar (shape) arguments; every other upper-case argument is a constexpr.
 INTS = {"N", "N_BUCKET", "H_A", "W_A", "KC", "H_O", "W_O", "NC", "KG", "NG", "H", "W", "C_in",
-        "H_out", "W_out", "C_out", "CG_IN", "CG_OUT", "TILES", "CHUNKS"}
-FP32_POINTERS = {"partial_ptr", "va_ptr", "vb_ptr", "vc_ptr", "vd_ptr", "sv_ptr", "dw_ptr"}
+        "H_out", "W_out", "C_out", "CG_IN", "CG_OUT", "TILES", "CHUNKS", "R", "C"}
+FP32_POINTERS = {"partial_ptr", "va_ptr", "vb_ptr", "vc_ptr", "vd_ptr", "sv_ptr", "dw_ptr",
+                 "mean_ptr", "var_ptr"}
 FLOATS = {"eps"}
 
 # The JIT marks an argument ``tt.divisibility`` 16 when its value at the launch allows
@@ -106,6 +107,7 @@ def variants(quick: bool):
         out[variant_name(name, constexprs, warps)] = (name, constexprs, warps)
 
     warps = [tb.FIXED_WARPS] if quick else sorted({tb.FIXED_WARPS, *tb.CONFIGS})
+    add("stats_kernel", dict(BLOCK_R=tb.STATS_R, BLOCK_C=tb.STATS_C), 4)
     for channels, size, stride in testing.resnext_layers(32, 4).values():
         cg, out_size = channels // 32, reference.output_size(size, stride)
         fwd = tb.Plan(channels, channels, cg, cg, out_size, out_size)
