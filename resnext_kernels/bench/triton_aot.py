@@ -17,7 +17,7 @@ INTS = {"N", "N_BUCKET", "H_A", "W_A", "KC", "H_O", "W_O", "NC", "KG", "NG", "H"
         "H_out", "W_out", "C_out", "CG_IN", "CG_OUT", "TILES", "CHUNKS", "R", "C"}
 FP32_POINTERS = {"partial_ptr", "va_ptr", "vb_ptr", "vc_ptr", "vd_ptr", "sv_ptr", "dw_ptr",
                  "mean_ptr", "var_ptr"}
-FLOATS = {"eps"}
+FLOATS = {"eps", "count"}
 
 # The JIT marks an argument ``tt.divisibility`` 16 when its value at the launch allows
 # (triton/runtime/jit.py: ``specialize_impl`` gives "D" for a tensor whose data_ptr and
@@ -153,9 +153,13 @@ def _compile(job):
 
 
 def report(quick: bool, archs=(80, 90), dtype: str = "bf16"):
-    """Resources of every Triton variant for ``archs`` (sm_90 only with ``quick``)."""
+    """Resources of every Triton variant for ``archs`` (sm_90 only with ``quick``); the
+    autotuning configs only where they run (``triton_backend.TUNE_MIN_MAJOR``)."""
+    from .. import triton_backend as tb
+
     jobs = [(name, constexprs, warps, arch, dtype)
             for arch in ((90,) if quick else archs)
-            for name, constexprs, warps in variants(quick)]
+            for name, constexprs, warps in variants(quick)
+            if warps == tb.FIXED_WARPS or arch >= 10 * tb.TUNE_MIN_MAJOR]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return list(pool.map(_compile, jobs))
