@@ -58,6 +58,9 @@ STATS_R, STATS_C = 64, 64  # stats_kernel's tile of partials
 # the batch rounded up to a power of two, the sizes and channels of the conv.
 TUNE_KEYS = ("N_BUCKET", "H_A", "W_A", "KC", "H_O", "W_O", "NC", "KG", "NG")
 WGRAD_TARGET_PROGRAMS = 2048
+# Row tiles per wgrad program at least: each program adds its dw once (float atomics);
+# with 2 tiles a program the atomics bound s5's wgrad (modelled).
+WGRAD_MIN_TILES = 8
 WGRAD_PARTIAL_FLOATS = 16 << 20
 SLAB = 64  # output channels a program owns, where the layer has them
 
@@ -326,7 +329,8 @@ class _Backward:
         else:
             blocks = plan.w_slabs * plan.w_k_steps
             tiles = _row_programs(plan, layer.n)
-            chunks = max(1, min(tiles, triton.cdiv(WGRAD_TARGET_PROGRAMS, blocks),
+            chunks = max(1, min(tiles // WGRAD_MIN_TILES, triton.cdiv(WGRAD_TARGET_PROGRAMS,
+                                                                      blocks),
                                 WGRAD_PARTIAL_FLOATS // entries))
             deterministic = torch.are_deterministic_algorithms_enabled()
             shape = (chunks, entries) if deterministic else (entries,)

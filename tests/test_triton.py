@@ -162,9 +162,14 @@ LAYER_SHAPES = [(f"{c}x{d}d-{name}", c, channels, size, stride)
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,groups,channels,size,stride", LAYER_SHAPES,
                          ids=[s[0] for s in LAYER_SHAPES])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_triton_matches_cudnn_on_resnext_layers(name, groups, channels, size, stride, dtype):
-    """bf16 included (the interpreter cannot check it): within 2x cuDNN's own error."""
+@pytest.mark.parametrize("dtype,tf32", [(torch.bfloat16, True), (torch.float16, True),
+                                        (torch.float32, True), (torch.float32, False)],
+                         ids=["bf16", "fp16", "fp32-tf32", "fp32"])
+def test_triton_matches_cudnn_on_resnext_layers(monkeypatch, name, groups, channels, size,
+                                                stride, dtype, tf32):
+    """bf16 included (the interpreter cannot check it), fp32 with TF32 on and off (both
+    sides follow cudnn.allow_tf32): within 2x cuDNN's own error."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
     problem = Problem(8, channels, channels, size, size, groups, stride)
     gen = torch.Generator().manual_seed(0)
     args = make_arguments(problem, dtype, channels_last=True, generator=gen)
