@@ -4,12 +4,13 @@ Same semantics as the other backends (``resnext_kernels/reference.py``). Where i
 
 * on a CUDA GPU: the ops are defined with ``torch.library.triton_op`` and the kernels
   called through ``torch.library.wrap_triton``, so ``torch.compile`` sees into them;
-  the kernels are autotuned over a few tile shapes keyed on the layer's shape;
+  the conv passes that only store are autotuned over 4 and 8 warps on sm_90, keyed on
+  the whole shape (the tiles themselves come from the layer: ``Plan``);
 * under the Triton interpreter (``TRITON_INTERPRET=1`` set before import; tests):
-  on CPU tensors, with one fixed configuration; the ops are defined as plain
-  ``torch.library`` ops with fake kernels, because ``triton_op``'s fake-tensor path
-  would run the interpreter on fake tensors; bf16 is refused there (its loads are
-  broken in the interpreter, triton#11584) and is tested on a GPU only.
+  on CPU tensors, with the configuration a GPU runs without autotuning; the ops are
+  defined as plain ``torch.library`` ops with fake kernels, because ``triton_op``'s
+  fake-tensor path would run the interpreter on fake tensors; bf16 is refused there
+  (its loads are broken in the interpreter, triton#11584) and is tested on a GPU only.
 
 Training forward uses the "recompute" strategy (a statistics pass, then a pass that
 recomputes the conv and writes the output); the backward recomputes the conv
@@ -28,7 +29,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 def _autotune_enabled() -> bool:
     """RESNEXT_TRITON_AUTOTUNE (read at each call): "1" (default) autotunes the tiled
-    passes on a GPU; "0" pins the fixed tile (no autotuning compiles:
+    passes on a GPU; "0" pins 4 warps (no autotuning compiles:
     scripts/gpu_check.sh uses it to stay within its time window)."""
     value = os.environ.get("RESNEXT_TRITON_AUTOTUNE", "1")
     if value not in ("0", "1"):
