@@ -469,6 +469,20 @@ def _store_dw(dw_ptr, entry, inside, d0, d1, d2, CG_IN, kh: tl.constexpr,
 
 
 @triton.jit
+def _partials(partial_ptr, r0, c, cmask, R, C, FIELDS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Pointers to field 0 of partial rows [r0, r0 + BLOCK_R) x channels ``c``, and their
+    mask."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    at = partial_ptr + (r[:, None].to(tl.int64) * C + c[None, :]) * FIELDS
+    return at, (r < R)[:, None] & cmask[None, :]
+
+
+@triton.jit
+def _field(at, mask, i: tl.constexpr):
+    return tl.load(at + i, mask=mask, other=0.0).to(tl.float64)
+
+
+@triton.jit
 def stats_kernel(partial_ptr, mean_ptr, var_ptr, R, C, BLOCK_R: tl.constexpr,
                  BLOCK_C: tl.constexpr):
     """The batch mean and (biased) variance of BLOCK_C channels from the R per-program
@@ -479,22 +493,16 @@ def stats_kernel(partial_ptr, mean_ptr, var_ptr, R, C, BLOCK_R: tl.constexpr,
     total = tl.zeros((BLOCK_C,), dtype=tl.float64)
     weighted = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for r0 in range(0, R, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        at = partial_ptr + (r[:, None].to(tl.int64) * C + c[None, :]) * 3
-        mask = (r < R)[:, None] & cmask[None, :]
-        count = tl.load(at, mask=mask, other=0.0).to(tl.float64)
+        at, mask = _partials(partial_ptr, r0, c, cmask, R, C, 3, BLOCK_R)
+        count = _field(at, mask, 0)
         total += tl.sum(count, axis=0)
-        weighted += tl.sum(count * tl.load(at + 1, mask=mask, other=0.0).to(tl.float64), axis=0)
+        weighted += tl.sum(count * _field(at, mask, 1), axis=0)
     mean = weighted / tl.maximum(total, 1.0)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for r0 in range(0, R, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        at = partial_ptr + (r[:, None].to(tl.int64) * C + c[None, :]) * 3
-        mask = (r < R)[:, None] & cmask[None, :]
-        count = tl.load(at, mask=mask, other=0.0).to(tl.float64)
-        dev = tl.load(at + 1, mask=mask, other=0.0).to(tl.float64) - mean[None, :]
-        m2 += tl.sum(tl.load(at + 2, mask=mask, other=0.0).to(tl.float64) + count * dev * dev,
-                     axis=0)
+        at, mask = _partials(partial_ptr, r0, c, cmask, R, C, 3, BLOCK_R)
+        dev = _field(at, mask, 1) - mean[None, :]
+        m2 += tl.sum(_field(at, mask, 2) + _field(at, mask, 0) * dev * dev, axis=0)
     tl.store(mean_ptr + c, mean.to(tl.float32), mask=cmask)
     tl.store(var_ptr + c, (m2 / tl.maximum(total, 1.0)).to(tl.float32), mask=cmask)
 
@@ -509,10 +517,8 @@ def sums_kernel(partial_ptr, sum0_ptr, sum1_ptr, R, C, BLOCK_R: tl.constexpr,
     sum0 = tl.zeros((BLOCK_C,), dtype=tl.float64)
     sum1 = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for r0 in range(0, R, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        at = partial_ptr + (r[:, None].to(tl.int64) * C + c[None, :]) * 2
-        mask = (r < R)[:, None] & cmask[None, :]
-        sum0 += tl.sum(tl.load(at, mask=mask, other=0.0).to(tl.float64), axis=0)
-        sum1 += tl.sum(tl.load(at + 1, mask=mask, other=0.0).to(tl.float64), axis=0)
+        at, mask = _partials(partial_ptr, r0, c, cmask, R, C, 2, BLOCK_R)
+        sum0 += tl.sum(_field(at, mask, 0), axis=0)
+        sum1 += tl.sum(_field(at, mask, 1), axis=0)
     tl.store(sum0_ptr + c, sum0.to(tl.float32), mask=cmask)
     tl.store(sum1_ptr + c, sum1.to(tl.float32), mask=cmask)

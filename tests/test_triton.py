@@ -95,18 +95,16 @@ def test_triton_float32_follows_cudnn_allow_tf32(monkeypatch, allow_tf32):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
     assert triton_backend._precision(torch.float32) == ("tf32" if allow_tf32 else "ieee")
     assert triton_backend._precision(torch.float16) == "tf32"  # no effect on 16-bit types
-    problem = Problem(2, 32, 32, 6, 5, 4, 1)
-    gen = torch.Generator().manual_seed(11)
-    args = make_arguments(problem, torch.float32, channels_last=True, generator=gen)
-    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
-    for g, e in zip(run("triton", args, problem, True, grad),
-                    run("reference", args, problem, True, grad, dtype=torch.float64)):
-        assert rel_error(g, e) <= fp32_tolerance()
+    assert_fp32_training_matches(Problem(2, 32, 32, 6, 5, 4, 1), seed=11)
 
 
 def test_triton_several_groups_of_64_channels():
-    problem = Problem(1, 128, 128, 5, 4, 2, 1)
-    gen = torch.Generator().manual_seed(3)
+    assert_fp32_training_matches(Problem(1, 128, 128, 5, 4, 2, 1), seed=3)
+
+
+def assert_fp32_training_matches(problem, seed):
+    """Training forward and all gradients in float32 vs float64, NHWC."""
+    gen = torch.Generator().manual_seed(seed)
     args = make_arguments(problem, torch.float32, channels_last=True, generator=gen)
     grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
     for g, e in zip(run("triton", args, problem, True, grad),

@@ -107,7 +107,8 @@ def variants(quick: bool):
         out[variant_name(name, constexprs, warps)] = (name, constexprs, warps)
 
     warps = [tb.FIXED_WARPS] if quick else sorted({tb.FIXED_WARPS, *tb.CONFIGS})
-    add("stats_kernel", dict(BLOCK_R=tb.STATS_R, BLOCK_C=tb.STATS_C), 4)
+    for merge in ("stats_kernel", "sums_kernel"):
+        add(merge, dict(BLOCK_R=tb.STATS_R, BLOCK_C=tb.STATS_C), tb.FIXED_WARPS)
     for channels, size, stride in testing.resnext_layers(32, 4).values():
         cg, out_size = channels // 32, reference.output_size(size, stride)
         fwd = tb.Plan(channels, channels, cg, cg, out_size, out_size)
