@@ -19,7 +19,6 @@ output instead of saving it, like the CUDA kernels (docs/kernels.md).
 
 import os
 
-import numpy as np
 import torch
 
 from . import reference
@@ -47,7 +46,8 @@ else:
     IMPORT_ERROR = None
 
 # Warps per program with RESNEXT_TRITON_AUTOTUNE=0 and under the interpreter (what the
-# AOT report compiles and the launch counters count), and the autotuned choices.
+# AOT report compiles and the launch counters count; the conv: ``fixed_warps``), and the
+# autotuned choices.
 FIXED_WARPS = 4
 CONFIGS = (4, 8)
 # 8 warps spill 8 bytes in two ResNeXt-50 variants on sm_80 (a 64-128 register cap;
@@ -116,37 +116,20 @@ class Plan:
                     PIECES=self.pieces, SUB_K=self.sub_k, SUB_N=self.sub_n)
 
 
-_PACK_INDEX = {}
-
-
-def _pack_index(plan: Plan, transposed: bool, device):
-    """(index into the OIHW weight, mask of the zeros) of the packed tiles, cached per shape:
-    [slabs·PIECES, 9 taps, K_STEPS, SUB_K, SUB_N], zeros off the groups. ``transposed``:
-    dgrad's weights (input and output channels swapped, taps flipped). Built with numpy:
-    no device work once cached."""
-    key = (plan.kc, plan.nc, plan.kg, plan.ng, plan.sub_n, plan.pieces, plan.sub_k,
-           plan.k_steps, transposed, str(device))
-    if key not in _PACK_INDEX:
-        p, tap, ks, k, n = np.ogrid[:plan.slabs * plan.pieces, :9, :plan.k_steps,
-                                    :plan.sub_k, :plan.sub_n]
-        n = p * plan.sub_n + n
-        group = n // plan.ng
-        kglob = (p * plan.sub_n // plan.ng) * plan.kg + ks * plan.sub_k + k
-        valid = (kglob // plan.kg == group) & (kglob < plan.kc) & (n < plan.nc)
-        if transposed:  # dgrad: w[k = co, n - group·Cg_in, 2 - kh, 2 - kw]
-            index = (kglob * plan.ng + n - group * plan.ng) * 9 + 8 - tap
-        else:
-            index = (n * plan.kg + kglob - group * plan.kg) * 9 + tap
-        index = np.where(valid, index, 0)
-        _PACK_INDEX[key] = (torch.from_numpy(index).to(device),
-                            torch.from_numpy(np.ascontiguousarray(~valid)).to(device))
-    return _PACK_INDEX[key]
+PACK_BLOCK = 1024
 
 
 def _packed_weight(weight, plan: Plan, transposed=False):
-    """The packed tiles: two launches (a gather, a masked fill)."""
-    index, outside = _pack_index(plan, transposed, weight.device)
-    return weight.contiguous().view(-1)[index].masked_fill_(outside, 0)
+    """The packed weight tiles of ``conv_rows_kernel`` (one ``pack_kernel`` launch):
+    [slabs·PIECES, 9 taps, K_STEPS, SUB_K, SUB_N], zeros off the groups; ``transposed``:
+    dgrad's (input and output channels swapped, taps flipped)."""
+    out = weight.new_empty(plan.slabs * plan.pieces * 9 * plan.k_steps * plan.sub_k
+                           * plan.sub_n)
+    torch.library.wrap_triton(K.pack_kernel)[(triton.cdiv(out.numel(), PACK_BLOCK),)](
+        weight.contiguous(), out, out.numel(), plan.kc, plan.nc, plan.kg, plan.ng,
+        TRANSPOSED=transposed, K_STEPS=plan.k_steps, SUB_K=plan.sub_k, SUB_N=plan.sub_n,
+        BLOCK=PACK_BLOCK)
+    return out
 
 
 def _precision(dtype):
@@ -162,13 +145,20 @@ if triton is not None:
         key=list(TUNE_KEYS))(K.conv_rows_kernel)
 
 
+def fixed_warps(mode):
+    """The conv's warps where it is not autotuned: 8 for the reduce and dc passes (the
+    forward's folded scale and shift held for the ReLU mask besides their own vectors: 4
+    warps spill 8-24 bytes at s2 and s3), else FIXED_WARPS."""
+    return 8 if mode in (K.REDUCE, K.DC) else FIXED_WARPS
+
+
 def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, *, mode,
-               stride=1, dil=1, from_dy=False, tune=True, vd=None, sv=None, eps=0.0, count=1.0,
-               save=False):
+               stride=1, dil=1, from_dy=False, tune=True, vd=None, sv=None, ve=None, eps=0.0,
+               count=1.0, save=False):
     """One ``conv_rows_kernel`` launch; ``tune``: autotuned on a GPU (the statistics and
     reduce passes keep the fixed warps: their partials are merged in program order)."""
     (h_a, w_a), (h_o, w_o) = in_hw, out_hw
-    args = (a, wp, out, partial, va, vb, vc, va if vd is None else vd, va if sv is None else sv,
+    args = (a, wp, out, partial, va, vb, vc, *(va if v is None else v for v in (vd, sv, ve)),
             dy, ys, eps, float(count), n, _next_pow2(n), h_a, w_a, plan.kc, h_o, w_o, plan.nc,
             plan.kg, plan.ng)
     meta = dict(MODE=mode, STRIDE=stride, DIL=dil, FROM_DY=from_dy, BW=plan.bw, SAVE=save,
@@ -179,7 +169,7 @@ def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, 
             or torch.cuda.get_device_capability(a.device)[0] < TUNE_MIN_MAJOR):
         kernel = kernel.fn
     if not isinstance(kernel, triton.runtime.Autotuner):
-        meta["num_warps"] = FIXED_WARPS
+        meta["num_warps"] = fixed_warps(mode)
     grid = (_row_programs(plan, n), plan.slabs)
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
@@ -273,10 +263,18 @@ class _Backward:
                  groups, eps):
         self.layer = _Layer(input, weight, stride, groups)
         self.dy = grad_out.contiguous(memory_format=torch.channels_last)
-        self.y = out.contiguous(memory_format=torch.channels_last)
-        self.gamma, self.mean, self.var = _f32(bn_weight), _f32(mean), _f32(var)
+        self.out = out  # read only by the eval backward (dc formed from dy and y)
+        self.gamma, self.beta = _f32(bn_weight), _f32(bn_bias)
+        self.mean, self.var = _f32(mean), _f32(var)
         self.eps = eps
         self.input, self.weight = input, weight
+        self._wp = None
+
+    def packed(self):
+        """The forward's packed weight tiles, packed once for the reduce and dc passes."""
+        if self._wp is None:
+            self._wp = _packed_weight(self.weight, self.layer.plan)
+        return self._wp
 
     def reduce(self):
         layer = self.layer
@@ -286,9 +284,8 @@ class _Backward:
         sums = [torch.empty(layer.c_out, dtype=torch.float32, device=self.dy.device)
                 for _ in range(2)]
         partial = layer.partial(2, self.dy.device)
-        layer.conv(_packed_weight(self.weight, layer.plan), self.dy, partial, self.mean,
-                   self.var, self.gamma, self.dy, self.y, mode=K.REDUCE, tune=False,
-                   eps=self.eps)
+        layer.conv(self.packed(), self.dy, partial, self.gamma, self.beta, self.mean, self.dy,
+                   self.dy, mode=K.REDUCE, tune=False, vd=self.var, eps=self.eps)
         torch.library.wrap_triton(K.sums_kernel)[(triton.cdiv(layer.c_out, STATS_C),)](
             partial, *sums, partial.shape[0], layer.c_out, BLOCK_R=STATS_R, BLOCK_C=STATS_C)
         return tuple(sums)
@@ -300,11 +297,12 @@ class _Backward:
         layer = self.layer
         from_dy = sums is None
         dc = self.dy  # eval: dgrad and wgrad read dy (and y) and form dc
+        ys = self.out.contiguous(memory_format=torch.channels_last) if from_dy else self.dy
         if not from_dy and layer.pixels:
             dc = layer.empty(self.dy)
-            layer.conv(_packed_weight(self.weight, layer.plan), dc, self.gamma, self.gamma,
-                       self.mean, self.var, self.dy, self.y, mode=K.DC, vd=_f32(sums[0]),
-                       sv=_f32(sums[1]), eps=self.eps, count=count)
+            layer.conv(self.packed(), dc, self.gamma, self.gamma, self.beta, self.mean,
+                       self.dy, self.dy, mode=K.DC, vd=self.var, sv=_f32(sums[0]),
+                       ve=_f32(sums[1]), eps=self.eps, count=count)
         grad_input, grad_weight = self.input.new_empty(0), self.weight.new_empty(0)
         if want_input:
             dx = layer.empty(self.input, input_side=True)
@@ -312,17 +310,17 @@ class _Backward:
                 plan = Plan(layer.c_out, layer.c_in, layer.cg_out, layer.cg_in, layer.h, layer.w)
                 wp = _packed_weight(self.weight, plan, transposed=True)
                 _conv_rows(plan, layer.n, dc, wp, dx, self.gamma, self.gamma, self.var,
-                           self.gamma, self.gamma, self.y, (layer.h_out, layer.w_out),
+                           self.gamma, self.gamma, ys, (layer.h_out, layer.w_out),
                            (layer.h, layer.w), mode=K.PLAIN, dil=layer.stride, from_dy=from_dy,
                            eps=self.eps)
             else:
                 dx.zero_()
             grad_input = _as_input_format(dx, self.input)
         if want_weight:
-            grad_weight = self._wgrad(dc, from_dy)
+            grad_weight = self._wgrad(dc, ys, from_dy)
         return grad_input, grad_weight
 
-    def _wgrad(self, dc, from_dy):
+    def _wgrad(self, dc, ys, from_dy):
         layer, plan = self.layer, self.layer.plan
         entries = layer.c_out * 9 * layer.cg_in
         if layer.pixels == 0:
@@ -338,7 +336,7 @@ class _Backward:
             dw = torch.zeros(shape, dtype=torch.float32, device=self.dy.device)
             grid = (plan.w_slabs, plan.w_k_steps, chunks)
             torch.library.wrap_triton(K.wgrad_kernel)[grid](
-                layer.x, dc, self.y, self.gamma, self.var, dw, self.eps, layer.n, layer.h,
+                layer.x, dc, ys, self.gamma, self.var, dw, self.eps, layer.n, layer.h,
                 layer.w, layer.c_in, layer.h_out, layer.w_out, layer.c_out, layer.cg_in,
                 layer.cg_out, tiles, chunks,
                 FROM_DY=from_dy, STRIDE=layer.stride, DETERMINISTIC=deterministic,
@@ -348,8 +346,8 @@ class _Backward:
                 PRECISION=_precision(layer.x.dtype), num_warps=WGRAD_WARPS)
             if deterministic:
                 dw = dw.sum(0)  # chunk order: fixed
-        return (dw.view(layer.c_out, 3, 3, layer.cg_in).permute(0, 3, 1, 2)
-                .to(self.weight.dtype).contiguous())
+        return dw.view(layer.c_out, 3, 3, layer.cg_in).permute(0, 3, 1, 2).to(
+            self.weight.dtype, memory_format=torch.contiguous_format)  # one copy
 
 
 def backward_reduce(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, stride,

@@ -5,8 +5,8 @@ Groups packed block-diagonally. A program owns a slab of ``PIECES x SUB_N`` cont
 output channels (64 where the layer has them: whole 128-byte lines in 16-bit types) and
 multiplies each piece of ``SUB_N`` channels by the input channels of the groups in it:
 ``SUB_N = max(16, Cg)``, so at 4 and 8 channels per group a piece holds 4 or 2 groups and
-its weight tile is block-diagonal (zeros off the groups, packed once per call by the glue,
-``triton_backend._packed_weight``); from 16 up a piece is (part of) one group, and wide
+its weight tile is block-diagonal (zeros off the groups, packed once per call by
+``pack_kernel``); from 16 up a piece is (part of) one group, and wide
 groups loop over ``K_STEPS`` chunks of input channels. The pieces are the batch dimension
 of a 3-D ``tl.dot``.
 
@@ -27,13 +27,15 @@ Kernels (the glue is ``resnext_kernels/triton_backend.py``):
   vectors folded in the prologue (no torch ops around it): WRITE (y = relu(c·scale +
   shift) from va..vd = γ, β, mean, var; ``SAVE`` also copies mean and var to
   ``partial_ptr``/``sv_ptr``: eval), STATS (per-program (count, mean, M2) per channel),
-  REDUCE (per-program Σdz and Σdz·x̂ from va, vb = mean, var; c recomputed, dz =
-  dy·[y > 0]), DC (dc = γ·invstd·(dz − Σdz/count − x̂·Σdz·x̂/count) from va..vd, sv =
-  γ, mean, var, Σdz, Σdz·x̂), PLAIN (store c: dgrad). dgrad is this conv on dc with each
+  REDUCE (per-program Σdz and Σdz·x̂ from va..vd = γ, β, mean, var), DC (dc =
+  γ·invstd·(dz − Σdz/count − x̂·Σdz·x̂/count) from va..vd as REDUCE and sv, ve = Σdz,
+  Σdz·x̂), PLAIN (store c: dgrad). REDUCE and DC recompute c, and dz = dy·[y > 0] with
+  y recomputed from c exactly as WRITE rounds it (the forward's output is not read). dgrad is this conv on dc with each
   group's weights transposed and the taps flipped; at stride 2 on dc dilated by 2
   (``DIL``; the zero rows are skipped, the zero columns are masked loads). ``FROM_DY``
   forms the operand dc = γ·invstd·dy·[y > 0] while loading (eval backward; va, vb = γ,
   var).
+* ``pack_kernel``: the weight tiles (block-diagonal, or dgrad's transposed and flipped).
 * ``stats_kernel``: the batch mean and variance from the statistics pass's partials
   (fp64, fixed order).
 * ``sums_kernel``: Σdz and Σdz·x̂ from the reduce pass's partials (fp64, fixed order).
@@ -181,15 +183,16 @@ def _row(t0, t1, t2, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3,
 
 
 @triton.jit
-def _emit(acc, oh, s0, s1, s2, out_ptr, va_ptr, vb_ptr, vc_ptr, dy_ptr, ys_ptr, n, lane_ok, ow,
-          nglob, nmask, va, vb, vc, H_O, W_O, NC, MODE: tl.constexpr):
-    """The epilogue of output row ``oh``; returns the running per-channel sums."""
+def _emit(acc, oh, s0, s1, s2, out_ptr, dy_ptr, n, lane_ok, ow, nglob, nmask, va, vb, vc,
+          scale, shift, H_O, W_O, NC, MODE: tl.constexpr):
+    """The epilogue of output row ``oh``; returns the running per-channel sums. ``scale``
+    and ``shift``: the forward's folded BatchNorm (REDUCE, DC: the ReLU mask)."""
     c = tl.permute(acc, (1, 0, 2))  # [BW, PIECES, SUB_N]: 64 channels a pixel, in a row
     pmask = (ow < W_O) & (oh < H_O) & lane_ok
     offs = ((n * H_O + oh) * W_O + ow).to(tl.int64)[:, None, None] * NC + nglob[None, :, :]
     mask = pmask[:, None, None] & nmask[None, :, :]
     if MODE == 0:  # WRITE
-        out = _relu(c * va[None, :, :] + vb[None, :, :])
+        out = _relu(c * scale[None, :, :] + shift[None, :, :])
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     elif MODE == 4:  # PLAIN
         tl.store(out_ptr + offs, c.to(out_ptr.dtype.element_ty), mask=mask)
@@ -204,8 +207,8 @@ def _emit(acc, oh, s0, s1, s2, out_ptr, va_ptr, vb_ptr, vc_ptr, dy_ptr, ys_ptr, 
         s1 = s1 + delta * weight
         s2 = s2 + m2 + delta * delta * s0 * weight
         s0 = total
-    else:  # REDUCE, DC: c recomputed, dz = dy·[y > 0]
-        y = tl.load(ys_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:  # REDUCE, DC: c recomputed, dz = dy·[y > 0] with y as WRITE rounds it (y not read)
+        y = (c * scale[None, :, :] + shift[None, :, :]).to(dy_ptr.dtype.element_ty)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dz = tl.where(y > 0, dy, 0.0)
         if MODE == 2:
@@ -220,7 +223,7 @@ def _emit(acc, oh, s0, s1, s2, out_ptr, va_ptr, vb_ptr, vc_ptr, dy_ptr, ys_ptr, 
 
 @triton.jit
 def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr, vd_ptr,
-                     sv_ptr, dy_ptr, ys_ptr, eps, count, N, N_BUCKET, H_A, W_A, KC, H_O, W_O, NC,
+                     sv_ptr, ve_ptr, dy_ptr, ys_ptr, eps, count, N, N_BUCKET, H_A, W_A, KC, H_O, W_O, NC,
                      KG, NG, MODE: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr,
                      FROM_DY: tl.constexpr, HOLD: tl.constexpr, GUARD: tl.constexpr,
                      SLOTS: tl.constexpr, K_STEPS: tl.constexpr, PIECES: tl.constexpr, SUB_K: tl.constexpr,
@@ -251,22 +254,29 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
     va = tl.load(va_ptr + nglob, mask=nmask, other=0.0)
     vb = tl.load(vb_ptr + nglob, mask=nmask, other=0.0)
     vc = tl.load(vc_ptr + nglob, mask=nmask, other=0.0)
-    if MODE == 0:  # va, vb, vc, vd = γ, β, mean, var: the folded scale and shift
+    scale = va
+    shift = vb
+    if (MODE == 0) | (MODE == 2) | (MODE == 3):
+        # va, vb, vc, vd = γ, β, mean, var: WRITE's folded scale and shift (REDUCE and DC
+        # recompute WRITE's output from them for the ReLU mask, bit for bit)
         vd = tl.load(vd_ptr + nglob, mask=nmask, other=1.0)
         if SAVE:  # the statistics the backward reads, copied by the first row tile
             tl.store(partial_ptr + nglob, vc, mask=nmask & (t == 0))
             tl.store(sv_ptr + nglob, vd, mask=nmask & (t == 0))
-        va = va / tl.sqrt_rn(vd + eps)
-        vb = vb - vc * va
-    elif MODE == 2:  # va, vb = mean, var: x̂ = (c − mean)·invstd
-        vb = 1.0 / tl.sqrt_rn(vb + eps)
-    elif MODE == 3:  # va, vb, vc, vd, sv = γ, mean, var, Σdz, Σdz·x̂ (over ``count`` pixels)
-        invstd = 1.0 / tl.sqrt_rn(vc + eps)
-        scale = va * invstd  # dc = scale·dz − scale·Σdz/count − scale·Σdz·x̂/count·x̂
-        slope = scale * tl.load(sv_ptr + nglob, mask=nmask, other=0.0) / count * invstd
-        va = scale
-        vb = scale * tl.load(vd_ptr + nglob, mask=nmask, other=0.0) / count - slope * vb
-        vc = slope
+        scale = va / tl.sqrt_rn(vd + eps)
+        shift = vb - vc * scale
+        invstd = 1.0 / tl.sqrt_rn(vd + eps)
+        if MODE == 2:  # x̂ = (c − mean)·invstd: va, vb = mean, invstd
+            va = vc
+            vb = invstd
+        elif MODE == 3:  # sv, ve = Σdz, Σdz·x̂ over ``count`` pixels
+            # dc = g·dz − g·Σdz/count − g·Σdz·x̂/count·x̂ with g = γ·invstd: va, vb, vc =
+            # g, the offset, the slope
+            g = va * invstd
+            slope = g * tl.load(ve_ptr + nglob, mask=nmask, other=0.0) / count * invstd
+            vb = g * tl.load(sv_ptr + nglob, mask=nmask, other=0.0) / count - slope * vc
+            va = g
+            vc = slope
     s0 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
     s1 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
     s2 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
@@ -295,9 +305,9 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
                 KG, True, True, True, 1, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
                 ALIGNED, PRECISION)
             if r >= 2:
-                s0, s1, s2 = _emit(acc_prev, ir - 1, s0, s1, s2, out_ptr, va_ptr, vb_ptr,
-                                   vc_ptr, dy_ptr, ys_ptr, n, lane_ok, ow, nglob, nmask, va, vb,
-                                   vc, H_O, W_O, NC, MODE)
+                s0, s1, s2 = _emit(acc_prev, ir - 1, s0, s1, s2, out_ptr, dy_ptr, n, lane_ok,
+                                   ow, nglob, nmask, va, vb, vc, scale, shift, H_O, W_O, NC,
+                                   MODE)
             acc_prev = acc_cur
             acc_cur = acc_next
     else:
@@ -320,8 +330,8 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
                 w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh + 1, ow, first_group, nslot, H_A, W_A, KC,
                 KG, True, False, True, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K,
                 SUB_N, ALIGNED, PRECISION)
-            s0, s1, s2 = _emit(acc, oh, s0, s1, s2, out_ptr, va_ptr, vb_ptr, vc_ptr, dy_ptr,
-                               ys_ptr, n, lane_ok, ow, nglob, nmask, va, vb, vc, H_O, W_O, NC, MODE)
+            s0, s1, s2 = _emit(acc, oh, s0, s1, s2, out_ptr, dy_ptr, n, lane_ok, ow, nglob,
+                               nmask, va, vb, vc, scale, shift, H_O, W_O, NC, MODE)
             acc = acc_next
     if MODE == 1:
         out = partial_ptr + (t * NC + nglob) * 3
@@ -466,6 +476,32 @@ def _store_dw(dw_ptr, entry, inside, d0, d1, d2, CG_IN, kh: tl.constexpr,
         tl.atomic_add(at, d0, mask=inside)
         tl.atomic_add(at + CG_IN, d1, mask=inside)
         tl.atomic_add(at + 2 * CG_IN, d2, mask=inside)
+
+
+@triton.jit
+def pack_kernel(w_ptr, out_ptr, TOTAL, KC, NC, KG, NG, TRANSPOSED: tl.constexpr,
+                K_STEPS: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """The conv's weight tiles from the OIHW weight, [pieces, 9 taps, K_STEPS, SUB_K,
+    SUB_N] (``conv_rows_kernel``'s ``wp_ptr``): entry (k, n) of a piece is the weight of
+    input channel k to output channel n where both are in one group, 0 elsewhere
+    (block-diagonal). ``TRANSPOSED``: dgrad's tiles (the conv's input and output channels
+    swapped, KC = the forward's output channels; the taps flipped)."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n = e % SUB_N
+    k = e // SUB_N % SUB_K
+    ks = e // (SUB_N * SUB_K) % K_STEPS
+    tap = e // (SUB_N * SUB_K * K_STEPS) % 9
+    piece = e // (SUB_N * SUB_K * K_STEPS * 9)
+    nglob = piece * SUB_N + n
+    group = nglob // NG
+    kglob = piece * SUB_N // NG * KG + ks * SUB_K + k
+    inside = (kglob // KG == group) & (kglob < KC) & (nglob < NC) & (e < TOTAL)
+    if TRANSPOSED:  # w[co = k, ci = n − group·Cg_in, 2 − kh, 2 − kw]
+        at = (kglob * NG + nglob - group * NG) * 9 + 8 - tap
+    else:  # w[co = n, ci = k − group·Cg_in, kh, kw]
+        at = (nglob * KG + kglob - group * KG) * 9 + tap
+    tl.store(out_ptr + e, tl.load(w_ptr + at, mask=inside, other=0.0), mask=e < TOTAL)
 
 
 @triton.jit

@@ -14,9 +14,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 # Scalar (shape) arguments; every other upper-case argument is a constexpr.
 INTS = {"N", "N_BUCKET", "H_A", "W_A", "KC", "H_O", "W_O", "NC", "KG", "NG", "H", "W", "C_in",
-        "H_out", "W_out", "C_out", "CG_IN", "CG_OUT", "TILES", "CHUNKS", "R", "C"}
-FP32_POINTERS = {"partial_ptr", "va_ptr", "vb_ptr", "vc_ptr", "vd_ptr", "sv_ptr", "dw_ptr",
-                 "mean_ptr", "var_ptr"}
+        "H_out", "W_out", "C_out", "CG_IN", "CG_OUT", "TILES", "CHUNKS", "R", "C",
+        "TOTAL"}
+FP32_POINTERS = {"partial_ptr", "va_ptr", "vb_ptr", "vc_ptr", "vd_ptr", "sv_ptr", "ve_ptr",
+                 "dw_ptr", "mean_ptr", "var_ptr"}
 FLOATS = {"eps", "count"}
 
 # The JIT marks an argument ``tt.divisibility`` 16 when its value at the launch allows
@@ -30,11 +31,12 @@ FLOATS = {"eps", "count"}
 #   another JIT kernel);
 # * the channel counts KC, NC, C_in, C_out: 128/256/512/1024 — multiples of 16;
 # * N and N_BUCKET (the batch, and it rounded up to a power of two): 256;
+# * pack_kernel's TOTAL (its entries: a multiple of 256);
 # * not the sizes (56, 28, 14, 7: 14 and 7 are not), KG/NG/CG_IN/CG_OUT (4 and 8 at
 #   s2/s3), TILES and CHUNKS (wgrad's row tiles and their chunks).
 # The JIT also turns an int argument equal to 1 into a constexpr: wgrad's CHUNKS can be 1
 # at s5, a variant not compiled here.
-DIVISIBLE_INTS = {"N", "N_BUCKET", "KC", "NC", "C_in", "C_out"}
+DIVISIBLE_INTS = {"N", "N_BUCKET", "KC", "NC", "C_in", "C_out", "TOTAL"}
 
 
 def variant_name(name: str, constexprs: dict, warps: int) -> str:
@@ -114,9 +116,14 @@ def variants(quick: bool):
         fwd = tb.Plan(channels, channels, cg, cg, out_size, out_size)
         dgrad = tb.Plan(channels, channels, cg, cg, size, size)
         common = dict(PRECISION="tf32")
+        for plan, transposed in ((fwd, False), (dgrad, True)):
+            add("pack_kernel", dict(TRANSPOSED=transposed, K_STEPS=plan.k_steps,
+                                    SUB_K=plan.sub_k, SUB_N=plan.sub_n, BLOCK=tb.PACK_BLOCK),
+                tb.FIXED_WARPS)
         for mode in (K.WRITE, K.STATS, K.REDUCE, K.DC):
+            tuned = sorted({tb.fixed_warps(mode), *(() if quick else tb.CONFIGS)})
             for save in ((False, True) if mode == K.WRITE else (False,)):
-                for w in (warps if mode in (K.WRITE, K.DC) else [tb.FIXED_WARPS]):
+                for w in (tuned if mode in (K.WRITE, K.DC) else [tb.fixed_warps(mode)]):
                     add("conv_rows_kernel", dict(MODE=mode, STRIDE=stride, DIL=1, FROM_DY=False,
                                                  BW=fwd.bw, SAVE=save, **fwd.constexprs(),
                                                  **common), w)
@@ -158,9 +165,14 @@ def report(quick: bool, archs=(80, 90), dtype: str = "bf16"):
     autotuning configs only where they run (``triton_backend.TUNE_MIN_MAJOR``)."""
     from .. import triton_backend as tb
 
+    def fixed(name, constexprs):
+        if name == "conv_rows_kernel":
+            return tb.fixed_warps(constexprs["MODE"])
+        return tb.WGRAD_WARPS if name == "wgrad_kernel" else tb.FIXED_WARPS
+
     jobs = [(name, constexprs, warps, arch, dtype)
             for arch in ((90,) if quick else archs)
             for name, constexprs, warps in variants(quick)
-            if warps == tb.FIXED_WARPS or arch >= 10 * tb.TUNE_MIN_MAJOR]
+            if warps == fixed(name, constexprs) or arch >= 10 * tb.TUNE_MIN_MAJOR]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return list(pool.map(_compile, jobs))
