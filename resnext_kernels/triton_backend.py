@@ -4,7 +4,7 @@ Same semantics as the other backends (``resnext_kernels/reference.py``). Where i
 
 * on a CUDA GPU: the ops are defined with ``torch.library.triton_op`` and the kernels
   called through ``torch.library.wrap_triton``, so ``torch.compile`` sees into them;
-  the conv passes that only store are autotuned over 4 and 8 warps on sm_90, keyed on
+  the write and dgrad conv passes are autotuned over 4 and 8 warps on sm_90, keyed on
   the whole shape (the tiles themselves come from the layer: ``Plan``);
 * under the Triton interpreter (``TRITON_INTERPRET=1`` set before import; tests):
   on CPU tensors, with the configuration a GPU runs without autotuning; the ops are
@@ -53,6 +53,9 @@ CONFIGS = (4, 8)
 # 8 warps spill 8 bytes in two ResNeXt-50 variants on sm_80 (a 64-128 register cap;
 # `resnext-bench kernels`): below sm_90 the conv keeps the fixed 4 warps.
 TUNE_MIN_MAJOR = 9
+# The conv's register limit, given to ptxas: left to itself it caps some variants at 128
+# registers and spills 4-8 bytes to stay there.
+MAXNREG = 255
 WGRAD_WARPS = 4
 STATS_R, STATS_C = 64, 64  # stats_kernel's tile of partials
 # Keyed on the whole shape (the input dtype is part of every Triton autotuning key):
@@ -105,13 +108,16 @@ class Plan:
         self.w_k_steps = -(-span // self.w_sub_k)
         self.w_slabs = -(-nc // (self.w_pieces * self.sub_n))
         self.aligned = all((n0 // ng) * kg % 16 == 0 for n0 in range(0, nc, self.sub_n))
+        # The nine weight tiles are held in registers when there is one input-channel
+        # step and they are small (<= 2,048 elements each: 4-32 channels per group): each
+        # program loads and stages them once for RUN consecutive row tiles of together
+        # ~512 lane-rows (s5's 7 x 16 lanes: 4 tiles; s4's 14 x 16: 2).
+        self.hold = self.k_steps == 1 and self.pieces * self.sub_k * self.sub_n <= 2048
+        self.run = max(1, min(4, 512 // (self.rows * self.bw))) if self.hold else 1
 
     def constexprs(self):
-        # The nine weight tiles are held in registers when there is one input-channel
-        # step and they are small (<= 2,048 elements each: 4-32 channels per group).
-        hold = self.k_steps == 1 and self.pieces * self.sub_k * self.sub_n <= 2048
-        return dict(HOLD=hold, GUARD=self.slots > 1, ALIGNED=self.aligned, ROWS=self.rows,
-                    IMGS=self.imgs,
+        return dict(HOLD=self.hold, GUARD=self.slots > 1, ALIGNED=self.aligned, ROWS=self.rows,
+                    IMGS=self.imgs, RUN=self.run,
                     SLOTS=self.slots, K_STEPS=self.k_steps,
                     PIECES=self.pieces, SUB_K=self.sub_k, SUB_N=self.sub_n)
 
@@ -141,14 +147,15 @@ def _precision(dtype):
 
 if triton is not None:
     ROWS_KERNEL = K.conv_rows_kernel if INTERPRET else triton.autotune(
-        configs=[triton.Config({}, num_warps=w) for w in CONFIGS],
+        configs=[triton.Config({}, num_warps=w, maxnreg=MAXNREG) for w in CONFIGS],
         key=list(TUNE_KEYS))(K.conv_rows_kernel)
 
 
 def fixed_warps(mode):
-    """The conv's warps where it is not autotuned: 8 for the reduce and dc passes (the
-    forward's folded scale and shift held for the ReLU mask besides their own vectors: 4
-    warps spill 8-24 bytes at s2 and s3), else FIXED_WARPS."""
+    """The conv's warps where it is not autotuned: 8 for the reduce and dc passes, which
+    are never autotuned (the forward's folded scale and shift held for the ReLU mask
+    besides their own vectors: 4 warps spill 8-24 bytes at s2, s3 and s5), else
+    FIXED_WARPS."""
     return 8 if mode in (K.REDUCE, K.DC) else FIXED_WARPS
 
 
@@ -156,7 +163,8 @@ def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, 
                stride=1, dil=1, from_dy=False, tune=True, vd=None, sv=None, ve=None, eps=0.0,
                count=1.0, save=False):
     """One ``conv_rows_kernel`` launch; ``tune``: autotuned on a GPU (the statistics and
-    reduce passes keep the fixed warps: their partials are merged in program order)."""
+    reduce passes keep the fixed warps: their partials are merged in program order; dc
+    keeps them: 4 warps spill)."""
     (h_a, w_a), (h_o, w_o) = in_hw, out_hw
     args = (a, wp, out, partial, va, vb, vc, *(va if v is None else v for v in (vd, sv, ve)),
             dy, ys, eps, float(count), n, _next_pow2(n), h_a, w_a, plan.kc, h_o, w_o, plan.nc,
@@ -169,13 +177,18 @@ def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, 
             or torch.cuda.get_device_capability(a.device)[0] < TUNE_MIN_MAJOR):
         kernel = kernel.fn
     if not isinstance(kernel, triton.runtime.Autotuner):
-        meta["num_warps"] = fixed_warps(mode)
+        meta.update(num_warps=fixed_warps(mode), maxnreg=MAXNREG)
     grid = (_row_programs(plan, n), plan.slabs)
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
 def _row_programs(plan, n):
-    """Programs along the pixels: row tiles x column tiles of every group of images."""
+    """Programs along the pixels: RUN row tiles each, of the row tiles x column tiles of
+    every group of images."""
+    return triton.cdiv(_row_tiles(plan, n), plan.run)
+
+
+def _row_tiles(plan, n):
     return (triton.cdiv(n, plan.imgs) * triton.cdiv(plan.h_out, plan.rows)
             * triton.cdiv(plan.w_out, plan.bw // plan.imgs))
 
@@ -284,8 +297,8 @@ class _Backward:
         sums = [torch.empty(layer.c_out, dtype=torch.float32, device=self.dy.device)
                 for _ in range(2)]
         partial = layer.partial(2, self.dy.device)
-        layer.conv(self.packed(), self.dy, partial, self.gamma, self.beta, self.mean, self.dy,
-                   self.dy, mode=K.REDUCE, tune=False, vd=self.var, eps=self.eps)
+        layer.conv(self.packed(), self.dy, partial, self.gamma, self.beta, self.mean,
+                   self.dy, self.dy, mode=K.REDUCE, tune=False, vd=self.var, eps=self.eps)
         torch.library.wrap_triton(K.sums_kernel)[(triton.cdiv(layer.c_out, STATS_C),)](
             partial, *sums, partial.shape[0], layer.c_out, BLOCK_R=STATS_R, BLOCK_C=STATS_C)
         return tuple(sums)
@@ -301,7 +314,7 @@ class _Backward:
         if not from_dy and layer.pixels:
             dc = layer.empty(self.dy)
             layer.conv(self.packed(), dc, self.gamma, self.gamma, self.beta, self.mean,
-                       self.dy, self.dy, mode=K.DC, vd=self.var, sv=_f32(sums[0]),
+                       self.dy, self.dy, mode=K.DC, tune=False, vd=self.var, sv=_f32(sums[0]),
                        ve=_f32(sums[1]), eps=self.eps, count=count)
         grad_input, grad_weight = self.input.new_empty(0), self.weight.new_empty(0)
         if want_input:
@@ -327,7 +340,7 @@ class _Backward:
             dw = torch.zeros(entries, dtype=torch.float32, device=self.dy.device)
         else:
             blocks = plan.w_slabs * plan.w_k_steps
-            tiles = _row_programs(plan, layer.n)
+            tiles = _row_tiles(plan, layer.n)
             chunks = max(1, min(tiles // WGRAD_MIN_TILES, triton.cdiv(WGRAD_TARGET_PROGRAMS,
                                                                       blocks),
                                 WGRAD_PARTIAL_FLOATS // entries))

@@ -222,77 +222,15 @@ def _emit(acc, oh, s0, s1, s2, out_ptr, dy_ptr, n, lane_ok, ow, nglob, nmask, va
 
 
 @triton.jit
-def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr, vd_ptr,
-                     sv_ptr, ve_ptr, dy_ptr, ys_ptr, eps, count, N, N_BUCKET, H_A, W_A, KC, H_O, W_O, NC,
-                     KG, NG, MODE: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr,
-                     FROM_DY: tl.constexpr, HOLD: tl.constexpr, GUARD: tl.constexpr,
-                     SLOTS: tl.constexpr, K_STEPS: tl.constexpr, PIECES: tl.constexpr, SUB_K: tl.constexpr,
-                     SUB_N: tl.constexpr, BW: tl.constexpr, ROWS: tl.constexpr,
-                     IMGS: tl.constexpr, ALIGNED: tl.constexpr, SAVE: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """Program (row tile, channel slab): output rows [oh0, oh0 + ROWS) x columns
-    [ow0, ow0 + BW / IMGS) of IMGS images (several where the rows are short), channels
-    [c0, c0 + PIECES·SUB_N). ``N_BUCKET`` is only an autotuning key (the batch size
-    rounded up to a power of two)."""
-    # The BW lanes (the M of the dots) hold IMGS images' columns side by side.
-    width: tl.constexpr = BW // IMGS
-    row_tiles = tl.cdiv(H_O, ROWS)
-    col_tiles = tl.cdiv(W_O, width)
-    t = tl.program_id(0)
-    lane = tl.arange(0, BW)
-    n = t // (row_tiles * col_tiles) * IMGS + lane // width
-    lane_ok = n < N
-    oh0 = (t // col_tiles) % row_tiles * ROWS
-    ow = (t % col_tiles) * width + lane % width
-    c0 = tl.program_id(1) * (PIECES * SUB_N)
-    piece = tl.arange(0, PIECES)
-    nglob = c0 + piece[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
-    nmask = nglob < NC
-    first_group = (c0 + piece * SUB_N) // NG
-    nslot = nglob // NG - first_group[:, None]
-    wbase = c0 // SUB_N + piece
-    va = tl.load(va_ptr + nglob, mask=nmask, other=0.0)
-    vb = tl.load(vb_ptr + nglob, mask=nmask, other=0.0)
-    vc = tl.load(vc_ptr + nglob, mask=nmask, other=0.0)
-    scale = va
-    shift = vb
-    if (MODE == 0) | (MODE == 2) | (MODE == 3):
-        # va, vb, vc, vd = γ, β, mean, var: WRITE's folded scale and shift (REDUCE and DC
-        # recompute WRITE's output from them for the ReLU mask, bit for bit)
-        vd = tl.load(vd_ptr + nglob, mask=nmask, other=1.0)
-        if SAVE:  # the statistics the backward reads, copied by the first row tile
-            tl.store(partial_ptr + nglob, vc, mask=nmask & (t == 0))
-            tl.store(sv_ptr + nglob, vd, mask=nmask & (t == 0))
-        scale = va / tl.sqrt_rn(vd + eps)
-        shift = vb - vc * scale
-        invstd = 1.0 / tl.sqrt_rn(vd + eps)
-        if MODE == 2:  # x̂ = (c − mean)·invstd: va, vb = mean, invstd
-            va = vc
-            vb = invstd
-        elif MODE == 3:  # sv, ve = Σdz, Σdz·x̂ over ``count`` pixels
-            # dc = g·dz − g·Σdz/count − g·Σdz·x̂/count·x̂ with g = γ·invstd: va, vb, vc =
-            # g, the offset, the slope
-            g = va * invstd
-            slope = g * tl.load(ve_ptr + nglob, mask=nmask, other=0.0) / count * invstd
-            vb = g * tl.load(sv_ptr + nglob, mask=nmask, other=0.0) / count - slope * vc
-            va = g
-            vc = slope
-    s0 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
-    s1 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
-    s2 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
-    if HOLD:  # the nine weight tiles, loaded once per program and held in registers
-        w0 = _weights(wp_ptr, wbase, 0, 0, K_STEPS, SUB_K, SUB_N)
-        w1 = _weights(wp_ptr, wbase, 1, 0, K_STEPS, SUB_K, SUB_N)
-        w2 = _weights(wp_ptr, wbase, 2, 0, K_STEPS, SUB_K, SUB_N)
-        w3 = _weights(wp_ptr, wbase, 3, 0, K_STEPS, SUB_K, SUB_N)
-        w4 = _weights(wp_ptr, wbase, 4, 0, K_STEPS, SUB_K, SUB_N)
-        w5 = _weights(wp_ptr, wbase, 5, 0, K_STEPS, SUB_K, SUB_N)
-        w6 = _weights(wp_ptr, wbase, 6, 0, K_STEPS, SUB_K, SUB_N)
-        w7 = _weights(wp_ptr, wbase, 7, 0, K_STEPS, SUB_K, SUB_N)
-        w8 = _weights(wp_ptr, wbase, 8, 0, K_STEPS, SUB_K, SUB_N)
-    else:
-        w0, w1, w2, w3, w4, w5, w6, w7, w8 = 0, 0, 0, 0, 0, 0, 0, 0, 0
-    zeros = tl.zeros((PIECES, BW, SUB_N), dtype=tl.float32)
+def _tile(s0, s1, s2, zeros, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, va_ptr, vb_ptr, eps, w0, w1,
+          w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0, ow, first_group, nslot, nglob,
+          nmask, va, vb, vc, scale, shift, H_A, W_A, KC, KG, H_O, W_O, NC, MODE: tl.constexpr,
+          STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr, HOLD: tl.constexpr,
+          GUARD: tl.constexpr, SLOTS: tl.constexpr, K_STEPS: tl.constexpr,
+          SUB_K: tl.constexpr, SUB_N: tl.constexpr, ROWS: tl.constexpr,
+          ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
+    """One row tile: its input rows walked once, each output row's epilogue; returns the
+    running per-channel sums."""
     if STRIDE == 1:
         # acc_prev: output row ir - 1 (complete after input row ir); acc_cur: row ir.
         acc_prev = zeros
@@ -333,13 +271,100 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
             s0, s1, s2 = _emit(acc, oh, s0, s1, s2, out_ptr, dy_ptr, n, lane_ok, ow, nglob,
                                nmask, va, vb, vc, scale, shift, H_O, W_O, NC, MODE)
             acc = acc_next
+    return s0, s1, s2
+
+
+@triton.jit
+def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr, vd_ptr,
+                     sv_ptr, ve_ptr, dy_ptr, ys_ptr, eps, count, N, N_BUCKET, H_A, W_A, KC, H_O,
+                     W_O, NC, KG, NG, MODE: tl.constexpr, STRIDE: tl.constexpr,
+                     DIL: tl.constexpr, FROM_DY: tl.constexpr, HOLD: tl.constexpr, GUARD: tl.constexpr, SLOTS: tl.constexpr,
+                     K_STEPS: tl.constexpr, PIECES: tl.constexpr, SUB_K: tl.constexpr,
+                     SUB_N: tl.constexpr, BW: tl.constexpr, ROWS: tl.constexpr,
+                     IMGS: tl.constexpr, RUN: tl.constexpr, ALIGNED: tl.constexpr,
+                     SAVE: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (row tiles, channel slab): RUN consecutive row tiles, each output rows
+    [oh0, oh0 + ROWS) x columns [ow0, ow0 + BW / IMGS) of IMGS images (several where the
+    rows are short), channels [c0, c0 + PIECES·SUB_N): the weight tiles (packed by
+    ``pack_kernel``) are read and staged once for the RUN tiles where they are held
+    (``HOLD``). ``N_BUCKET`` is only an autotuning key (the batch size rounded up to a
+    power of two)."""
+    # The BW lanes (the M of the dots) hold IMGS images' columns side by side.
+    width: tl.constexpr = BW // IMGS
+    row_tiles = tl.cdiv(H_O, ROWS)
+    col_tiles = tl.cdiv(W_O, width)
+    pid = tl.program_id(0)
+    lane = tl.arange(0, BW)
+    c0 = tl.program_id(1) * (PIECES * SUB_N)
+    piece = tl.arange(0, PIECES)
+    nglob = c0 + piece[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
+    nmask = nglob < NC
+    first_group = (c0 + piece * SUB_N) // NG
+    nslot = nglob // NG - first_group[:, None]
+    wbase = c0 // SUB_N + piece
+    va = tl.load(va_ptr + nglob, mask=nmask, other=0.0)
+    vb = tl.load(vb_ptr + nglob, mask=nmask, other=0.0)
+    vc = tl.load(vc_ptr + nglob, mask=nmask, other=0.0)
+    scale = va
+    shift = vb
+    if (MODE == 0) | (MODE == 2) | (MODE == 3):
+        # va, vb, vc, vd = γ, β, mean, var: WRITE's folded scale and shift (REDUCE and DC
+        # recompute WRITE's output from them for the ReLU mask, bit for bit)
+        vd = tl.load(vd_ptr + nglob, mask=nmask, other=1.0)
+        if SAVE:  # the statistics the backward reads, copied by the first program
+            tl.store(partial_ptr + nglob, vc, mask=nmask & (pid == 0))
+            tl.store(sv_ptr + nglob, vd, mask=nmask & (pid == 0))
+        scale = va / tl.sqrt_rn(vd + eps)
+        shift = vb - vc * scale
+        invstd = 1.0 / tl.sqrt_rn(vd + eps)
+        if MODE == 2:  # x̂ = (c − mean)·invstd: va, vb = mean, invstd
+            va = vc
+            vb = invstd
+        elif MODE == 3:  # sv, ve = Σdz, Σdz·x̂ over ``count`` pixels
+            # dc = g·dz − g·Σdz/count − g·Σdz·x̂/count·x̂ with g = γ·invstd: va, vb, vc =
+            # g, the offset, the slope
+            g = va * invstd
+            slope = g * tl.load(ve_ptr + nglob, mask=nmask, other=0.0) / count * invstd
+            vb = g * tl.load(sv_ptr + nglob, mask=nmask, other=0.0) / count - slope * vc
+            va = g
+            vc = slope
+    s0 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
+    s1 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
+    s2 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
+    if HOLD:  # the nine weight tiles, loaded once per program and held in registers
+        w0 = _weights(wp_ptr, wbase, 0, 0, K_STEPS, SUB_K, SUB_N)
+        w1 = _weights(wp_ptr, wbase, 1, 0, K_STEPS, SUB_K, SUB_N)
+        w2 = _weights(wp_ptr, wbase, 2, 0, K_STEPS, SUB_K, SUB_N)
+        w3 = _weights(wp_ptr, wbase, 3, 0, K_STEPS, SUB_K, SUB_N)
+        w4 = _weights(wp_ptr, wbase, 4, 0, K_STEPS, SUB_K, SUB_N)
+        w5 = _weights(wp_ptr, wbase, 5, 0, K_STEPS, SUB_K, SUB_N)
+        w6 = _weights(wp_ptr, wbase, 6, 0, K_STEPS, SUB_K, SUB_N)
+        w7 = _weights(wp_ptr, wbase, 7, 0, K_STEPS, SUB_K, SUB_N)
+        w8 = _weights(wp_ptr, wbase, 8, 0, K_STEPS, SUB_K, SUB_N)
+    else:
+        w0, w1, w2, w3, w4, w5, w6, w7, w8 = 0, 0, 0, 0, 0, 0, 0, 0, 0
+    zeros = tl.zeros((PIECES, BW, SUB_N), dtype=tl.float32)
+    tiles = tl.cdiv(N, IMGS) * row_tiles * col_tiles
+    for i in tl.static_range(RUN):
+        t = pid * RUN + i
+        n = t // (row_tiles * col_tiles) * IMGS + lane // width
+        lane_ok = n < N
+        oh0 = (t // col_tiles) % row_tiles * ROWS
+        ow = (t % col_tiles) * width + lane % width
+        if t < tiles:  # the last program's run may end past the batch
+            s0, s1, s2 = _tile(s0, s1, s2, zeros, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr,
+                               va_ptr, vb_ptr, eps, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n,
+                               lane_ok, oh0, ow, first_group, nslot, nglob, nmask, va, vb, vc,
+                               scale, shift, H_A, W_A, KC, KG, H_O, W_O, NC, MODE, STRIDE, DIL,
+                               FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N, ROWS,
+                               ALIGNED, PRECISION)
     if MODE == 1:
-        out = partial_ptr + (t * NC + nglob) * 3
+        out = partial_ptr + (pid * NC + nglob) * 3
         tl.store(out, s0, mask=nmask)
         tl.store(out + 1, s1, mask=nmask)
         tl.store(out + 2, s2, mask=nmask)
     elif MODE == 2:
-        out = partial_ptr + (t * NC + nglob) * 2
+        out = partial_ptr + (pid * NC + nglob) * 2
         tl.store(out, s0, mask=nmask)
         tl.store(out + 1, s1, mask=nmask)
 

@@ -297,7 +297,7 @@ def test_glue_detection():
 # The Triton launches of each pass on SMALL (4 channels per group: 2 pieces of 16
 # channels, each 4 groups packed block-diagonally; rows of 8 pixels: the 16 lanes of a
 # program hold the same row of both images, one program in all).
-TILE = "GUARD=1,SLOTS=4,K_STEPS=1,PIECES=2,SUB_K=16,SUB_N=16,BW=16,ROWS=8,IMGS=2,ALIGNED=1"
+TILE = "GUARD=1,SLOTS=4,K_STEPS=1,PIECES=2,SUB_K=16,SUB_N=16,BW=16,ROWS=8,IMGS=2,RUN=4,ALIGNED=1"
 
 
 def rows(mode, stride=1, dil=1, from_dy=0, save=0):

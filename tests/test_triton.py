@@ -102,6 +102,21 @@ def test_triton_several_groups_of_64_channels():
     assert_fp32_training_matches(Problem(1, 128, 128, 5, 4, 2, 1), seed=3)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_triton_programs_of_several_row_tiles(stride):
+    """s5's tiling (7 x 7 rows, two images a row tile, 32 channels per group): a program
+    walks RUN = 4 consecutive row tiles with the weight tiles loaded once; 5 row tiles
+    make 2 programs, the second one partly past the batch (its statistics and sums
+    merged with the first's)."""
+    from resnext_kernels import triton_backend
+
+    problem = Problem(10 if stride == 1 else 9, 64, 64, 7 * stride, 7 * stride, 2, stride)
+    plan = triton_backend.Plan(64, 64, 32, 32, 7, 7)
+    assert (plan.rows, plan.imgs, plan.run) == (7, 2, 4)
+    assert triton_backend._row_programs(plan, problem.n) == 2
+    assert_fp32_training_matches(problem, seed=5 + stride)
+
+
 def assert_fp32_training_matches(problem, seed):
     """Training forward and all gradients in float32 vs float64, NHWC."""
     gen = torch.Generator().manual_seed(seed)
@@ -232,6 +247,9 @@ def test_plan_covers_every_group_with_its_input_channels(width, groups):
             (width, width, 1, False)
     if width == 512:
         assert (plan.sub_n, plan.sub_k, plan.k_steps) == (64, 64, 8)
+    # row tiles a program walks with its held weight tiles (28 rows of 28: 1; wide
+    # groups reload their tiles each row: 1)
+    assert plan.run == 1 and plan.hold == (width <= 32)
 
 
 def test_autotune_setting_is_checked_at_each_call(monkeypatch):

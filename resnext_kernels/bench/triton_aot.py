@@ -81,8 +81,12 @@ def compile_variant(name: str, constexprs: dict, warps: int, arch: int, dtype: s
     fn = getattr(triton_kernels, name)
     signature, attrs = specialisation(fn, dtype)
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": warps})
+    from .. import triton_backend
+
+    options = {"num_warps": warps}
+    if name == "conv_rows_kernel":
+        options["maxnreg"] = triton_backend.MAXNREG
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _ordered(name: str, constexprs: dict) -> dict:
@@ -123,7 +127,7 @@ def variants(quick: bool):
         for mode in (K.WRITE, K.STATS, K.REDUCE, K.DC):
             tuned = sorted({tb.fixed_warps(mode), *(() if quick else tb.CONFIGS)})
             for save in ((False, True) if mode == K.WRITE else (False,)):
-                for w in (tuned if mode in (K.WRITE, K.DC) else [tb.fixed_warps(mode)]):
+                for w in (tuned if mode == K.WRITE else [tb.fixed_warps(mode)]):
                     add("conv_rows_kernel", dict(MODE=mode, STRIDE=stride, DIL=1, FROM_DY=False,
                                                  BW=fwd.bw, SAVE=save, **fwd.constexprs(),
                                                  **common), w)
