@@ -152,11 +152,11 @@ def test_triton_variants_cover_every_pass_of_every_layer():
     assert len(names) == len(variants)
     # s2 (4 channels per group, 56 x 56): four groups a piece, 14 rows of 32 pixels
     s2 = ("HOLD=1,GUARD=1,SLOTS=4,K_STEPS=1,PIECES=4,SUB_K=16,SUB_N=16,BW=32,ROWS=14,IMGS=1,"
-          "ALIGNED=1")
+          "RUN=1,ALIGNED=1")
     warps = tb.FIXED_WARPS
     for mode, save in ((0, 0), (0, 1), (1, 0), (2, 0), (3, 0)):
         assert (f"conv_rows_kernel(MODE={mode},STRIDE=1,DIL=1,FROM_DY=0,{s2},SAVE={save},"
-                f"PRECISION=tf32,warps={warps})") in names
+                f"PRECISION=tf32,warps={tb.fixed_warps(mode)})") in names
     for from_dy in (0, 1):  # dgrad
         assert (f"conv_rows_kernel(MODE=4,STRIDE=1,DIL=1,FROM_DY={from_dy},{s2},SAVE=0,"
                 f"PRECISION=tf32,warps={warps})") in names
