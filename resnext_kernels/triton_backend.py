@@ -66,6 +66,9 @@ WGRAD_TARGET_PROGRAMS = 2048
 # with 2 tiles a program the atomics bound s5's wgrad (modelled).
 WGRAD_MIN_TILES = 8
 WGRAD_PARTIAL_FLOATS = 16 << 20
+# The fused dgrad + wgrad pass adds each program's weight gradient with float atomics:
+# programs walk enough row tiles (RUN, a power of two) to be about this many.
+FUSED_PROGRAMS = 1024
 SLAB = 64  # output channels a program owns, where the layer has them
 
 
@@ -114,12 +117,22 @@ class Plan:
         # ~512 lane-rows (s5's 7 x 16 lanes: 4 tiles; s4's 14 x 16: 2).
         self.hold = self.k_steps == 1 and self.pieces * self.sub_k * self.sub_n <= 2048
         self.run = max(1, min(4, 512 // (self.rows * self.bw))) if self.hold else 1
+        # dgrad adds the weight gradient on the way where its nine [PIECES, SUB_N, SUB_K]
+        # fp32 sums are <= 1,024 elements each (4-16 channels per group; 32 spill).
+        self.fuse_wgrad = self.k_steps == 1 and self.pieces * self.sub_k * self.sub_n <= 1024
 
-    def constexprs(self):
+    def constexprs(self, run=None):
         return dict(HOLD=self.hold, GUARD=self.slots > 1, ALIGNED=self.aligned, ROWS=self.rows,
-                    IMGS=self.imgs, RUN=self.run,
+                    IMGS=self.imgs, RUN=self.run if run is None else run,
                     SLOTS=self.slots, K_STEPS=self.k_steps,
                     PIECES=self.pieces, SUB_K=self.sub_k, SUB_N=self.sub_n)
+
+    def fused_run(self, n):
+        """RUN of the fused dgrad + wgrad pass (this plan: dgrad's) at batch ``n``: enough
+        row tiles a program for about ``FUSED_PROGRAMS`` programs, each adding its weight
+        gradient once (a power of two: few variants)."""
+        return min(32, max(self.run, _next_pow2(triton.cdiv(_row_tiles(self, n) * self.slabs,
+                                                            FUSED_PROGRAMS))))
 
 
 PACK_BLOCK = 1024
@@ -151,41 +164,45 @@ if triton is not None:
         key=list(TUNE_KEYS))(K.conv_rows_kernel)
 
 
-def fixed_warps(mode):
+def fixed_warps(mode, wgrad=False):
     """The conv's warps where it is not autotuned: 8 for the reduce and dc passes, which
     are never autotuned (the forward's folded scale and shift held for the ReLU mask
-    besides their own vectors: 4 warps spill 8-24 bytes at s2, s3 and s5), else
-    FIXED_WARPS."""
-    return 8 if mode in (K.REDUCE, K.DC) else FIXED_WARPS
+    besides their own vectors: 4 warps spill 8-24 bytes at s2, s3 and s5), and for the
+    fused dgrad + wgrad pass (its nine weight-gradient sums), else FIXED_WARPS."""
+    return 8 if mode in (K.REDUCE, K.DC) or wgrad else FIXED_WARPS
 
 
 def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, *, mode,
                stride=1, dil=1, from_dy=False, tune=True, vd=None, sv=None, ve=None, eps=0.0,
-               count=1.0, save=False):
+               count=1.0, save=False, x=None, dw=None):
     """One ``conv_rows_kernel`` launch; ``tune``: autotuned on a GPU (the statistics and
     reduce passes keep the fixed warps: their partials are merged in program order; dc
-    keeps them: 4 warps spill)."""
+    keeps them: 4 warps spill). ``dw`` (dgrad): also add the weight gradient, from the
+    forward input ``x``, to ``dw`` (float atomics: never autotuned, which would add it
+    once per trial)."""
     (h_a, w_a), (h_o, w_o) = in_hw, out_hw
+    wgrad = dw is not None
     args = (a, wp, out, partial, va, vb, vc, *(va if v is None else v for v in (vd, sv, ve)),
-            dy, ys, eps, float(count), n, _next_pow2(n), h_a, w_a, plan.kc, h_o, w_o, plan.nc,
-            plan.kg, plan.ng)
+            dy, ys, a if x is None else x, va if dw is None else dw, eps, float(count), n,
+            _next_pow2(n), h_a, w_a, plan.kc, h_o, w_o, plan.nc, plan.kg, plan.ng)
+    run = plan.fused_run(n) if wgrad else plan.run
     meta = dict(MODE=mode, STRIDE=stride, DIL=dil, FROM_DY=from_dy, BW=plan.bw, SAVE=save,
-                PRECISION=_precision(a.dtype), **plan.constexprs())
+                WGRAD=wgrad, PRECISION=_precision(a.dtype), **plan.constexprs(run))
     kernel = ROWS_KERNEL
     if isinstance(kernel, triton.runtime.Autotuner) and (
-            not tune or not _autotune_enabled()
+            not tune or wgrad or not _autotune_enabled()
             or torch.cuda.get_device_capability(a.device)[0] < TUNE_MIN_MAJOR):
         kernel = kernel.fn
     if not isinstance(kernel, triton.runtime.Autotuner):
-        meta.update(num_warps=fixed_warps(mode), maxnreg=MAXNREG)
-    grid = (_row_programs(plan, n), plan.slabs)
+        meta.update(num_warps=fixed_warps(mode, wgrad), maxnreg=MAXNREG)
+    grid = (_row_programs(plan, n, run), plan.slabs)
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
-def _row_programs(plan, n):
+def _row_programs(plan, n, run=None):
     """Programs along the pixels: RUN row tiles each, of the row tiles x column tiles of
     every group of images."""
-    return triton.cdiv(_row_tiles(plan, n), plan.run)
+    return triton.cdiv(_row_tiles(plan, n), plan.run if run is None else run)
 
 
 def _row_tiles(plan, n):
@@ -317,21 +334,36 @@ class _Backward:
                        self.dy, self.dy, mode=K.DC, tune=False, vd=self.var, sv=_f32(sums[0]),
                        ve=_f32(sums[1]), eps=self.eps, count=count)
         grad_input, grad_weight = self.input.new_empty(0), self.weight.new_empty(0)
+        plan = Plan(layer.c_out, layer.c_in, layer.cg_out, layer.cg_in, layer.h, layer.w)
+        # dgrad adds the weight gradient on the way (dc and x each read once) where its
+        # plan allows (``fuse_wgrad``) and float atomics are allowed; else the wgrad pass.
+        fused = (want_input and want_weight and layer.pixels > 0 and plan.fuse_wgrad
+                 and not torch.are_deterministic_algorithms_enabled())
+        dw = None
+        if fused:
+            dw = torch.zeros(layer.c_out * 9 * layer.cg_in, dtype=torch.float32,
+                             device=self.dy.device)
         if want_input:
             dx = layer.empty(self.input, input_side=True)
             if layer.pixels:
-                plan = Plan(layer.c_out, layer.c_in, layer.cg_out, layer.cg_in, layer.h, layer.w)
                 wp = _packed_weight(self.weight, plan, transposed=True)
                 _conv_rows(plan, layer.n, dc, wp, dx, self.gamma, self.gamma, self.var,
                            self.gamma, self.gamma, ys, (layer.h_out, layer.w_out),
                            (layer.h, layer.w), mode=K.PLAIN, dil=layer.stride, from_dy=from_dy,
-                           eps=self.eps)
+                           eps=self.eps, x=layer.x, dw=dw)
             else:
                 dx.zero_()
             grad_input = _as_input_format(dx, self.input)
         if want_weight:
-            grad_weight = self._wgrad(dc, ys, from_dy)
+            grad_weight = self._wgrad(dc, ys, from_dy) if dw is None else self._dw(dw)
         return grad_input, grad_weight
+
+    def _dw(self, dw):
+        """The weight gradient in the weight's dtype and layout from its OHWI fp32 sums
+        (one copy)."""
+        layer = self.layer
+        return dw.view(layer.c_out, 3, 3, layer.cg_in).permute(0, 3, 1, 2).to(
+            self.weight.dtype, memory_format=torch.contiguous_format)
 
     def _wgrad(self, dc, ys, from_dy):
         layer, plan = self.layer, self.layer.plan
@@ -359,8 +391,7 @@ class _Backward:
                 PRECISION=_precision(layer.x.dtype), num_warps=WGRAD_WARPS)
             if deterministic:
                 dw = dw.sum(0)  # chunk order: fixed
-        return dw.view(layer.c_out, 3, 3, layer.cg_in).permute(0, 3, 1, 2).to(
-            self.weight.dtype, memory_format=torch.contiguous_format)  # one copy
+        return self._dw(dw)
 
 
 def backward_reduce(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, stride,

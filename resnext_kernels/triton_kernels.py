@@ -34,12 +34,18 @@ Kernels (the glue is ``resnext_kernels/triton_backend.py``):
   group's weights transposed and the taps flipped; at stride 2 on dc dilated by 2
   (``DIL``; the zero rows are skipped, the zero columns are masked loads). ``FROM_DY``
   forms the operand dc = γ·invstd·dy·[y > 0] while loading (eval backward; va, vb = γ,
-  var).
+  var). ``WGRAD``: dgrad also sums the weight gradient x_tapᵀ · dc from the dc tiles
+  it loads and the forward input at its own pixels (each read once), added to dw with
+  float atomics once per program; a tile whose dc held a NaN or an infinity has its dx
+  written again by the guarded product (the non-finite check runs on every row, the
+  guard only on those tiles).
 * ``pack_kernel``: the weight tiles (block-diagonal, or dgrad's transposed and flipped).
 * ``stats_kernel``: the batch mean and variance from the statistics pass's partials
   (fp64, fixed order).
 * ``sums_kernel``: Σdz and Σdz·x̂ from the reduce pass's partials (fp64, fixed order).
-* ``wgrad_kernel``: dw = Σ_pixels x_tap^T · dc per (channel slab, input-channel step),
+* ``wgrad_kernel``: the weight gradient where dgrad does not add it (deterministic
+  mode, no dx wanted, 12 or >= 32 channels per group): dw = Σ_pixels x_tap^T · dc per
+  (channel slab, input-channel step),
   all nine taps, over the row tiles chunk, chunk + CHUNKS, ... (rows walked as in the
   conv: each dc row and each x row loaded once per tile); added with ``tl.atomic_add``
   or written as per-chunk partials (DETERMINISTIC), only the entries inside the groups.
@@ -121,19 +127,26 @@ def _kh(acc, a0, a1, a2, h0, h1, h2, wp_ptr, wbase, kh: tl.constexpr, ks, HOLD: 
 
 
 @triton.jit
-def _row(t0, t1, t2, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7, w8,
-         wbase, n, lane_ok, ir, ow, first_group, nslot, H_A, W_A, KC, KG,
+def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4, w5,
+         w6, w7, w8, wbase, n, lane_ok, ir, ow, first_group, nslot, H_A, W_A, KC, KG,
          USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
          STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr, HOLD: tl.constexpr,
          GUARD: tl.constexpr, SLOTS: tl.constexpr, K_STEPS: tl.constexpr, SUB_K: tl.constexpr,
-         SUB_N: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
+         SUB_N: tl.constexpr, ALIGNED: tl.constexpr, WGRAD: tl.constexpr,
+         PRECISION: tl.constexpr):
     """Adds what input row ``ir`` gives through taps kh = 0, 1, 2 (``USEkh``) to the
     [PIECES, BW, SUB_N] accumulators t0, t1, t2 (summed over kw and the input-channel
     steps); nothing for a row outside the image or in a dilation hole, not loaded.
 
     ``GUARD``: a row holding a NaN or an infinity is multiplied one group slot at a time
     (the operand masked to the slot's input channels, the sum kept for its outputs only),
-    so that no packed zero meets it."""
+    so that no packed zero meets it.
+
+    ``WGRAD`` (dgrad, one input-channel step): also adds the row's share of the weight
+    gradient to the nine [PIECES, SUB_N, SUB_K] sums ``g[0:9]`` (tap-major), from ``xr``,
+    the forward input's rows ir - 1, ir, ir + 1 at the program's own pixels, and ORs
+    whether the row holds a NaN or an infinity into ``g[9]`` (``GUARD``) instead of
+    guarding it."""
     if (ir >= 0) & (ir % DIL == 0) & (ir // DIL < H_A):
         for ks in range(K_STEPS):
             kstart = first_group * KG
@@ -153,6 +166,11 @@ def _row(t0, t1, t2, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3,
             bad = False
             if GUARD:
                 bad = _nonfinite(a0, a1, a2)
+            if WGRAD:
+                # The guard is not run here: the row's flag is kept in ``g`` and the
+                # program rewrites the tile's dx guarded (``conv_rows_kernel``)
+                g = _wgrad_row(g, xr, a0, a1, a2, bad, PRECISION)
+                bad = False
             if bad:
                 kslot = (kglob // KG - first_group[:, None])[:, None, :]
                 for j in range(SLOTS):
@@ -179,7 +197,58 @@ def _row(t0, t1, t2, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3,
                 if USE2:
                     t2 = _kh(t2, a0, a1, a2, w6, w7, w8, wp_ptr, wbase, 2, ks, HOLD, K_STEPS,
                              SUB_K, SUB_N, PRECISION)
-    return t0, t1, t2
+    return t0, t1, t2, g
+
+
+@triton.jit
+def _wgrad_row(g, xr, a0, a1, a2, bad, PRECISION: tl.constexpr):
+    """dW(kh, kw) += x(row ir - 1 + kh)ᵀ · a_(2 - kw): the operand a_j holds dc at columns
+    ow - 1 + j, which meets the input pixel ow through tap kw = 2 - j (the contraction
+    runs over the pixels, so the packed zeros never meet another group's values); the
+    non-finite flag ``g[9]`` ORed with ``bad``.
+
+    Exactly PyTorch's products, so that its NaN/Inf pattern comes out: an input row takes
+    part (``xr[3 + kh]``) where the program owns it or it is the zero padding above or
+    below the image (a halo row belongs to another program). The zero padding left of
+    column 0 and right of column W - 1 has no lane: its product with dc (0 · dc, NaN
+    where dc is not finite) is added to the neighbouring lane's dc, at lane 0 of kw = 0
+    (lanes ``xr[6]``) and lane W - 1 of kw = 2 (``xr[7]``)."""
+    zero = tl.zeros_like(a1)
+    b2 = (a2 + tl.where(xr[6][None, :, None], a1 * 0.0, zero)).to(a2.dtype)
+    b0 = (a0 + tl.where(xr[7][None, :, None], a1 * 0.0, zero)).to(a0.dtype)
+    s0, s1, s2 = _wgrad_kh(g[0], g[1], g[2], xr[0], xr[3], b0, a1, b2, PRECISION)
+    s3, s4, s5 = _wgrad_kh(g[3], g[4], g[5], xr[1], xr[4], b0, a1, b2, PRECISION)
+    s6, s7, s8 = _wgrad_kh(g[6], g[7], g[8], xr[2], xr[5], b0, a1, b2, PRECISION)
+    return s0, s1, s2, s3, s4, s5, s6, s7, s8, g[9] | bad
+
+
+@triton.jit
+def _wgrad_kh(s0, s1, s2, x, on, a0, a1, a2, PRECISION: tl.constexpr):
+    """The three taps of one kh where input row ``x`` takes part (``on``)."""
+    if on:
+        s0 = tl.dot(x, a2, s0, input_precision=PRECISION)
+        s1 = tl.dot(x, a1, s1, input_precision=PRECISION)
+        s2 = tl.dot(x, a0, s2, input_precision=PRECISION)
+    return s0, s1, s2
+
+
+@triton.jit
+def _takes_part(row, oh0, H_O, ROWS: tl.constexpr):
+    """Whether the forward input's ``row`` takes part in the program's weight gradient: a
+    row of the program's own, or the zero padding above or below the image."""
+    return ((row >= oh0) & (row < oh0 + ROWS) & (row < H_O)) | (row == -1) | (row == H_O)
+
+
+@triton.jit
+def _x_tile(x_ptr, n, lane_ok, row, oh0, ow, nglob, nmask, H_O, W_O, NC, ROWS: tl.constexpr):
+    """The forward input (dgrad's output side) at ``row``, the program's columns ``ow`` and
+    channels ``nglob``, as the [PIECES, SUB_N, BW] operand of the weight gradient: zeros
+    outside the image and outside the program's rows [oh0, oh0 + ROWS), so that each
+    (input pixel, dc pixel) pair is counted by one program."""
+    ok = (ow < W_O) & (row >= oh0) & (row < oh0 + ROWS) & (row >= 0) & (row < H_O) & lane_ok
+    offs = ((n * H_O + row) * W_O + ow).to(tl.int64)[:, None, None] * NC + nglob[None, :, :]
+    x = tl.load(x_ptr + offs, mask=ok[:, None, None] & nmask[None, :, :], other=0.0)
+    return tl.permute(x, (1, 2, 0))
 
 
 @triton.jit
@@ -222,73 +291,103 @@ def _emit(acc, oh, s0, s1, s2, out_ptr, dy_ptr, n, lane_ok, ow, nglob, nmask, va
 
 
 @triton.jit
-def _tile(s0, s1, s2, zeros, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, va_ptr, vb_ptr, eps, w0, w1,
-          w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0, ow, first_group, nslot, nglob,
-          nmask, va, vb, vc, scale, shift, H_A, W_A, KC, KG, H_O, W_O, NC, MODE: tl.constexpr,
-          STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr, HOLD: tl.constexpr,
-          GUARD: tl.constexpr, SLOTS: tl.constexpr, K_STEPS: tl.constexpr,
-          SUB_K: tl.constexpr, SUB_N: tl.constexpr, ROWS: tl.constexpr,
-          ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
+def _tile_at(t, lane, N, row_tiles, col_tiles, width: tl.constexpr, IMGS: tl.constexpr,
+             ROWS: tl.constexpr):
+    """Row tile ``t``: the lanes' images and whether they exist, its first output row, the
+    lanes' output columns."""
+    n = t // (row_tiles * col_tiles) * IMGS + lane // width
+    return n, n < N, (t // col_tiles) % row_tiles * ROWS, (t % col_tiles) * width + lane % width
+
+
+@triton.jit
+def _tile(s0, s1, s2, g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr,
+          vb_ptr, eps, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0, ow,
+          first_group, nslot, nglob, nmask, va, vb, vc, scale, shift, H_A, W_A, KC, KG, H_O,
+          W_O, NC, MODE: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr,
+          FROM_DY: tl.constexpr, HOLD: tl.constexpr, GUARD: tl.constexpr, SLOTS: tl.constexpr,
+          K_STEPS: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr, ROWS: tl.constexpr,
+          BW: tl.constexpr, IMGS: tl.constexpr, ALIGNED: tl.constexpr, WGRAD: tl.constexpr,
+          PRECISION: tl.constexpr):
     """One row tile: its input rows walked once, each output row's epilogue; returns the
-    running per-channel sums."""
+    running per-channel sums and the weight gradient's sums ``g`` (``WGRAD``)."""
     if STRIDE == 1:
         # acc_prev: output row ir - 1 (complete after input row ir); acc_cur: row ir.
         acc_prev = zeros
         acc_cur = zeros
+        # WGRAD: the forward input's rows ir - 1 and ir (each loaded once, at ir - 2, ir - 1)
+        x_prev = xzero
+        x_cur = xzero
+        # WGRAD: the lanes next to the padding columns left of 0 and right of W - 1 (the
+        # latter where column W has no lane)
+        width: tl.constexpr = BW // IMGS
+        left = (ow == 0) & lane_ok
+        right = (ow == W_O - 1) & (ow % width == width - 1) & lane_ok
         for r in range(ROWS + 2):
             ir = oh0 - 1 + r
-            acc_next, acc_cur, acc_prev = _row(
-                zeros, acc_cur, acc_prev, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
-                w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, ir, ow, first_group, nslot, H_A, W_A, KC,
-                KG, True, True, True, 1, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
-                ALIGNED, PRECISION)
+            x_next = xzero
+            if WGRAD:
+                x_next = _x_tile(x_ptr, n, lane_ok, ir + 1, oh0, ow, nglob, nmask, H_O, W_O, NC,
+                                 ROWS)
+            xr = (x_prev, x_cur, x_next, _takes_part(ir - 1, oh0, H_O, ROWS),
+                  _takes_part(ir, oh0, H_O, ROWS), _takes_part(ir + 1, oh0, H_O, ROWS), left,
+                  right)
+            acc_next, acc_cur, acc_prev, g = _row(
+                zeros, acc_cur, acc_prev, g, xr, a_ptr, ys_ptr, va_ptr,
+                vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, ir, ow,
+                first_group, nslot, H_A, W_A, KC, KG, True, True, True, 1, DIL, FROM_DY, HOLD,
+                GUARD, SLOTS, K_STEPS, SUB_K, SUB_N, ALIGNED, WGRAD, PRECISION)
             if r >= 2:
                 s0, s1, s2 = _emit(acc_prev, ir - 1, s0, s1, s2, out_ptr, dy_ptr, n, lane_ok,
                                    ow, nglob, nmask, va, vb, vc, scale, shift, H_O, W_O, NC,
                                    MODE)
             acc_prev = acc_cur
             acc_cur = acc_next
+            x_prev = x_cur
+            x_cur = x_next
     else:
         # Output row oh reads input rows 2oh - 1 (kh 0), 2oh (kh 1), 2oh + 1 (kh 2); the
         # odd row 2oh + 1 is also row 2(oh + 1) - 1 of the next output row.
-        acc, unused1, unused2 = _row(
-            zeros, zeros, zeros, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4, w5,
+        acc, unused1, unused2, g = _row(
+            zeros, zeros, zeros, g, (xzero, xzero, xzero), a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4, w5,
             w6, w7, w8, wbase, n, lane_ok, 2 * oh0 - 1, ow, first_group, nslot, H_A, W_A, KC, KG,
             True, False, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
-            ALIGNED, PRECISION)
+            ALIGNED, False, PRECISION)
         for j in range(ROWS):
             oh = oh0 + j
-            unused0, acc, unused2 = _row(
-                zeros, acc, zeros, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4,
+            unused0, acc, unused2, g = _row(
+                zeros, acc, zeros, g, (xzero, xzero, xzero), a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4,
                 w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh, ow, first_group, nslot, H_A, W_A, KC, KG,
                 False, True, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
-                ALIGNED, PRECISION)
-            acc_next, unused1, acc = _row(
-                zeros, zeros, acc, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4,
+                ALIGNED, False, PRECISION)
+            acc_next, unused1, acc, g = _row(
+                zeros, zeros, acc, g, (xzero, xzero, xzero), a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4,
                 w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh + 1, ow, first_group, nslot, H_A, W_A, KC,
                 KG, True, False, True, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K,
-                SUB_N, ALIGNED, PRECISION)
+                SUB_N, ALIGNED, False, PRECISION)
             s0, s1, s2 = _emit(acc, oh, s0, s1, s2, out_ptr, dy_ptr, n, lane_ok, ow, nglob,
                                nmask, va, vb, vc, scale, shift, H_O, W_O, NC, MODE)
             acc = acc_next
-    return s0, s1, s2
+    return s0, s1, s2, g
 
 
 @triton.jit
 def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr, vd_ptr,
-                     sv_ptr, ve_ptr, dy_ptr, ys_ptr, eps, count, N, N_BUCKET, H_A, W_A, KC, H_O,
-                     W_O, NC, KG, NG, MODE: tl.constexpr, STRIDE: tl.constexpr,
-                     DIL: tl.constexpr, FROM_DY: tl.constexpr, HOLD: tl.constexpr, GUARD: tl.constexpr, SLOTS: tl.constexpr,
-                     K_STEPS: tl.constexpr, PIECES: tl.constexpr, SUB_K: tl.constexpr,
-                     SUB_N: tl.constexpr, BW: tl.constexpr, ROWS: tl.constexpr,
-                     IMGS: tl.constexpr, RUN: tl.constexpr, ALIGNED: tl.constexpr,
-                     SAVE: tl.constexpr, PRECISION: tl.constexpr):
+                     sv_ptr, ve_ptr, dy_ptr, ys_ptr, x_ptr, dw_ptr, eps, count, N, N_BUCKET, H_A,
+                     W_A, KC, H_O, W_O, NC, KG, NG, MODE: tl.constexpr, STRIDE: tl.constexpr,
+                     DIL: tl.constexpr, FROM_DY: tl.constexpr, HOLD: tl.constexpr,
+                     GUARD: tl.constexpr, SLOTS: tl.constexpr, K_STEPS: tl.constexpr,
+                     PIECES: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr,
+                     BW: tl.constexpr, ROWS: tl.constexpr, IMGS: tl.constexpr, RUN: tl.constexpr,
+                     ALIGNED: tl.constexpr, SAVE: tl.constexpr, WGRAD: tl.constexpr,
+                     PRECISION: tl.constexpr):
     """Program (row tiles, channel slab): RUN consecutive row tiles, each output rows
     [oh0, oh0 + ROWS) x columns [ow0, ow0 + BW / IMGS) of IMGS images (several where the
     rows are short), channels [c0, c0 + PIECES·SUB_N): the weight tiles (packed by
     ``pack_kernel``) are read and staged once for the RUN tiles where they are held
     (``HOLD``). ``N_BUCKET`` is only an autotuning key (the batch size rounded up to a
-    power of two)."""
+    power of two). ``WGRAD`` (dgrad with one input-channel step): the program also sums
+    the weight gradient of its pixels from the forward input ``x_ptr`` and adds it to
+    ``dw_ptr`` (float atomics; [C_out, 3, 3, Cg_in] fp32, the forward's channels: KC, NC)."""
     # The BW lanes (the M of the dots) hold IMGS images' columns side by side.
     width: tl.constexpr = BW // IMGS
     row_tiles = tl.cdiv(H_O, ROWS)
@@ -344,20 +443,61 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
     else:
         w0, w1, w2, w3, w4, w5, w6, w7, w8 = 0, 0, 0, 0, 0, 0, 0, 0, 0
     zeros = tl.zeros((PIECES, BW, SUB_N), dtype=tl.float32)
+    if WGRAD:
+        gz = tl.zeros((PIECES, SUB_N, SUB_K), dtype=tl.float32)
+        xzero = tl.zeros((PIECES, SUB_N, BW), dtype=x_ptr.dtype.element_ty)
+        # Entry (co, kh, kw, ci) of dw, co = the dc channel (K side), ci = the program's
+        # output channel, where both are in one group: [PIECES, SUB_K, SUB_N], ci along
+        # the last dimension (consecutive addresses)
+        co = (first_group * KG)[:, None] + tl.arange(0, SUB_K)[None, :]
+        ci_group = nglob // NG
+        inside = ((co // KG)[:, :, None] == ci_group[:, None, :]) & (co < KC)[:, :, None] \
+            & nmask[:, None, :]
+        entry = co[:, :, None] * (9 * NG) + (nglob - ci_group * NG)[:, None, :]
+    else:
+        gz = 0.0
+        xzero = 0.0
+        inside = False
+        entry = 0
+    # The weight gradient's nine sums and the non-finite flag of the tile (WGRAD)
+    g0 = (gz, gz, gz, gz, gz, gz, gz, gz, gz, pid < 0)
+    g = g0
     tiles = tl.cdiv(N, IMGS) * row_tiles * col_tiles
-    for i in tl.static_range(RUN):
+    redo = 0  # WGRAD and GUARD: bit i set where tile i of the run held a non-finite value
+    for i in range(RUN):
         t = pid * RUN + i
-        n = t // (row_tiles * col_tiles) * IMGS + lane // width
-        lane_ok = n < N
-        oh0 = (t // col_tiles) % row_tiles * ROWS
-        ow = (t % col_tiles) * width + lane % width
+        n, lane_ok, oh0, ow = _tile_at(t, lane, N, row_tiles, col_tiles, width, IMGS, ROWS)
         if t < tiles:  # the last program's run may end past the batch
-            s0, s1, s2 = _tile(s0, s1, s2, zeros, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr,
-                               va_ptr, vb_ptr, eps, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n,
-                               lane_ok, oh0, ow, first_group, nslot, nglob, nmask, va, vb, vc,
-                               scale, shift, H_A, W_A, KC, KG, H_O, W_O, NC, MODE, STRIDE, DIL,
-                               FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N, ROWS,
-                               ALIGNED, PRECISION)
+            s0, s1, s2, g = _tile(s0, s1, s2, g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr,
+                                  ys_ptr, x_ptr, va_ptr, vb_ptr, eps, w0, w1, w2, w3, w4, w5, w6,
+                                  w7, w8, wbase, n, lane_ok, oh0, ow, first_group, nslot, nglob,
+                                  nmask, va, vb, vc, scale, shift, H_A, W_A, KC, KG, H_O, W_O,
+                                  NC, MODE, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS,
+                                  SUB_K, SUB_N, ROWS, BW, IMGS, ALIGNED, WGRAD, PRECISION)
+            if WGRAD and GUARD:
+                redo = redo | (g[9].to(tl.int32) << i)
+                g = (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g0[9])
+    if WGRAD:
+        _add_dw(dw_ptr, entry, inside, g, NG)
+        if GUARD:
+            if redo != 0:
+                # A row of these tiles held a NaN or an infinity, which the packed product
+                # may have carried to other groups' dx (the weight gradient needs no guard):
+                # their dx is written again, guarded, after the first stores (barrier).
+                tl.debug_barrier()
+                for i in range(RUN):
+                    t = pid * RUN + i
+                    n, lane_ok, oh0, ow = _tile_at(t, lane, N, row_tiles, col_tiles, width,
+                                                   IMGS, ROWS)
+                    if (redo >> i) & 1:
+                        s0, s1, s2, g = _tile(s0, s1, s2, g0, zeros, xzero, a_ptr, wp_ptr,
+                                              out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr, vb_ptr,
+                                              eps, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n,
+                                              lane_ok, oh0, ow, first_group, nslot, nglob, nmask,
+                                              va, vb, vc, scale, shift, H_A, W_A, KC, KG, H_O,
+                                              W_O, NC, MODE, STRIDE, DIL, FROM_DY, HOLD, GUARD,
+                                              SLOTS, K_STEPS, SUB_K, SUB_N, ROWS, BW, IMGS, ALIGNED,
+                                              False, PRECISION)
     if MODE == 1:
         out = partial_ptr + (pid * NC + nglob) * 3
         tl.store(out, s0, mask=nmask)
@@ -367,6 +507,14 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
         out = partial_ptr + (pid * NC + nglob) * 2
         tl.store(out, s0, mask=nmask)
         tl.store(out + 1, s1, mask=nmask)
+
+
+@triton.jit
+def _add_dw(dw_ptr, entry, inside, g, NG):
+    """Adds the nine tap sums ``g[0:9]`` of the fused dgrad + wgrad pass to dw (float
+    atomics), the entries inside the groups only."""
+    for tap in tl.static_range(9):
+        tl.atomic_add(dw_ptr + entry + tap * NG, tl.permute(g[tap], (0, 2, 1)), mask=inside)
 
 
 @triton.jit

@@ -300,15 +300,11 @@ def test_glue_detection():
 TILE = "GUARD=1,SLOTS=4,K_STEPS=1,PIECES=2,SUB_K=16,SUB_N=16,BW=16,ROWS=8,IMGS=2,RUN=4,ALIGNED=1"
 
 
-def rows(mode, stride=1, dil=1, from_dy=0, save=0):
-    warps = 8 if mode in (2, 3) else 4  # reduce and dc: triton_backend.fixed_warps
+def rows(mode, stride=1, dil=1, from_dy=0, save=0, wgrad=0):
+    # reduce, dc and dgrad + wgrad: 8 warps (triton_backend.fixed_warps)
+    warps = 8 if mode in (2, 3) or wgrad else 4
     return (f"conv_rows_kernel(MODE={mode},STRIDE={stride},DIL={dil},FROM_DY={from_dy},"
-            f"HOLD=1,{TILE},SAVE={save},PRECISION=tf32,warps={warps})")
-
-
-def wgrad(from_dy):
-    return (f"wgrad_kernel(FROM_DY={from_dy},STRIDE=1,DETERMINISTIC=0,K_STEPS=1,PIECES=2,"
-            "SUB_K=16,SUB_N=16,BW=16,ROWS=8,IMGS=2,ALIGNED=1,PRECISION=tf32,warps=4)")
+            f"HOLD=1,{TILE},SAVE={save},WGRAD={wgrad},PRECISION=tf32,warps={warps})")
 
 
 def pack(transposed):
@@ -316,13 +312,14 @@ def pack(transposed):
 
 
 MERGE = "BLOCK_R=64,BLOCK_C=64,warps=4)"
-# The weights are packed once a pass (and once more for dgrad's transposed tiles).
+# The weights are packed once a pass (and once more for dgrad's transposed tiles); dgrad
+# adds the weight gradient on the way.
 TRITON_KERNELS = {
     "eval": [pack(0), rows(0, save=1)],
     "train_fwd": [pack(0), rows(1), f"stats_kernel({MERGE}", rows(0)],
-    "train_bwd": [pack(0), rows(2), f"sums_kernel({MERGE}", rows(3), pack(1), rows(4),
-                  wgrad(0)],
-    "eval_bwd": [pack(1), rows(4, from_dy=1), wgrad(1)],
+    "train_bwd": [pack(0), rows(2), f"sums_kernel({MERGE}", rows(3), pack(1),
+                  rows(4, wgrad=1)],
+    "eval_bwd": [pack(1), rows(4, from_dy=1, wgrad=1)],
 }
 
 
@@ -339,7 +336,7 @@ def test_real_pass(pass_name):
         assert 0 < r.global_bytes <= r.global_sectors * 32
         assert r.trace_sector.size == r.trace_kind.size == r.trace_counted.size > 0
         assert r.trace_counted.all()
-        if r.kernel in ("conv_rows_kernel", "wgrad_kernel"):
+        if r.kernel == "conv_rows_kernel":
             assert r.mma > 0 and r.mma_kind == "tl.dot batched"
             assert r.useful_macs < r.executed_macs  # block-diagonal: zeros off the groups
     assert all(r.global_bytes == 0 and r.grid == (1, 1, 1) for r in glue)
@@ -368,9 +365,9 @@ def test_real_pass(pass_name):
         assert names[names.index("conv_rows_kernel"):] == ["conv_rows_kernel", "stats_kernel",
                                                            "conv_rows_kernel"]
     if pass_name in ("train_bwd", "eval_bwd"):
-        wg = kernels[-1]
-        assert wg.grid == (1, 1, 1) and wg.threads == 128  # slab x K step x row-tile chunks
-        assert wg.atomics == 32 * 9 * 4  # every dw entry, once per chunk
+        fused = kernels[-1]  # dgrad + wgrad
+        assert fused.grid == (1, 1, 1) and fused.threads == 256
+        assert fused.atomics == 32 * 9 * 4  # every dw entry, once per program
 
 
 @interpreted

@@ -36,6 +36,38 @@ def test_nan_and_inf_propagate_like_pytorch(backend, training):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_nan_and_inf_in_the_gradient_stay_in_their_group(backend, training, stride):
+    """A NaN and an infinity in the output gradient (groups 0 and 2 of 8, four channels
+    each: a packed product holds four groups) reach the input and weight gradients where
+    PyTorch's do, and no other group's."""
+    module = FusedGroupConv(32, 32, groups=8, stride=stride, backend=backend)
+    seq = nn.Sequential(*copy.deepcopy(module.to_modules()), nn.ReLU())
+    module.train(training), seq.train(training)
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        passed = copy.deepcopy(seq)(x) > 0  # where the ReLU lets the gradient through
+    dy = torch.randn(passed.shape)
+    for value, n, c in ((float("nan"), 0, 1), (float("inf"), 1, 9)):
+        h, w = passed[n, c].nonzero()[0]
+        dy[n, c, h, w] = value
+    grads = []
+    for m in (module, seq):
+        leaf = x.clone().requires_grad_()
+        m(leaf).backward(dy)
+        weight = m.conv.weight if m is module else m[0].weight
+        grads.append((leaf.grad, weight.grad))
+    for got, expected in zip(*grads):
+        assert torch.equal(got.isfinite(), expected.isfinite())
+        assert (~got.isfinite()).any() and got.isfinite().any()
+        if not training:
+            assert torch.equal(got.isnan(), expected.isnan())
+        finite = expected.isfinite()
+        torch.testing.assert_close(got[finite], expected[finite], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic_mode_is_bit_identical(backend):
     problem = Problem(3, 32, 32, 9, 7, 4, 2)
     args = make_arguments(problem, torch.float32, channels_last=True)

@@ -129,13 +129,17 @@ def variants(quick: bool):
             for save in ((False, True) if mode == K.WRITE else (False,)):
                 for w in (tuned if mode == K.WRITE else [tb.fixed_warps(mode)]):
                     add("conv_rows_kernel", dict(MODE=mode, STRIDE=stride, DIL=1, FROM_DY=False,
-                                                 BW=fwd.bw, SAVE=save, **fwd.constexprs(),
-                                                 **common), w)
+                                                 BW=fwd.bw, SAVE=save, WGRAD=False,
+                                                 **fwd.constexprs(), **common), w)
         for from_dy in (False, True):
-            for w in warps:
-                add("conv_rows_kernel", dict(MODE=K.PLAIN, STRIDE=1, DIL=stride,
-                                             FROM_DY=from_dy, BW=dgrad.bw, SAVE=False,
-                                             **dgrad.constexprs(), **common), w)
+            plain = dict(MODE=K.PLAIN, STRIDE=1, DIL=stride, FROM_DY=from_dy, BW=dgrad.bw,
+                         SAVE=False, **common)
+            for w in warps:  # dgrad alone (no weight gradient wanted, or deterministic)
+                add("conv_rows_kernel", dict(plain, WGRAD=False, **dgrad.constexprs()), w)
+            if dgrad.fuse_wgrad:  # dgrad + wgrad, at batch 256
+                add("conv_rows_kernel", dict(plain, WGRAD=True,
+                                             **dgrad.constexprs(dgrad.fused_run(256))),
+                    tb.fixed_warps(K.PLAIN, True))
             for deterministic in (False, True):
                 add("wgrad_kernel", dict(FROM_DY=from_dy, STRIDE=stride,
                                          DETERMINISTIC=deterministic, K_STEPS=fwd.w_k_steps,
@@ -171,7 +175,7 @@ def report(quick: bool, archs=(80, 90), dtype: str = "bf16"):
 
     def fixed(name, constexprs):
         if name == "conv_rows_kernel":
-            return tb.fixed_warps(constexprs["MODE"])
+            return tb.fixed_warps(constexprs["MODE"], constexprs["WGRAD"])
         return tb.WGRAD_WARPS if name == "wgrad_kernel" else tb.FIXED_WARPS
 
     jobs = [(name, constexprs, warps, arch, dtype)
