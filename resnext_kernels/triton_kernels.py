@@ -347,23 +347,25 @@ def _tile(s0, s1, s2, g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x
     else:
         # Output row oh reads input rows 2oh - 1 (kh 0), 2oh (kh 1), 2oh + 1 (kh 2); the
         # odd row 2oh + 1 is also row 2(oh + 1) - 1 of the next output row.
+        # (no weight gradient here: dgrad runs at stride 1)
+        no_x = (xzero, xzero, xzero)
         acc, unused1, unused2, g = _row(
-            zeros, zeros, zeros, g, (xzero, xzero, xzero), a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4, w5,
-            w6, w7, w8, wbase, n, lane_ok, 2 * oh0 - 1, ow, first_group, nslot, H_A, W_A, KC, KG,
-            True, False, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
-            ALIGNED, False, PRECISION)
+            zeros, zeros, zeros, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
+            w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh0 - 1, ow, first_group, nslot, H_A,
+            W_A, KC, KG, True, False, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS,
+            SUB_K, SUB_N, ALIGNED, False, PRECISION)
         for j in range(ROWS):
             oh = oh0 + j
             unused0, acc, unused2, g = _row(
-                zeros, acc, zeros, g, (xzero, xzero, xzero), a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4,
-                w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh, ow, first_group, nslot, H_A, W_A, KC, KG,
-                False, True, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
-                ALIGNED, False, PRECISION)
+                zeros, acc, zeros, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
+                w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh, ow, first_group, nslot, H_A,
+                W_A, KC, KG, False, True, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS,
+                K_STEPS, SUB_K, SUB_N, ALIGNED, False, PRECISION)
             acc_next, unused1, acc, g = _row(
-                zeros, zeros, acc, g, (xzero, xzero, xzero), a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4,
-                w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh + 1, ow, first_group, nslot, H_A, W_A, KC,
-                KG, True, False, True, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K,
-                SUB_N, ALIGNED, False, PRECISION)
+                zeros, zeros, acc, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
+                w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh + 1, ow, first_group, nslot,
+                H_A, W_A, KC, KG, True, False, True, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS,
+                K_STEPS, SUB_K, SUB_N, ALIGNED, False, PRECISION)
             s0, s1, s2 = _emit(acc, oh, s0, s1, s2, out_ptr, dy_ptr, n, lane_ok, ow, nglob,
                                nmask, va, vb, vc, scale, shift, H_O, W_O, NC, MODE)
             acc = acc_next
