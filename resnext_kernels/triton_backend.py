@@ -120,12 +120,19 @@ class Plan:
         # dgrad adds the weight gradient on the way where its nine [PIECES, SUB_N, SUB_K]
         # fp32 sums are <= 1,024 elements each (4-16 channels per group; 32 spill).
         self.fuse_wgrad = self.k_steps == 1 and self.pieces * self.sub_k * self.sub_n <= 1024
+        # The stride-1 walk takes 3 input rows a trip where the held weight tiles are small
+        # (4-16 channels per group): about 40 % fewer instructions a row at s2 (register
+        # moves); with [2, 32, 32] tiles (s5), or the fused pass's sums, it spills.
+        self.unroll = 3 if self.pieces * self.sub_k * self.sub_n <= 1024 else 1
 
-    def constexprs(self, run=None):
+    def constexprs(self, run=None, wgrad=False):
+        """The tiling constexprs; ``wgrad``: of the fused dgrad + wgrad pass, ``run`` row
+        tiles a program."""
         return dict(HOLD=self.hold, GUARD=self.slots > 1, ALIGNED=self.aligned, ROWS=self.rows,
                     IMGS=self.imgs, RUN=self.run if run is None else run,
                     SLOTS=self.slots, K_STEPS=self.k_steps,
-                    PIECES=self.pieces, SUB_K=self.sub_k, SUB_N=self.sub_n)
+                    PIECES=self.pieces, SUB_K=self.sub_k, SUB_N=self.sub_n,
+                    UNROLL=1 if wgrad else self.unroll)
 
     def fused_run(self, n):
         """RUN of the fused dgrad + wgrad pass (this plan: dgrad's) at batch ``n``: enough
@@ -138,17 +145,26 @@ class Plan:
 PACK_BLOCK = 1024
 
 
-def _packed_weight(weight, plan: Plan, transposed=False):
-    """The packed weight tiles of ``conv_rows_kernel`` (one ``pack_kernel`` launch):
-    [slabs·PIECES, 9 taps, K_STEPS, SUB_K, SUB_N], zeros off the groups; ``transposed``:
-    dgrad's (input and output channels swapped, taps flipped)."""
-    out = weight.new_empty(plan.slabs * plan.pieces * 9 * plan.k_steps * plan.sub_k
-                           * plan.sub_n)
-    torch.library.wrap_triton(K.pack_kernel)[(triton.cdiv(out.numel(), PACK_BLOCK),)](
-        weight.contiguous(), out, out.numel(), plan.kc, plan.nc, plan.kg, plan.ng,
-        TRANSPOSED=transposed, K_STEPS=plan.k_steps, SUB_K=plan.sub_k, SUB_N=plan.sub_n,
-        BLOCK=PACK_BLOCK)
-    return out
+def _prepare(weight, fwd: Plan, dgrad: Plan, *, want_fwd=False, want_dgrad=False,
+             zeros=None):
+    """The packed weight tiles of ``conv_rows_kernel`` — the forward's (``want_fwd``:
+    [slabs·PIECES, 9 taps, K_STEPS, SUB_K, SUB_N], zeros off the groups) and dgrad's
+    (``want_dgrad``: input and output channels swapped, taps flipped) — and ``zeros``
+    (an fp32 tensor) zeroed: one ``pack_kernel`` launch. Returns (forward tiles, dgrad
+    tiles), None where not wanted."""
+    def tiles(plan, wanted):
+        return weight.new_empty(plan.slabs * plan.pieces * 9 * plan.k_steps * plan.sub_k
+                                * plan.sub_n if wanted else 0)
+
+    wp, wp_dgrad = tiles(fwd, want_fwd), tiles(dgrad, want_dgrad)
+    zero = zeros.view(-1) if zeros is not None else wp.new_empty(0, dtype=torch.float32)
+    programs = sum(triton.cdiv(t.numel(), PACK_BLOCK) for t in (wp, wp_dgrad, zero))
+    torch.library.wrap_triton(K.pack_kernel)[(programs,)](
+        weight.contiguous(), wp, wp.numel(), wp_dgrad, wp_dgrad.numel(), zero, zero.numel(),
+        fwd.kc, fwd.nc, fwd.kg, fwd.ng, F_K_STEPS=fwd.k_steps,
+        F_SUB_K=fwd.sub_k, F_SUB_N=fwd.sub_n, D_K_STEPS=dgrad.k_steps, D_SUB_K=dgrad.sub_k,
+        D_SUB_N=dgrad.sub_n, BLOCK=PACK_BLOCK)
+    return (wp if want_fwd else None), (wp_dgrad if want_dgrad else None)
 
 
 def _precision(dtype):
@@ -164,11 +180,16 @@ if triton is not None:
         key=list(TUNE_KEYS))(K.conv_rows_kernel)
 
 
-def fixed_warps(mode, wgrad=False):
+def fixed_warps(mode, wgrad=False, unroll=3):
     """The conv's warps where it is not autotuned: 8 for the reduce and dc passes, which
     are never autotuned (the forward's folded scale and shift held for the ReLU mask
-    besides their own vectors: 4 warps spill 8-24 bytes at s2, s3 and s5), and for the
-    fused dgrad + wgrad pass (its nine weight-gradient sums), else FIXED_WARPS."""
+    besides their own vectors: 4 warps spill 8-24 bytes at s2, s3 and s5), for the
+    statistics pass where its walk takes 3 rows a trip (``unroll``, ``Plan.unroll``: 4
+    warps spill 24-56 bytes at s2 and s3; 8 warps spill 8 bytes at s5, which takes 1),
+    and for the fused dgrad + wgrad pass (its nine weight-gradient sums), else
+    FIXED_WARPS."""
+    if mode == K.STATS:
+        return 8 if unroll == 3 else FIXED_WARPS
     return 8 if mode in (K.REDUCE, K.DC) or wgrad else FIXED_WARPS
 
 
@@ -187,14 +208,14 @@ def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, 
             _next_pow2(n), h_a, w_a, plan.kc, h_o, w_o, plan.nc, plan.kg, plan.ng)
     run = plan.fused_run(n) if wgrad else plan.run
     meta = dict(MODE=mode, STRIDE=stride, DIL=dil, FROM_DY=from_dy, BW=plan.bw, SAVE=save,
-                WGRAD=wgrad, PRECISION=_precision(a.dtype), **plan.constexprs(run))
+                WGRAD=wgrad, PRECISION=_precision(a.dtype), **plan.constexprs(run, wgrad))
     kernel = ROWS_KERNEL
     if isinstance(kernel, triton.runtime.Autotuner) and (
             not tune or wgrad or not _autotune_enabled()
             or torch.cuda.get_device_capability(a.device)[0] < TUNE_MIN_MAJOR):
         kernel = kernel.fn
     if not isinstance(kernel, triton.runtime.Autotuner):
-        meta.update(num_warps=fixed_warps(mode, wgrad), maxnreg=MAXNREG)
+        meta.update(num_warps=fixed_warps(mode, wgrad, meta["UNROLL"]), maxnreg=MAXNREG)
     grid = (_row_programs(plan, n, run), plan.slabs)
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
@@ -225,6 +246,8 @@ class _Layer:
         self.pixels = self.n * self.h_out * self.w_out
         self.plan = Plan(self.c_in, self.c_out, self.cg_in, self.cg_out, self.h_out,
                          self.w_out)
+        # dgrad's: the conv on dc, input and output channels swapped, to the input's size
+        self.dgrad = Plan(self.c_out, self.c_in, self.cg_out, self.cg_in, self.h, self.w)
 
     def empty(self, like, input_side=False):
         """An NHWC tensor shaped like the output (or, ``input_side``, like the input)."""
@@ -258,7 +281,7 @@ def forward(input, weight, bn_weight, bn_bias, running_mean, running_var, stride
     gamma, beta = _f32(bn_weight), _f32(bn_bias)
     out = layer.empty(input)
     dummy = gamma  # pointer arguments a pass does not use
-    wp = _packed_weight(weight, layer.plan) if layer.pixels else None
+    wp = _prepare(weight, layer.plan, layer.dgrad, want_fwd=True)[0] if layer.pixels else None
     if training:
         if layer.pixels == 0:
             mean, var = gamma.new_zeros(layer.c_out), gamma.new_ones(layer.c_out)
@@ -298,13 +321,29 @@ class _Backward:
         self.mean, self.var = _f32(mean), _f32(var)
         self.eps = eps
         self.input, self.weight = input, weight
-        self._wp = None
+        self.wp = self.wp_dgrad = self.dw = None
+        self.fused = False
+        self.deterministic = torch.are_deterministic_algorithms_enabled()
 
-    def packed(self):
-        """The forward's packed weight tiles, packed once for the reduce and dc passes."""
-        if self._wp is None:
-            self._wp = _packed_weight(self.weight, self.layer.plan)
-        return self._wp
+    def prepare(self, fwd, dx, dw):
+        """The one ``pack_kernel`` launch before the passes: the forward's weight tiles
+        for the reduce and dc passes (``fwd``), dgrad's (``dx``) and the weight gradient's
+        fp32 sums zeroed (``dw``). dgrad adds the weight gradient on the way (dc and x
+        each read once) where both gradients are wanted, its plan allows
+        (``fuse_wgrad``) and float atomics are allowed; else the wgrad pass does."""
+        layer = self.layer
+        if layer.pixels == 0:
+            if dw:
+                self.dw = torch.zeros(1, layer.c_out * 9 * layer.cg_in, dtype=torch.float32,
+                                      device=self.dy.device)
+            return
+        self.fused = dx and dw and layer.dgrad.fuse_wgrad and not self.deterministic
+        if dw:  # [1, entries], or the wgrad pass's per-chunk partials (deterministic)
+            self.dw = torch.empty(self._chunks() if self.deterministic else 1,
+                                  layer.c_out * 9 * layer.cg_in, dtype=torch.float32,
+                                  device=self.dy.device)
+        self.wp, self.wp_dgrad = _prepare(self.weight, layer.plan, layer.dgrad, want_fwd=fwd,
+                                          want_dgrad=dx, zeros=self.dw)
 
     def reduce(self):
         layer = self.layer
@@ -314,96 +353,86 @@ class _Backward:
         sums = [torch.empty(layer.c_out, dtype=torch.float32, device=self.dy.device)
                 for _ in range(2)]
         partial = layer.partial(2, self.dy.device)
-        layer.conv(self.packed(), self.dy, partial, self.gamma, self.beta, self.mean,
+        layer.conv(self.wp, self.dy, partial, self.gamma, self.beta, self.mean,
                    self.dy, self.dy, mode=K.REDUCE, tune=False, vd=self.var, eps=self.eps)
         torch.library.wrap_triton(K.sums_kernel)[(triton.cdiv(layer.c_out, STATS_C),)](
             partial, *sums, partial.shape[0], layer.c_out, BLOCK_R=STATS_R, BLOCK_C=STATS_C)
         return tuple(sums)
 
     def apply(self, sums, count, want_input, want_weight):
-        """(grad_input, grad_weight): with sums, dc is written by the dc pass (training);
-        without, dgrad and wgrad form it from dy and y (eval). The per-channel vectors
-        are folded inside the kernels."""
+        """(grad_input, grad_weight), after :meth:`prepare`: with sums, dc is written by
+        the dc pass (training); without, dgrad and wgrad form it from dy and y (eval).
+        The per-channel vectors are folded inside the kernels."""
         layer = self.layer
         from_dy = sums is None
         dc = self.dy  # eval: dgrad and wgrad read dy (and y) and form dc
         ys = self.out.contiguous(memory_format=torch.channels_last) if from_dy else self.dy
         if not from_dy and layer.pixels:
             dc = layer.empty(self.dy)
-            layer.conv(self.packed(), dc, self.gamma, self.gamma, self.beta, self.mean,
+            layer.conv(self.wp, dc, self.gamma, self.gamma, self.beta, self.mean,
                        self.dy, self.dy, mode=K.DC, tune=False, vd=self.var, sv=_f32(sums[0]),
                        ve=_f32(sums[1]), eps=self.eps, count=count)
         grad_input, grad_weight = self.input.new_empty(0), self.weight.new_empty(0)
-        plan = Plan(layer.c_out, layer.c_in, layer.cg_out, layer.cg_in, layer.h, layer.w)
-        # dgrad adds the weight gradient on the way (dc and x each read once) where its
-        # plan allows (``fuse_wgrad``) and float atomics are allowed; else the wgrad pass.
-        fused = (want_input and want_weight and layer.pixels > 0 and plan.fuse_wgrad
-                 and not torch.are_deterministic_algorithms_enabled())
-        dw = None
-        if fused:
-            dw = torch.zeros(layer.c_out * 9 * layer.cg_in, dtype=torch.float32,
-                             device=self.dy.device)
         if want_input:
             dx = layer.empty(self.input, input_side=True)
             if layer.pixels:
-                wp = _packed_weight(self.weight, plan, transposed=True)
-                _conv_rows(plan, layer.n, dc, wp, dx, self.gamma, self.gamma, self.var,
-                           self.gamma, self.gamma, ys, (layer.h_out, layer.w_out),
+                _conv_rows(layer.dgrad, layer.n, dc, self.wp_dgrad, dx, self.gamma, self.gamma,
+                           self.var, self.gamma, self.gamma, ys, (layer.h_out, layer.w_out),
                            (layer.h, layer.w), mode=K.PLAIN, dil=layer.stride, from_dy=from_dy,
-                           eps=self.eps, x=layer.x, dw=dw)
+                           eps=self.eps, x=layer.x, dw=self.dw if self.fused else None)
             else:
                 dx.zero_()
             grad_input = _as_input_format(dx, self.input)
         if want_weight:
-            grad_weight = self._wgrad(dc, ys, from_dy) if dw is None else self._dw(dw)
+            if not self.fused and layer.pixels:
+                self._wgrad(dc, ys, from_dy)
+            grad_weight = self._dw()
         return grad_input, grad_weight
 
-    def _dw(self, dw):
+    def _dw(self):
         """The weight gradient in the weight's dtype and layout from its OHWI fp32 sums
-        (one copy)."""
+        (the wgrad pass's per-chunk partials in deterministic mode: summed in chunk order,
+        a fixed order)."""
         layer = self.layer
+        dw = self.dw.sum(0) if self.dw.shape[0] > 1 else self.dw[0]
         return dw.view(layer.c_out, 3, 3, layer.cg_in).permute(0, 3, 1, 2).to(
             self.weight.dtype, memory_format=torch.contiguous_format)
 
-    def _wgrad(self, dc, ys, from_dy):
+    def _chunks(self):
+        """The wgrad pass's pixel chunks (its grid's third dimension)."""
         layer, plan = self.layer, self.layer.plan
-        entries = layer.c_out * 9 * layer.cg_in
-        if layer.pixels == 0:
-            dw = torch.zeros(entries, dtype=torch.float32, device=self.dy.device)
-        else:
-            blocks = plan.w_slabs * plan.w_k_steps
-            tiles = _row_tiles(plan, layer.n)
-            chunks = max(1, min(tiles // WGRAD_MIN_TILES, triton.cdiv(WGRAD_TARGET_PROGRAMS,
-                                                                      blocks),
-                                WGRAD_PARTIAL_FLOATS // entries))
-            deterministic = torch.are_deterministic_algorithms_enabled()
-            shape = (chunks, entries) if deterministic else (entries,)
-            dw = torch.zeros(shape, dtype=torch.float32, device=self.dy.device)
-            grid = (plan.w_slabs, plan.w_k_steps, chunks)
-            torch.library.wrap_triton(K.wgrad_kernel)[grid](
-                layer.x, dc, ys, self.gamma, self.var, dw, self.eps, layer.n, layer.h,
-                layer.w, layer.c_in, layer.h_out, layer.w_out, layer.c_out, layer.cg_in,
-                layer.cg_out, tiles, chunks,
-                FROM_DY=from_dy, STRIDE=layer.stride, DETERMINISTIC=deterministic,
-                K_STEPS=plan.w_k_steps, PIECES=plan.w_pieces, SUB_K=plan.w_sub_k,
-                SUB_N=plan.sub_n, BW=plan.bw, ROWS=plan.rows, IMGS=plan.imgs,
-                ALIGNED=plan.aligned,
-                PRECISION=_precision(layer.x.dtype), num_warps=WGRAD_WARPS)
-            if deterministic:
-                dw = dw.sum(0)  # chunk order: fixed
-        return self._dw(dw)
+        return max(1, min(_row_tiles(plan, layer.n) // WGRAD_MIN_TILES,
+                          triton.cdiv(WGRAD_TARGET_PROGRAMS, plan.w_slabs * plan.w_k_steps),
+                          WGRAD_PARTIAL_FLOATS // (layer.c_out * 9 * layer.cg_in)))
+
+    def _wgrad(self, dc, ys, from_dy):
+        """The wgrad pass into the zeroed ``self.dw`` (float atomics, or per-chunk partials
+        in deterministic mode)."""
+        layer, plan = self.layer, self.layer.plan
+        chunks = self._chunks()
+        torch.library.wrap_triton(K.wgrad_kernel)[(plan.w_slabs, plan.w_k_steps, chunks)](
+            layer.x, dc, ys, self.gamma, self.var, self.dw, self.eps, layer.n, layer.h,
+            layer.w, layer.c_in, layer.h_out, layer.w_out, layer.c_out, layer.cg_in,
+            layer.cg_out, _row_tiles(plan, layer.n), chunks, FROM_DY=from_dy,
+            STRIDE=layer.stride, DETERMINISTIC=self.deterministic, K_STEPS=plan.w_k_steps,
+            PIECES=plan.w_pieces, SUB_K=plan.w_sub_k, SUB_N=plan.sub_n, BW=plan.bw,
+            ROWS=plan.rows, IMGS=plan.imgs, ALIGNED=plan.aligned,
+            PRECISION=_precision(layer.x.dtype), num_warps=WGRAD_WARPS)
 
 
 def backward_reduce(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, stride,
                     groups, eps):
-    return _Backward(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, stride,
-                     groups, eps).reduce()
+    bw = _Backward(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, stride, groups,
+                   eps)
+    bw.prepare(fwd=True, dx=False, dw=False)
+    return bw.reduce()
 
 
 def backward_apply(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, sum_dz,
                    sum_dz_xhat, count, stride, groups, eps, output_mask):
     bw = _Backward(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, stride, groups,
                    eps)
+    bw.prepare(fwd=True, dx=output_mask[0], dw=output_mask[1])
     return bw.apply((sum_dz, sum_dz_xhat), count, output_mask[0], output_mask[1])
 
 
@@ -412,9 +441,9 @@ def backward(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, stride
     bw = _Backward(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, stride, groups,
                    eps)
     want_conv = output_mask[0] or output_mask[1]
-    sums = None
-    if output_mask[2] or output_mask[3] or (training and want_conv):
-        sums = bw.reduce()
+    want_sums = output_mask[2] or output_mask[3] or (training and want_conv)
+    bw.prepare(fwd=want_sums, dx=output_mask[0], dw=output_mask[1])
+    sums = bw.reduce() if want_sums else None
     grad_input, grad_weight = input.new_empty(0), weight.new_empty(0)
     if want_conv:
         count = max(bw.layer.pixels, 1)

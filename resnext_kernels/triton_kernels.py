@@ -17,9 +17,12 @@ into three rolling output-row accumulators (stride 1), or two (stride 2). An inp
 thus loaded (and staged as an MMA operand) once per program instead of once per tap.
 
 Non-finite inputs. A packed product multiplies an input of one group by the zeros of
-another group's weights, and 0 x Inf = NaN would leak across groups; where a piece holds
-several groups (``GUARD``) a row tile holding a non-finite input is multiplied group by
-group instead (each product masked to its group's outputs), which gives PyTorch's pattern.
+another group's weights, and 0 x Inf = NaN would leak across groups. Where a piece holds
+several groups (``GUARD``) the walk adds up its output rows' accumulators elementwise
+(one add per element and row); a non-finite operand makes that sum non-finite (0 x Inf
+and Inf x w are), checked once per row tile. Such a tile is walked again multiplied
+group by group (each product masked to its group's outputs, ``SAFE``), which gives
+PyTorch's pattern: its outputs are written again and its sums replaced.
 
 Kernels (the glue is ``resnext_kernels/triton_backend.py``):
 
@@ -37,9 +40,9 @@ Kernels (the glue is ``resnext_kernels/triton_backend.py``):
   var). ``WGRAD``: dgrad also sums the weight gradient x_tapᵀ · dc from the dc tiles
   it loads and the forward input at its own pixels (each read once), added to dw with
   float atomics once per program; a tile whose dc held a NaN or an infinity has its dx
-  written again by the guarded product (the non-finite check runs on every row, the
-  guard only on those tiles).
-* ``pack_kernel``: the weight tiles (block-diagonal, or dgrad's transposed and flipped).
+  written again by the guarded walk after that.
+* ``pack_kernel``: the weight tiles (block-diagonal; the forward's and/or dgrad's,
+  transposed and flipped) and the zeroed weight-gradient sums, in one launch a pass.
 * ``stats_kernel``: the batch mean and variance from the statistics pass's partials
   (fp64, fixed order).
 * ``sums_kernel``: Σdz and Σdz·x̂ from the reduce pass's partials (fp64, fixed order).
@@ -93,9 +96,9 @@ def _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, kw, kglob, k
 
 
 @triton.jit
-def _nonfinite(a0, a1, a2):
-    """Whether any of the three tiles holds a NaN or an infinity."""
-    bad = (a0 - a0 != 0) | (a1 - a1 != 0) | (a2 - a2 != 0)  # Inf - Inf and NaN are NaN
+def _nonfinite(t):
+    """Whether the 3-D tensor ``t`` holds a NaN or an infinity."""
+    bad = t - t != 0  # Inf - Inf and NaN are NaN
     return tl.max(tl.max(tl.max(bad.to(tl.int32), 2), 1), 0) > 0
 
 
@@ -131,22 +134,21 @@ def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, 
          w6, w7, w8, wbase, n, lane_ok, ir, ow, first_group, nslot, H_A, W_A, KC, KG,
          USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
          STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr, HOLD: tl.constexpr,
-         GUARD: tl.constexpr, SLOTS: tl.constexpr, K_STEPS: tl.constexpr, SUB_K: tl.constexpr,
+         SAFE: tl.constexpr, SLOTS: tl.constexpr, K_STEPS: tl.constexpr, SUB_K: tl.constexpr,
          SUB_N: tl.constexpr, ALIGNED: tl.constexpr, WGRAD: tl.constexpr,
          PRECISION: tl.constexpr):
     """Adds what input row ``ir`` gives through taps kh = 0, 1, 2 (``USEkh``) to the
     [PIECES, BW, SUB_N] accumulators t0, t1, t2 (summed over kw and the input-channel
     steps); nothing for a row outside the image or in a dilation hole, not loaded.
 
-    ``GUARD``: a row holding a NaN or an infinity is multiplied one group slot at a time
-    (the operand masked to the slot's input channels, the sum kept for its outputs only),
-    so that no packed zero meets it.
+    ``SAFE`` (a tile that held a NaN or an infinity, walked again): the row is
+    multiplied one group slot at a time (the operand masked to the slot's input
+    channels, the sum kept for its outputs only), so that no packed zero meets a
+    non-finite value.
 
     ``WGRAD`` (dgrad, one input-channel step): also adds the row's share of the weight
-    gradient to the nine [PIECES, SUB_N, SUB_K] sums ``g[0:9]`` (tap-major), from ``xr``,
-    the forward input's rows ir - 1, ir, ir + 1 at the program's own pixels, and ORs
-    whether the row holds a NaN or an infinity into ``g[9]`` (``GUARD``) instead of
-    guarding it."""
+    gradient to the nine [PIECES, SUB_N, SUB_K] sums ``g`` (tap-major), from ``xr``, the
+    forward input's rows ir - 1, ir, ir + 1 at the program's own pixels."""
     if (ir >= 0) & (ir % DIL == 0) & (ir // DIL < H_A):
         for ks in range(K_STEPS):
             kstart = first_group * KG
@@ -163,15 +165,9 @@ def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, 
             a2 = _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, 2, kglob, kmask,
                          H_A, W_A, KC,
                          STRIDE, DIL, FROM_DY)
-            bad = False
-            if GUARD:
-                bad = _nonfinite(a0, a1, a2)
             if WGRAD:
-                # The guard is not run here: the row's flag is kept in ``g`` and the
-                # program rewrites the tile's dx guarded (``conv_rows_kernel``)
-                g = _wgrad_row(g, xr, a0, a1, a2, bad, PRECISION)
-                bad = False
-            if bad:
+                g = _wgrad_row(g, xr, a0, a1, a2, PRECISION)
+            if SAFE:
                 kslot = (kglob // KG - first_group[:, None])[:, None, :]
                 for j in range(SLOTS):
                     on = nslot[:, None, :] == j
@@ -201,11 +197,10 @@ def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, 
 
 
 @triton.jit
-def _wgrad_row(g, xr, a0, a1, a2, bad, PRECISION: tl.constexpr):
+def _wgrad_row(g, xr, a0, a1, a2, PRECISION: tl.constexpr):
     """dW(kh, kw) += x(row ir - 1 + kh)ᵀ · a_(2 - kw): the operand a_j holds dc at columns
     ow - 1 + j, which meets the input pixel ow through tap kw = 2 - j (the contraction
-    runs over the pixels, so the packed zeros never meet another group's values); the
-    non-finite flag ``g[9]`` ORed with ``bad``.
+    runs over the pixels, so the packed zeros never meet another group's values).
 
     Exactly PyTorch's products, so that its NaN/Inf pattern comes out: an input row takes
     part (``xr[3 + kh]``) where the program owns it or it is the zero padding above or
@@ -219,7 +214,7 @@ def _wgrad_row(g, xr, a0, a1, a2, bad, PRECISION: tl.constexpr):
     s0, s1, s2 = _wgrad_kh(g[0], g[1], g[2], xr[0], xr[3], b0, a1, b2, PRECISION)
     s3, s4, s5 = _wgrad_kh(g[3], g[4], g[5], xr[1], xr[4], b0, a1, b2, PRECISION)
     s6, s7, s8 = _wgrad_kh(g[6], g[7], g[8], xr[2], xr[5], b0, a1, b2, PRECISION)
-    return s0, s1, s2, s3, s4, s5, s6, s7, s8, g[9] | bad
+    return s0, s1, s2, s3, s4, s5, s6, s7, s8
 
 
 @triton.jit
@@ -252,10 +247,14 @@ def _x_tile(x_ptr, n, lane_ok, row, oh0, ow, nglob, nmask, H_O, W_O, NC, ROWS: t
 
 
 @triton.jit
-def _emit(acc, oh, s0, s1, s2, out_ptr, dy_ptr, n, lane_ok, ow, nglob, nmask, va, vb, vc,
-          scale, shift, H_O, W_O, NC, MODE: tl.constexpr):
-    """The epilogue of output row ``oh``; returns the running per-channel sums. ``scale``
-    and ``shift``: the forward's folded BatchNorm (REDUCE, DC: the ReLU mask)."""
+def _emit(acc, oh, oh0, l0, l1, l2, out_ptr, dy_ptr, n, lane_ok, ow, nglob, nmask, va, vb,
+          vc, scale, shift, H_O, W_O, NC, MODE: tl.constexpr):
+    """The epilogue of output row ``oh`` of the tile from row ``oh0``; returns the
+    per-lane sums ``l0..l2`` (added up across the lanes once a tile: ``_tile_sums``;
+    STATS: the shift [PIECES, 1, SUB_N] and [PIECES, BW, SUB_N] as the accumulator,
+    REDUCE: [BW, PIECES, SUB_N]).
+    ``scale`` and ``shift``: the forward's folded BatchNorm (REDUCE, DC: the ReLU
+    mask)."""
     c = tl.permute(acc, (1, 0, 2))  # [BW, PIECES, SUB_N]: 64 channels a pixel, in a row
     pmask = (ow < W_O) & (oh < H_O) & lane_ok
     offs = ((n * H_O + oh) * W_O + ow).to(tl.int64)[:, None, None] * NC + nglob[None, :, :]
@@ -265,28 +264,66 @@ def _emit(acc, oh, s0, s1, s2, out_ptr, dy_ptr, n, lane_ok, ow, nglob, nmask, va
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     elif MODE == 4:  # PLAIN
         tl.store(out_ptr + offs, c.to(out_ptr.dtype.element_ty), mask=mask)
-    elif MODE == 1:  # STATS: Chan's merge of this row into the running (count, mean, M2)
-        count = tl.sum(pmask.to(tl.float32), axis=0)
-        mean = tl.sum(tl.where(mask, c, 0.0), axis=0) / tl.maximum(count, 1.0)
-        dev = tl.where(mask, c - mean[None, :, :], 0.0)
-        m2 = tl.sum(dev * dev, axis=0)
-        total = s0 + count
-        delta = mean - s1
-        weight = count / tl.maximum(total, 1.0)
-        s1 = s1 + delta * weight
-        s2 = s2 + m2 + delta * delta * s0 * weight
-        s0 = total
+    elif MODE == 1:  # STATS: Σd and Σd² of d = c − l0, l0 the mean of the first row if finite
+        amask = pmask[None, :, None] & nmask[:, None, :]
+        if oh == oh0:
+            first = tl.sum(tl.where(amask, acc, 0.0), axis=1, keep_dims=True) / tl.maximum(
+                tl.sum(pmask.to(tl.float32), axis=0), 1.0)
+            l0 = tl.where(first - first == 0, first, 0.0)
+        d = tl.where(amask, acc - l0, 0.0)
+        l1 += d
+        l2 += d * d
     else:  # REDUCE, DC: c recomputed, dz = dy·[y > 0] with y as WRITE rounds it (y not read)
         y = (c * scale[None, :, :] + shift[None, :, :]).to(dy_ptr.dtype.element_ty)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dz = tl.where(y > 0, dy, 0.0)
         if MODE == 2:
             xhat = (c - va[None, :, :]) * vb[None, :, :]
-            s0 += tl.sum(dz, axis=0)
-            s1 += tl.sum(tl.where(mask, dz * xhat, 0.0), axis=0)
+            l0 += dz
+            l1 += tl.where(mask, dz * xhat, 0.0)
         else:
             dc = va[None, :, :] * dz - vb[None, :, :] - vc[None, :, :] * c
             tl.store(out_ptr + offs, dc.to(out_ptr.dtype.element_ty), mask=mask)
+    return l0, l1, l2
+
+
+@triton.jit
+def _tile_sums(l0, l1, l2, lane_ok, oh0, ow, H_O, W_O, ROWS: tl.constexpr, MODE: tl.constexpr):
+    """The tile's per-channel sums from its per-lane ones: STATS (count, mean, M2) from
+    the sums shifted by the first row's mean (a lane holds the tile's rows down to the
+    image's bottom); REDUCE Σdz and Σdz·x̂."""
+    if MODE == 1:
+        rows = tl.minimum(H_O - oh0, ROWS)
+        total = tl.sum(tl.where((ow < W_O) & lane_ok, rows, 0).to(tl.float32), axis=0)
+        inv = 1.0 / tl.maximum(total, 1.0)
+        d1 = tl.sum(l1, axis=1)
+        s1 = tl.sum(l0, axis=1) + d1 * inv
+        s2 = tl.sum(l2, axis=1) - d1 * d1 * inv
+        s0 = total + tl.zeros_like(s1)
+    else:
+        s0 = tl.sum(l0, axis=0)
+        s1 = tl.sum(l1, axis=0)
+        s2 = s1
+    return s0, s1, s2
+
+
+@triton.jit
+def _chan(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan's merge of two (count, mean, M2)."""
+    total = count_a + count_b
+    delta = mean_b - mean_a
+    weight = count_b / tl.maximum(total, 1.0)
+    return total, mean_a + delta * weight, m2_a + m2_b + delta * delta * count_a * weight
+
+
+@triton.jit
+def _merge(s0, s1, s2, r0, r1, r2, MODE: tl.constexpr):
+    """The program's running sums with a tile's: STATS by Chan's merge, REDUCE added."""
+    if MODE == 1:
+        s0, s1, s2 = _chan(s0, s1, s2, r0, r1, r2)
+    elif MODE == 2:
+        s0 += r0
+        s1 += r1
     return s0, s1, s2
 
 
@@ -300,16 +337,32 @@ def _tile_at(t, lane, N, row_tiles, col_tiles, width: tl.constexpr, IMGS: tl.con
 
 
 @triton.jit
-def _tile(s0, s1, s2, g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr,
+def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr,
           vb_ptr, eps, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0, ow,
           first_group, nslot, nglob, nmask, va, vb, vc, scale, shift, H_A, W_A, KC, KG, H_O,
           W_O, NC, MODE: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr,
           FROM_DY: tl.constexpr, HOLD: tl.constexpr, GUARD: tl.constexpr, SLOTS: tl.constexpr,
           K_STEPS: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr, ROWS: tl.constexpr,
           BW: tl.constexpr, IMGS: tl.constexpr, ALIGNED: tl.constexpr, WGRAD: tl.constexpr,
-          PRECISION: tl.constexpr):
+          SAFE: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr):
     """One row tile: its input rows walked once, each output row's epilogue; returns the
-    running per-channel sums and the weight gradient's sums ``g`` (``WGRAD``)."""
+    tile's per-channel sums (``_tile_sums``), the weight gradient's sums ``g``
+    (``WGRAD``) and, where a piece packs several groups (``GUARD``), the elementwise sum
+    of the output rows' conv accumulators: non-finite where an operand of the tile was
+    (0 x Inf and Inf x w are not finite), and then the packed product may have carried
+    it to another group. The statistics and reduce passes need no such sum: a
+    non-finite conv output at a pixel of the tile makes their sums non-finite (the
+    mean; Σdz·x̂, with 0 x NaN = NaN).
+    ``SAFE``: the guarded walk (``_row``)."""
+    chk = zeros
+    if MODE == 1:
+        l0 = tl.sum(zeros, axis=1, keep_dims=True)
+        l1 = zeros
+        l2 = zeros
+    else:
+        l0 = tl.permute(zeros, (1, 0, 2))
+        l1 = l0
+        l2 = l0
     if STRIDE == 1:
         # acc_prev: output row ir - 1 (complete after input row ir); acc_cur: row ir.
         acc_prev = zeros
@@ -322,28 +375,35 @@ def _tile(s0, s1, s2, g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x
         width: tl.constexpr = BW // IMGS
         left = (ow == 0) & lane_ok
         right = (ow == W_O - 1) & (ow % width == width - 1) & lane_ok
-        for r in range(ROWS + 2):
-            ir = oh0 - 1 + r
-            x_next = xzero
-            if WGRAD:
-                x_next = _x_tile(x_ptr, n, lane_ok, ir + 1, oh0, ow, nglob, nmask, H_O, W_O, NC,
-                                 ROWS)
-            xr = (x_prev, x_cur, x_next, _takes_part(ir - 1, oh0, H_O, ROWS),
-                  _takes_part(ir, oh0, H_O, ROWS), _takes_part(ir + 1, oh0, H_O, ROWS), left,
-                  right)
-            acc_next, acc_cur, acc_prev, g = _row(
-                zeros, acc_cur, acc_prev, g, xr, a_ptr, ys_ptr, va_ptr,
-                vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, ir, ow,
-                first_group, nslot, H_A, W_A, KC, KG, True, True, True, 1, DIL, FROM_DY, HOLD,
-                GUARD, SLOTS, K_STEPS, SUB_K, SUB_N, ALIGNED, WGRAD, PRECISION)
-            if r >= 2:
-                s0, s1, s2 = _emit(acc_prev, ir - 1, s0, s1, s2, out_ptr, dy_ptr, n, lane_ok,
-                                   ow, nglob, nmask, va, vb, vc, scale, shift, H_O, W_O, NC,
-                                   MODE)
-            acc_prev = acc_cur
-            acc_cur = acc_next
-            x_prev = x_cur
-            x_cur = x_next
+        # UNROLL rows a trip: with 3 the accumulators rotate by renaming, not by register
+        # moves
+        for r0 in range(0, ROWS + 2, UNROLL):
+            for j in tl.static_range(UNROLL):
+                r = r0 + j
+                if r < ROWS + 2:
+                    ir = oh0 - 1 + r
+                    x_next = xzero
+                    if WGRAD:
+                        x_next = _x_tile(x_ptr, n, lane_ok, ir + 1, oh0, ow, nglob, nmask, H_O,
+                                         W_O, NC, ROWS)
+                    xr = (x_prev, x_cur, x_next, _takes_part(ir - 1, oh0, H_O, ROWS),
+                          _takes_part(ir, oh0, H_O, ROWS), _takes_part(ir + 1, oh0, H_O, ROWS),
+                          left, right)
+                    acc_next, acc_cur, acc_prev, g = _row(
+                        zeros, acc_cur, acc_prev, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps,
+                        wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, ir, ow,
+                        first_group, nslot, H_A, W_A, KC, KG, True, True, True, 1, DIL, FROM_DY,
+                        HOLD, SAFE, SLOTS, K_STEPS, SUB_K, SUB_N, ALIGNED, WGRAD, PRECISION)
+                    if r >= 2:
+                        if GUARD & (MODE != 1) & (MODE != 2):
+                            chk += acc_prev
+                        l0, l1, l2 = _emit(acc_prev, ir - 1, oh0, l0, l1, l2, out_ptr, dy_ptr,
+                                           n, lane_ok, ow, nglob, nmask, va, vb, vc, scale,
+                                           shift, H_O, W_O, NC, MODE)
+                    acc_prev = acc_cur
+                    acc_cur = acc_next
+                    x_prev = x_cur
+                    x_cur = x_next
     else:
         # Output row oh reads input rows 2oh - 1 (kh 0), 2oh (kh 1), 2oh + 1 (kh 2); the
         # odd row 2oh + 1 is also row 2(oh + 1) - 1 of the next output row.
@@ -352,24 +412,27 @@ def _tile(s0, s1, s2, g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x
         acc, unused1, unused2, g = _row(
             zeros, zeros, zeros, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
             w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh0 - 1, ow, first_group, nslot, H_A,
-            W_A, KC, KG, True, False, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS,
+            W_A, KC, KG, True, False, False, STRIDE, DIL, FROM_DY, HOLD, SAFE, SLOTS, K_STEPS,
             SUB_K, SUB_N, ALIGNED, False, PRECISION)
         for j in range(ROWS):
             oh = oh0 + j
             unused0, acc, unused2, g = _row(
                 zeros, acc, zeros, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
                 w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh, ow, first_group, nslot, H_A,
-                W_A, KC, KG, False, True, False, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS,
+                W_A, KC, KG, False, True, False, STRIDE, DIL, FROM_DY, HOLD, SAFE, SLOTS,
                 K_STEPS, SUB_K, SUB_N, ALIGNED, False, PRECISION)
             acc_next, unused1, acc, g = _row(
                 zeros, zeros, acc, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
                 w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh + 1, ow, first_group, nslot,
-                H_A, W_A, KC, KG, True, False, True, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS,
+                H_A, W_A, KC, KG, True, False, True, STRIDE, DIL, FROM_DY, HOLD, SAFE, SLOTS,
                 K_STEPS, SUB_K, SUB_N, ALIGNED, False, PRECISION)
-            s0, s1, s2 = _emit(acc, oh, s0, s1, s2, out_ptr, dy_ptr, n, lane_ok, ow, nglob,
-                               nmask, va, vb, vc, scale, shift, H_O, W_O, NC, MODE)
+            if GUARD & (MODE != 1) & (MODE != 2):
+                chk += acc
+            l0, l1, l2 = _emit(acc, oh, oh0, l0, l1, l2, out_ptr, dy_ptr, n, lane_ok, ow,
+                               nglob, nmask, va, vb, vc, scale, shift, H_O, W_O, NC, MODE)
             acc = acc_next
-    return s0, s1, s2, g
+    s0, s1, s2 = _tile_sums(l0, l1, l2, lane_ok, oh0, ow, H_O, W_O, ROWS, MODE)
+    return s0, s1, s2, g, chk
 
 
 @triton.jit
@@ -381,7 +444,7 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
                      PIECES: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr,
                      BW: tl.constexpr, ROWS: tl.constexpr, IMGS: tl.constexpr, RUN: tl.constexpr,
                      ALIGNED: tl.constexpr, SAVE: tl.constexpr, WGRAD: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     UNROLL: tl.constexpr, PRECISION: tl.constexpr):
     """Program (row tiles, channel slab): RUN consecutive row tiles, each output rows
     [oh0, oh0 + ROWS) x columns [ow0, ow0 + BW / IMGS) of IMGS images (several where the
     rows are short), channels [c0, c0 + PIECES·SUB_N): the weight tiles (packed by
@@ -389,7 +452,9 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
     (``HOLD``). ``N_BUCKET`` is only an autotuning key (the batch size rounded up to a
     power of two). ``WGRAD`` (dgrad with one input-channel step): the program also sums
     the weight gradient of its pixels from the forward input ``x_ptr`` and adds it to
-    ``dw_ptr`` (float atomics; [C_out, 3, 3, Cg_in] fp32, the forward's channels: KC, NC)."""
+    ``dw_ptr`` (float atomics; [C_out, 3, 3, Cg_in] fp32, the forward's channels: KC, NC).
+    ``UNROLL``: input rows a trip of the stride-1 walk (3: the three accumulators rotate
+    by renaming instead of register moves; 1 where the registers do not allow it)."""
     # The BW lanes (the M of the dots) hold IMGS images' columns side by side.
     width: tl.constexpr = BW // IMGS
     row_tiles = tl.cdiv(H_O, ROWS)
@@ -461,45 +526,55 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
         xzero = 0.0
         inside = False
         entry = 0
-    # The weight gradient's nine sums and the non-finite flag of the tile (WGRAD)
-    g0 = (gz, gz, gz, gz, gz, gz, gz, gz, gz, pid < 0)
+    g0 = (gz, gz, gz, gz, gz, gz, gz, gz, gz)  # the weight gradient's nine sums (WGRAD)
     g = g0
     tiles = tl.cdiv(N, IMGS) * row_tiles * col_tiles
-    redo = 0  # WGRAD and GUARD: bit i set where tile i of the run held a non-finite value
+    redo = 0  # GUARD: bit i set where tile i of the run is walked again
     for i in range(RUN):
         t = pid * RUN + i
         n, lane_ok, oh0, ow = _tile_at(t, lane, N, row_tiles, col_tiles, width, IMGS, ROWS)
         if t < tiles:  # the last program's run may end past the batch
-            s0, s1, s2, g = _tile(s0, s1, s2, g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr,
-                                  ys_ptr, x_ptr, va_ptr, vb_ptr, eps, w0, w1, w2, w3, w4, w5, w6,
-                                  w7, w8, wbase, n, lane_ok, oh0, ow, first_group, nslot, nglob,
-                                  nmask, va, vb, vc, scale, shift, H_A, W_A, KC, KG, H_O, W_O,
-                                  NC, MODE, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS,
-                                  SUB_K, SUB_N, ROWS, BW, IMGS, ALIGNED, WGRAD, PRECISION)
-            if WGRAD and GUARD:
-                redo = redo | (g[9].to(tl.int32) << i)
-                g = (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g0[9])
+            r0, r1, r2, g, chk = _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr,
+                                       dy_ptr, ys_ptr, x_ptr, va_ptr, vb_ptr, eps, w0, w1, w2,
+                                       w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0, ow,
+                                       first_group, nslot, nglob, nmask, va, vb, vc, scale,
+                                       shift, H_A, W_A, KC, KG, H_O, W_O, NC, MODE, STRIDE, DIL,
+                                       FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N, ROWS,
+                                       BW, IMGS, ALIGNED, WGRAD, False, UNROLL, PRECISION)
+            if GUARD:
+                # A NaN or an infinity among the tile's operands may have reached other
+                # groups' outputs through the packed zeros: the tile is walked again after
+                # the run (below); its sums are left out until then
+                if (MODE == 1) | (MODE == 2):  # non-finite sums tell it (``_tile``)
+                    bad = _nonfinite((r1 + r2)[:, :, None])
+                else:
+                    bad = _nonfinite(chk)
+                redo = redo | (bad.to(tl.int32) << i)
+                r0 = tl.where(bad, 0.0, r0)  # a count of 0 (STATS) merges as nothing
+                r1 = tl.where(bad, 0.0, r1)
+                r2 = tl.where(bad, 0.0, r2)
+            s0, s1, s2 = _merge(s0, s1, s2, r0, r1, r2, MODE)
     if WGRAD:
         _add_dw(dw_ptr, entry, inside, g, NG)
-        if GUARD:
-            if redo != 0:
-                # A row of these tiles held a NaN or an infinity, which the packed product
-                # may have carried to other groups' dx (the weight gradient needs no guard):
-                # their dx is written again, guarded, after the first stores (barrier).
-                tl.debug_barrier()
-                for i in range(RUN):
-                    t = pid * RUN + i
-                    n, lane_ok, oh0, ow = _tile_at(t, lane, N, row_tiles, col_tiles, width,
-                                                   IMGS, ROWS)
-                    if (redo >> i) & 1:
-                        s0, s1, s2, g = _tile(s0, s1, s2, g0, zeros, xzero, a_ptr, wp_ptr,
-                                              out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr, vb_ptr,
-                                              eps, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n,
-                                              lane_ok, oh0, ow, first_group, nslot, nglob, nmask,
-                                              va, vb, vc, scale, shift, H_A, W_A, KC, KG, H_O,
-                                              W_O, NC, MODE, STRIDE, DIL, FROM_DY, HOLD, GUARD,
-                                              SLOTS, K_STEPS, SUB_K, SUB_N, ROWS, BW, IMGS, ALIGNED,
-                                              False, PRECISION)
+    if GUARD:
+        if redo != 0:
+            # The flagged tiles walked guarded (one group at a time), after the run, whose
+            # registers are free by then: their outputs written again (after a barrier),
+            # their sums merged; dgrad alone (the weight gradient needs no guard)
+            tl.debug_barrier()
+            for i in range(RUN):
+                t = pid * RUN + i
+                n, lane_ok, oh0, ow = _tile_at(t, lane, N, row_tiles, col_tiles, width, IMGS,
+                                               ROWS)
+                if (redo >> i) & 1:
+                    r0, r1, r2, unused, chk = _tile(
+                        g0, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr,
+                        vb_ptr, eps, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0,
+                        ow, first_group, nslot, nglob, nmask, va, vb, vc, scale, shift, H_A,
+                        W_A, KC, KG, H_O, W_O, NC, MODE, STRIDE, DIL, FROM_DY, HOLD, GUARD,
+                        SLOTS, K_STEPS, SUB_K, SUB_N, ROWS, BW, IMGS, ALIGNED, False, True, 1,
+                        PRECISION)
+                    s0, s1, s2 = _merge(s0, s1, s2, r0, r1, r2, MODE)
     if MODE == 1:
         out = partial_ptr + (pid * NC + nglob) * 3
         tl.store(out, s0, mask=nmask)
@@ -513,7 +588,7 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
 
 @triton.jit
 def _add_dw(dw_ptr, entry, inside, g, NG):
-    """Adds the nine tap sums ``g[0:9]`` of the fused dgrad + wgrad pass to dw (float
+    """Adds the nine tap sums ``g`` of the fused dgrad + wgrad pass to dw (float
     atomics), the entries inside the groups only."""
     for tap in tl.static_range(9):
         tl.atomic_add(dw_ptr + entry + tap * NG, tl.permute(g[tap], (0, 2, 1)), mask=inside)
@@ -654,15 +729,12 @@ def _store_dw(dw_ptr, entry, inside, d0, d1, d2, CG_IN, kh: tl.constexpr,
 
 
 @triton.jit
-def pack_kernel(w_ptr, out_ptr, TOTAL, KC, NC, KG, NG, TRANSPOSED: tl.constexpr,
-                K_STEPS: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """The conv's weight tiles from the OIHW weight, [pieces, 9 taps, K_STEPS, SUB_K,
-    SUB_N] (``conv_rows_kernel``'s ``wp_ptr``): entry (k, n) of a piece is the weight of
-    input channel k to output channel n where both are in one group, 0 elsewhere
-    (block-diagonal). ``TRANSPOSED``: dgrad's tiles (the conv's input and output channels
-    swapped, KC = the forward's output channels; the taps flipped)."""
-    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _pack(w_ptr, out_ptr, e, TOTAL, KC, NC, KG, NG, TRANSPOSED: tl.constexpr,
+          K_STEPS: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr):
+    """Entries ``e`` of one orientation's weight tiles, [pieces, 9 taps, K_STEPS, SUB_K,
+    SUB_N]: entry (k, n) of a piece is the weight of input channel k to output channel n
+    where both are in one group, 0 elsewhere (block-diagonal). ``TRANSPOSED``: dgrad's
+    tiles (KC, NC, KG, NG: dgrad's channels, the forward's swapped; the taps flipped)."""
     n = e % SUB_N
     k = e // SUB_N % SUB_K
     ks = e // (SUB_N * SUB_K) % K_STEPS
@@ -677,6 +749,31 @@ def pack_kernel(w_ptr, out_ptr, TOTAL, KC, NC, KG, NG, TRANSPOSED: tl.constexpr,
     else:  # w[co = n, ci = k − group·Cg_in, kh, kw]
         at = (nglob * KG + kglob - group * KG) * 9 + tap
     tl.store(out_ptr + e, tl.load(w_ptr + at, mask=inside, other=0.0), mask=e < TOTAL)
+
+
+@triton.jit
+def pack_kernel(w_ptr, fwd_ptr, FWD_TOTAL, dgrad_ptr, DGRAD_TOTAL, zero_ptr, ZERO_TOTAL,
+                C_IN, C_OUT, CG_IN, CG_OUT, F_K_STEPS: tl.constexpr, F_SUB_K: tl.constexpr,
+                F_SUB_N: tl.constexpr, D_K_STEPS: tl.constexpr, D_SUB_K: tl.constexpr,
+                D_SUB_N: tl.constexpr, BLOCK: tl.constexpr):
+    """The one launch before a pass's convs, in three ranges of programs: the forward's
+    weight tiles from the OIHW weight (``conv_rows_kernel``'s ``wp_ptr``; FWD_TOTAL
+    entries), dgrad's (DGRAD_TOTAL) and ZERO_TOTAL fp32 zeros at ``zero_ptr`` (the
+    weight gradient's sums, which float atomics add to). A range of 0 entries has no
+    programs."""
+    pid = tl.program_id(0)
+    lane = tl.arange(0, BLOCK)
+    fwd_programs = tl.cdiv(FWD_TOTAL, BLOCK)
+    dgrad_programs = tl.cdiv(DGRAD_TOTAL, BLOCK)
+    if pid < fwd_programs:
+        _pack(w_ptr, fwd_ptr, pid * BLOCK + lane, FWD_TOTAL, C_IN, C_OUT, CG_IN, CG_OUT, False,
+              F_K_STEPS, F_SUB_K, F_SUB_N)
+    elif pid < fwd_programs + dgrad_programs:
+        _pack(w_ptr, dgrad_ptr, (pid - fwd_programs) * BLOCK + lane, DGRAD_TOTAL, C_OUT, C_IN,
+              CG_OUT, CG_IN, True, D_K_STEPS, D_SUB_K, D_SUB_N)
+    else:
+        e = (pid - fwd_programs - dgrad_programs) * BLOCK + lane
+        tl.store(zero_ptr + e, tl.zeros((BLOCK,), dtype=tl.float32), mask=e < ZERO_TOTAL)
 
 
 @triton.jit

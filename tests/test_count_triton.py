@@ -301,25 +301,26 @@ TILE = "GUARD=1,SLOTS=4,K_STEPS=1,PIECES=2,SUB_K=16,SUB_N=16,BW=16,ROWS=8,IMGS=2
 
 
 def rows(mode, stride=1, dil=1, from_dy=0, save=0, wgrad=0):
-    # reduce, dc and dgrad + wgrad: 8 warps (triton_backend.fixed_warps)
-    warps = 8 if mode in (2, 3) or wgrad else 4
+    # statistics, reduce, dc and dgrad + wgrad: 8 warps (triton_backend.fixed_warps); the
+    # walk takes 3 rows a trip but in the fused pass
+    warps = 8 if mode in (1, 2, 3) or wgrad else 4  # SMALL: UNROLL=3
     return (f"conv_rows_kernel(MODE={mode},STRIDE={stride},DIL={dil},FROM_DY={from_dy},"
-            f"HOLD=1,{TILE},SAVE={save},WGRAD={wgrad},PRECISION=tf32,warps={warps})")
+            f"HOLD=1,{TILE},SAVE={save},WGRAD={wgrad},UNROLL={1 if wgrad else 3},"
+            f"PRECISION=tf32,warps={warps})")
 
 
-def pack(transposed):
-    return f"pack_kernel(TRANSPOSED={transposed},K_STEPS=1,SUB_K=16,SUB_N=16,BLOCK=1024,warps=4)"
+PACK = ("pack_kernel(F_K_STEPS=1,F_SUB_K=16,F_SUB_N=16,D_K_STEPS=1,D_SUB_K=16,D_SUB_N=16,"
+        "BLOCK=1024,warps=4)")
 
 
 MERGE = "BLOCK_R=64,BLOCK_C=64,warps=4)"
-# The weights are packed once a pass (and once more for dgrad's transposed tiles); dgrad
-# adds the weight gradient on the way.
+# One pack launch a pass: the forward's weight tiles and/or dgrad's transposed ones, and
+# the weight gradient's sums zeroed; dgrad adds the weight gradient on the way.
 TRITON_KERNELS = {
-    "eval": [pack(0), rows(0, save=1)],
-    "train_fwd": [pack(0), rows(1), f"stats_kernel({MERGE}", rows(0)],
-    "train_bwd": [pack(0), rows(2), f"sums_kernel({MERGE}", rows(3), pack(1),
-                  rows(4, wgrad=1)],
-    "eval_bwd": [pack(1), rows(4, from_dy=1, wgrad=1)],
+    "eval": [PACK, rows(0, save=1)],
+    "train_fwd": [PACK, rows(1), f"stats_kernel({MERGE}", rows(0)],
+    "train_bwd": [PACK, rows(2), f"sums_kernel({MERGE}", rows(3), rows(4, wgrad=1)],
+    "eval_bwd": [PACK, rows(4, from_dy=1, wgrad=1)],
 }
 
 
@@ -341,10 +342,17 @@ def test_real_pass(pass_name):
             assert r.useful_macs < r.executed_macs  # block-diagonal: zeros off the groups
     assert all(r.global_bytes == 0 and r.grid == (1, 1, 1) for r in glue)
     names = [r.kernel for r in launches]
-    packs = [r for r in kernels if r.kernel == "pack_kernel"]
-    # every entry of the packed tiles written (fp16)
+    (pack,) = [r for r in kernels if r.kernel == "pack_kernel"]
+    # every entry of the packed tiles written (fp16): the forward's (eval, train_fwd,
+    # and train_bwd's reduce and dc passes), dgrad's (both backwards), and the weight
+    # gradient's fp32 sums zeroed (the backwards)
     entries = 2 * 9 * 16 * 16  # 2 pieces x 9 taps x [16 x 16]
-    assert all(r.global_bytes >= entries * 2 and r.threads == 128 for r in packs)
+    tiles = {"eval": 1, "train_fwd": 1, "train_bwd": 2, "eval_bwd": 1}[pass_name]
+    zeros = 32 * 9 * 4 if pass_name in ("train_bwd", "eval_bwd") else 0
+    written = np.count_nonzero(pack.trace_kind & WRITE) * 32
+    assert written == tiles * entries * 2 + zeros * 4
+    programs = tiles * -(-entries // 1024) + -(-zeros // 1024)  # 1,024 entries a program
+    assert pack.threads == 128 and pack.grid == (programs, 1, 1)
     if pass_name == "eval":
         assert names == ["pack_kernel", "conv_rows_kernel"]  # no torch op around the pass
         conv = kernels[-1]

@@ -156,18 +156,43 @@ def test_triton_variants_cover_every_pass_of_every_layer():
     warps = tb.FIXED_WARPS
     for mode, save in ((0, 0), (0, 1), (1, 0), (2, 0), (3, 0)):
         assert (f"conv_rows_kernel(MODE={mode},STRIDE=1,DIL=1,FROM_DY=0,{s2},SAVE={save},"
-                f"WGRAD=0,PRECISION=tf32,warps={tb.fixed_warps(mode)})") in names
+                f"WGRAD=0,UNROLL=3,PRECISION=tf32,warps={tb.fixed_warps(mode)})") in names
     for from_dy in (0, 1):  # dgrad, and dgrad + wgrad (4 row tiles a program at batch 256)
         assert (f"conv_rows_kernel(MODE=4,STRIDE=1,DIL=1,FROM_DY={from_dy},{s2},SAVE=0,"
-                f"WGRAD=0,PRECISION=tf32,warps={warps})") in names
+                f"WGRAD=0,UNROLL=3,PRECISION=tf32,warps={warps})") in names
         assert (f"conv_rows_kernel(MODE=4,STRIDE=1,DIL=1,FROM_DY={from_dy},"
-                f"{s2.replace('RUN=1', 'RUN=4')},SAVE=0,WGRAD=1,PRECISION=tf32,"
+                f"{s2.replace('RUN=1', 'RUN=4')},SAVE=0,WGRAD=1,UNROLL=1,PRECISION=tf32,"
                 f"warps={tb.fixed_warps(4, True)})") in names
     assert ("wgrad_kernel(FROM_DY=0,STRIDE=1,DETERMINISTIC=0,K_STEPS=1,PIECES=4,SUB_K=16,"
             f"SUB_N=16,BW=32,ROWS=14,IMGS=1,ALIGNED=1,PRECISION=tf32,warps={tb.WGRAD_WARPS})"
             ) in names
     # s3-down's dgrad runs on the dilated grid
     assert any("MODE=4,STRIDE=1,DIL=2" in name for name in names)
+
+
+def test_the_triton_conv_hot_loop_is_the_row_walk_not_the_non_finite_redo():
+    """s2's passes hold two walks: the row walk and, for a tile that held a NaN or an
+    infinity, the guarded one (a loop over group slots, no global loads). The issue
+    ceiling must come from the row walk: 3 input rows a trip, their loads and stores."""
+    pytest.importorskip("triton")
+    from resnext_kernels.bench.kernels import find_cuobjdump
+
+    if find_cuobjdump() is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton)")
+    wanted = [v for v in sass._default_variants()
+              if v[0] == "conv_rows_kernel" and v[1]["GUARD"] and v[1]["STRIDE"] == 1
+              and v[1]["SLOTS"] == 4 and v[1]["MODE"] in (0, 1) and not v[1]["SAVE"]
+              and v[2] == (8 if v[1]["MODE"] == 1 else 4)]
+    assert len(wanted) == 2
+    for k in sass.triton_sass(wanted).values():
+        # 9 taps x [4 pieces, 32 pixels, 16] x [16, 16] per row is 36 HMMA a warp at 4
+        # warps, and at 8 (the statistics pass): Triton gives both warps of a pair the
+        # same tiles (docs/kernels.md); the guarded walk's slot loop holds a group's 36
+        # and no load
+        assert k.loop_counts["HMMA"] == 3 * 36, k.symbol
+        assert k.loop_counts["LDG"] > 0 and k.loop_innermost, k.symbol
+        if "MODE=0" in k.symbol:  # the write pass stores its rows
+            assert k.loop_counts["STG"] > 0, k.symbol
 
 
 def test_triton_specialisation_marks_pointers_and_channel_counts():

@@ -15,9 +15,9 @@ from concurrent.futures import ProcessPoolExecutor
 # Scalar (shape) arguments; every other upper-case argument is a constexpr.
 INTS = {"N", "N_BUCKET", "H_A", "W_A", "KC", "H_O", "W_O", "NC", "KG", "NG", "H", "W", "C_in",
         "H_out", "W_out", "C_out", "CG_IN", "CG_OUT", "TILES", "CHUNKS", "R", "C",
-        "TOTAL"}
+        "FWD_TOTAL", "DGRAD_TOTAL", "ZERO_TOTAL", "C_IN", "C_OUT"}
 FP32_POINTERS = {"partial_ptr", "va_ptr", "vb_ptr", "vc_ptr", "vd_ptr", "sv_ptr", "ve_ptr",
-                 "dw_ptr", "mean_ptr", "var_ptr"}
+                 "dw_ptr", "mean_ptr", "var_ptr", "zero_ptr"}
 FLOATS = {"eps", "count"}
 
 # The JIT marks an argument ``tt.divisibility`` 16 when its value at the launch allows
@@ -29,14 +29,17 @@ FLOATS = {"eps", "count"}
 # * pointers: always (PyTorch's allocations are 512-byte aligned and in a ResNeXt the
 #   conv's input, weight and outputs are whole tensors; a view at an odd offset gets
 #   another JIT kernel);
-# * the channel counts KC, NC, C_in, C_out: 128/256/512/1024 — multiples of 16;
+# * the channel counts KC, NC, C_in, C_out, C_IN, C_OUT: 128/256/512/1024 — multiples
+#   of 16;
 # * N and N_BUCKET (the batch, and it rounded up to a power of two): 256;
-# * pack_kernel's TOTAL (its entries: a multiple of 256);
+# * pack_kernel's FWD_TOTAL, DGRAD_TOTAL (their entries: multiples of 256, or 0) and
+#   ZERO_TOTAL (C_out x 9 x Cg_in, a multiple of 16, or 0);
 # * not the sizes (56, 28, 14, 7: 14 and 7 are not), KG/NG/CG_IN/CG_OUT (4 and 8 at
 #   s2/s3), TILES and CHUNKS (wgrad's row tiles and their chunks).
 # The JIT also turns an int argument equal to 1 into a constexpr: wgrad's CHUNKS can be 1
 # at s5, a variant not compiled here.
-DIVISIBLE_INTS = {"N", "N_BUCKET", "KC", "NC", "C_in", "C_out", "TOTAL"}
+DIVISIBLE_INTS = {"N", "N_BUCKET", "KC", "NC", "C_in", "C_out", "FWD_TOTAL",
+                  "DGRAD_TOTAL", "ZERO_TOTAL", "C_IN", "C_OUT"}
 
 
 def variant_name(name: str, constexprs: dict, warps: int) -> str:
@@ -120,14 +123,14 @@ def variants(quick: bool):
         fwd = tb.Plan(channels, channels, cg, cg, out_size, out_size)
         dgrad = tb.Plan(channels, channels, cg, cg, size, size)
         common = dict(PRECISION="tf32")
-        for plan, transposed in ((fwd, False), (dgrad, True)):
-            add("pack_kernel", dict(TRANSPOSED=transposed, K_STEPS=plan.k_steps,
-                                    SUB_K=plan.sub_k, SUB_N=plan.sub_n, BLOCK=tb.PACK_BLOCK),
-                tb.FIXED_WARPS)
+        add("pack_kernel", dict(F_K_STEPS=fwd.k_steps, F_SUB_K=fwd.sub_k, F_SUB_N=fwd.sub_n,
+                                D_K_STEPS=dgrad.k_steps, D_SUB_K=dgrad.sub_k,
+                                D_SUB_N=dgrad.sub_n, BLOCK=tb.PACK_BLOCK), tb.FIXED_WARPS)
         for mode in (K.WRITE, K.STATS, K.REDUCE, K.DC):
-            tuned = sorted({tb.fixed_warps(mode), *(() if quick else tb.CONFIGS)})
+            fixed = tb.fixed_warps(mode, unroll=fwd.unroll)
+            tuned = sorted({fixed, *(() if quick else tb.CONFIGS)})
             for save in ((False, True) if mode == K.WRITE else (False,)):
-                for w in (tuned if mode == K.WRITE else [tb.fixed_warps(mode)]):
+                for w in (tuned if mode == K.WRITE else [fixed]):
                     add("conv_rows_kernel", dict(MODE=mode, STRIDE=stride, DIL=1, FROM_DY=False,
                                                  BW=fwd.bw, SAVE=save, WGRAD=False,
                                                  **fwd.constexprs(), **common), w)
@@ -138,7 +141,7 @@ def variants(quick: bool):
                 add("conv_rows_kernel", dict(plain, WGRAD=False, **dgrad.constexprs()), w)
             if dgrad.fuse_wgrad:  # dgrad + wgrad, at batch 256
                 add("conv_rows_kernel", dict(plain, WGRAD=True,
-                                             **dgrad.constexprs(dgrad.fused_run(256))),
+                                             **dgrad.constexprs(dgrad.fused_run(256), wgrad=True)),
                     tb.fixed_warps(K.PLAIN, True))
             for deterministic in (False, True):
                 add("wgrad_kernel", dict(FROM_DY=from_dy, STRIDE=stride,
@@ -175,7 +178,7 @@ def report(quick: bool, archs=(80, 90), dtype: str = "bf16"):
 
     def fixed(name, constexprs):
         if name == "conv_rows_kernel":
-            return tb.fixed_warps(constexprs["MODE"], constexprs["WGRAD"])
+            return tb.fixed_warps(constexprs["MODE"], constexprs["WGRAD"], constexprs["UNROLL"])
         return tb.WGRAD_WARPS if name == "wgrad_kernel" else tb.FIXED_WARPS
 
     jobs = [(name, constexprs, warps, arch, dtype)
