@@ -78,9 +78,10 @@ def _next_pow2(v: int) -> int:
 
 class Plan:
     """The tiling of one grouped conv orientation: ``kc`` input channels in groups of
-    ``kg``, ``nc`` output channels in groups of ``ng``, an output ``h_out`` x ``w_out``."""
+    ``kg``, ``nc`` output channels in groups of ``ng``, an output ``h_out`` x ``w_out``,
+    on a GPU of compute capability ``major`` (9: the H200 the model counts)."""
 
-    def __init__(self, kc, nc, kg, ng, h_out, w_out):
+    def __init__(self, kc, nc, kg, ng, h_out, w_out, major=9):
         self.kc, self.nc, self.kg, self.ng = kc, nc, kg, ng
         self.sub_n = 16 if ng < 16 else min(SLAB, _next_pow2(ng))
         self.pieces = max(1, min(SLAB, _next_pow2(nc)) // self.sub_n)
@@ -96,7 +97,10 @@ class Plan:
         self.sub_k = min(SLAB, max(16, _next_pow2(span)))
         self.k_steps = -(-span // self.sub_k)
         self.w_out = w_out
-        self.bw = min(32, max(16, _next_pow2(w_out)))  # pixels along a row: M of the dots
+        # Pixels along a row: M of the dots. ptxas for sm_80 (``major`` 8) spills 24-120
+        # bytes with 32 and the guarded product of 4 groups a piece (s2): 16 there.
+        widest = 32 if major >= 9 or self.slots < 4 else 16
+        self.bw = min(widest, max(16, _next_pow2(w_out)))
         # Short rows (7 at s5) share the 16 lanes with the same row of other images.
         self.imgs = self.bw // _next_pow2(w_out) if w_out < 16 else 1
         self.h_out = h_out
@@ -244,10 +248,11 @@ class _Layer:
         self.x = input.contiguous(memory_format=torch.channels_last)
         self.weight = weight
         self.pixels = self.n * self.h_out * self.w_out
+        major = torch.cuda.get_device_capability(input.device)[0] if input.is_cuda else 9
         self.plan = Plan(self.c_in, self.c_out, self.cg_in, self.cg_out, self.h_out,
-                         self.w_out)
+                         self.w_out, major)
         # dgrad's: the conv on dc, input and output channels swapped, to the input's size
-        self.dgrad = Plan(self.c_out, self.c_in, self.cg_out, self.cg_in, self.h, self.w)
+        self.dgrad = Plan(self.c_out, self.c_in, self.cg_out, self.cg_in, self.h, self.w, major)
 
     def empty(self, like, input_side=False):
         """An NHWC tensor shaped like the output (or, ``input_side``, like the input)."""

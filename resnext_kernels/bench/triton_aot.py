@@ -100,9 +100,10 @@ def _ordered(name: str, constexprs: dict) -> dict:
     return {k: constexprs[k] for k in order if k in constexprs}
 
 
-def variants(quick: bool):
+def variants(quick: bool, major: int = 9):
     """(kernel name, constexprs, num_warps) of every launch the backend makes on the
-    ResNeXt-50 32x4d layers (their tiling is per layer: ``triton_backend.Plan``): the
+    ResNeXt-50 32x4d layers on a GPU of compute capability ``major`` (their tiling is
+    per layer and GPU: ``triton_backend.Plan``): the
     fixed warps of every pass and, unless ``quick``, each autotuning config of the
     passes that autotune; wgrad for both flag pairs."""
     from .. import reference, testing
@@ -120,8 +121,8 @@ def variants(quick: bool):
         add(merge, dict(BLOCK_R=tb.STATS_R, BLOCK_C=tb.STATS_C), tb.FIXED_WARPS)
     for channels, size, stride in testing.resnext_layers(32, 4).values():
         cg, out_size = channels // 32, reference.output_size(size, stride)
-        fwd = tb.Plan(channels, channels, cg, cg, out_size, out_size)
-        dgrad = tb.Plan(channels, channels, cg, cg, size, size)
+        fwd = tb.Plan(channels, channels, cg, cg, out_size, out_size, major)
+        dgrad = tb.Plan(channels, channels, cg, cg, size, size, major)
         common = dict(PRECISION="tf32")
         add("pack_kernel", dict(F_K_STEPS=fwd.k_steps, F_SUB_K=fwd.sub_k, F_SUB_N=fwd.sub_n,
                                 D_K_STEPS=dgrad.k_steps, D_SUB_K=dgrad.sub_k,
@@ -183,7 +184,7 @@ def report(quick: bool, archs=(80, 90), dtype: str = "bf16"):
 
     jobs = [(name, constexprs, warps, arch, dtype)
             for arch in ((90,) if quick else archs)
-            for name, constexprs, warps in variants(quick)
+            for name, constexprs, warps in variants(quick, arch // 10)
             if warps == fixed(name, constexprs) or arch >= 10 * tb.TUNE_MIN_MAJOR]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return list(pool.map(_compile, jobs))
