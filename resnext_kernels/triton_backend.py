@@ -97,7 +97,7 @@ class Plan:
         self.sub_k = min(SLAB, max(16, _next_pow2(span)))
         self.k_steps = -(-span // self.sub_k)
         self.w_out = w_out
-        # Pixels along a row: M of the dots. ptxas for sm_80 (``major`` 8) spills 24-120
+        # Pixels along a row: M of the dots. ptxas for sm_80 (``major`` 8) spills 24-168
         # bytes with 32 and the guarded product of 4 groups a piece (s2): 16 there.
         widest = 32 if major >= 9 or self.slots < 4 else 16
         self.bw = min(widest, max(16, _next_pow2(w_out)))
