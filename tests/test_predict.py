@@ -103,6 +103,19 @@ def test_binding_ceiling():
     assert row["issue_instructions"] == 3e8
     assert row["ceilings_ms"]["issue"] == pytest.approx(3e8 / (pipe * 4) * 1e3)
     assert row["ceilings_ms"]["tensor"] == pytest.approx(2048e6 / h["mma_sync_rate"] * 1e3)
+    # Each tile issued by two warps (sass.mma_replication) doubles both ceilings; the
+    # compiled opcode picks the rate, whatever the counters called the dot.
+    doubled = {"k": {"instructions_per_mma": 300, "mma_replication": 2.0,
+                     "hmma_kind": "HMMA.16816.F32.BF16"}}
+    dot = launch(range(10), mma=1e6, executed_macs=2048e6, mma_kind="tl.dot")
+    (row,) = perfmodel.model_pass([dot], doubled)
+    assert row["issue_instructions"] == 6e8 and row["mma_rate"] == "mma.sync"
+    assert row["ceilings_ms"]["tensor"] == pytest.approx(2 * 2048e6 / h["mma_sync_rate"] * 1e3)
+    (row,) = perfmodel.model_pass([dot], {"k": {"hmma_kind": "HGMMA.64x64x16.F32.BF16"}})
+    assert row["mma_rate"] == "wgmma"
+    assert row["ceilings_ms"]["tensor"] == pytest.approx(2048e6 / h["wgmma_rate"] * 1e3)
+    (row,) = perfmodel.model_pass([dot], {})  # no compiled code: the counters' kind
+    assert row["mma_rate"] == "wgmma" and row["mma_replication"] == 1.0
     glue = launch([])
     (row,) = perfmodel.model_pass([glue], {})
     assert row["bound"] == "launch" and row["modeled_ms"] == h["launch_overhead"] * 1e3

@@ -140,6 +140,37 @@ def test_lookup_and_json_round_trip():
     assert sass.lookup(rep, "missing") is None
 
 
+def ttgir(layout, shape, rank_fields):
+    """A TTGIR fragment: one mma layout and one dot whose result uses it."""
+    return (f"#mma = #ttg.nvidia_mma<{{{rank_fields}}}>\n"
+            f"#blocked = #ttg.blocked<{{sizePerThread = [1, 1], warpsPerCTA = [4, 1]}}>\n"
+            f"  %5 = tt.dot %3, %4, %2, inputPrecision = tf32 : tensor<...> * tensor<...> "
+            f"-> tensor<{shape}xf32, {layout}>\n")
+
+
+@pytest.mark.parametrize("shape, fields, expected", [
+    # 3-D: Triton puts every warp on the batch; 8 warps on 4 entries repeat each tile twice
+    ("4x32x16", "versionMajor = 2, warpsPerCTA = [8, 1, 1], instrShape = [1, 16, 8]", 2.0),
+    ("4x32x16", "versionMajor = 2, warpsPerCTA = [4, 1, 1], instrShape = [1, 16, 8]", 1.0),
+    ("2x16x32", "versionMajor = 2, warpsPerCTA = [4, 1, 1], instrShape = [1, 16, 8]", 2.0),
+    # 2-D mma.sync: 16 rows on 2 warps along M
+    ("16x64", "versionMajor = 2, warpsPerCTA = [2, 2], instrShape = [16, 8]", 2.0),
+    # wgmma: a warp group of 4 warps on 64 rows, instrShape's K left out
+    ("64x64", "versionMajor = 3, warpsPerCTA = [4, 1], instrShape = [16, 64, 16]", 1.0),
+])
+def test_mma_replication_from_the_ttgir(shape, fields, expected):
+    assert sass.mma_replication(ttgir("#mma", shape, fields)) == expected
+
+
+def test_mma_replication_ignores_fma_dots_and_takes_the_largest():
+    fields = "versionMajor = 2, warpsPerCTA = [8, 1, 1], instrShape = [1, 16, 8]"
+    assert sass.mma_replication(ttgir("#blocked", "4x32x16", fields)) == 1.0
+    both = (ttgir("#mma", "8x32x16", fields)
+            + "  %9 = tt.dot %7, %8, %6 : tensor<...> -> tensor<2x32x16xf32, #mma>\n")
+    assert sass.mma_replication(both) == 4.0
+    assert sass.mma_replication("") == 1.0
+
+
 def test_triton_variants_cover_every_pass_of_every_layer():
     pytest.importorskip("triton")
     from resnext_kernels import triton_backend as tb
@@ -190,6 +221,7 @@ def test_the_triton_conv_hot_loop_is_the_row_walk_not_the_non_finite_redo():
         # same tiles (docs/kernels.md); the guarded walk's slot loop holds a group's 36
         # and no load
         assert k.loop_counts["HMMA"] == 3 * 36, k.symbol
+        assert k.mma_replication == (2.0 if "warps=8" in k.symbol else 1.0), k.symbol
         assert k.loop_counts["LDG"] > 0 and k.loop_innermost, k.symbol
         if "MODE=0" in k.symbol:  # the write pass stores its rows
             assert k.loop_counts["STG"] > 0, k.symbol

@@ -87,11 +87,17 @@ def kernel_row(launch: Launch, dram25, dram50, sass: dict) -> dict:
     h = {k: c.value for k, c in H200.items()}
     s = launch.scale
     pipe = h["sms"] * h["clock"]
-    mma_rate = h["wgmma_rate"] if launch.mma_kind == "tl.dot" else h["mma_sync_rate"]
     info = sass.get(launch.symbol) or {}
+    # The compiled code decides: its mma opcode (HGMMA is wgmma), and how many warps
+    # issue each tile the counters counted once (sass.mma_replication).
+    compiled_kind = info.get("hmma_kind")
+    wgmma = (compiled_kind.startswith("HGMMA") if compiled_kind
+             else launch.mma_kind == "tl.dot")
+    mma_rate = h["wgmma_rate"] if wgmma else h["mma_sync_rate"]
+    repeat = info.get("mma_replication") or 1.0
     issue = 0.0
     if launch.mma and info.get("instructions_per_mma"):
-        issue = launch.mma * s * info["instructions_per_mma"]
+        issue = launch.mma * repeat * s * info["instructions_per_mma"]
     elif launch.fma and info.get("instructions_per_fma"):
         issue = launch.fma / 32 * s * info["instructions_per_fma"]
     times = {
@@ -99,7 +105,7 @@ def kernel_row(launch: Launch, dram25, dram50, sass: dict) -> dict:
         "l2": launch.l2_bytes / h["l2_bandwidth"],
         "l1": (launch.global_wavefronts + launch.smem_wavefronts) * s
         / (pipe * h["l1_wavefronts_per_clock"]),
-        "tensor": launch.executed_macs * s / mma_rate,
+        "tensor": launch.executed_macs * repeat * s / mma_rate,
         "fma": launch.fma * s / h["fp32_fma_rate"],
         "issue": issue / (pipe * h["issue_per_clock"]),
     }
@@ -118,7 +124,8 @@ def kernel_row(launch: Launch, dram25, dram50, sass: dict) -> dict:
         "global_bytes": launch.global_bytes * s, "global_sector_bytes": launch.global_sectors * 32 * s,
         "smem_wavefronts": launch.smem_wavefronts * s,
         "smem_ideal_wavefronts": launch.smem_ideal_wavefronts * s,
-        "mma": launch.mma * s, "mma_kind": launch.mma_kind,
+        "mma": launch.mma * s, "mma_kind": launch.mma_kind, "mma_replication": repeat,
+        "mma_rate": "wgmma" if wgmma else "mma.sync",
         "executed_macs": launch.executed_macs * s, "useful_macs": launch.useful_macs * s,
         "fma": launch.fma * s, "atomics": launch.atomics * s,
         "issue_instructions": issue,

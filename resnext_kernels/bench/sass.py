@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-FORMAT = 1  # of the cached report; bump when the analysis changes its figures
+FORMAT = 2  # of the cached report; bump when the analysis changes its figures
 
 # loop_counts keys -> the opcodes (the mnemonic before the first '.') each counts.
 CLASSES = {
@@ -106,6 +106,8 @@ class KernelSass:
     loop_call_instructions: int = 0      # of loop_instructions: subroutines called every trip
     innermost_loops: int = 0
     counts: dict = field(default_factory=dict)  # CLASSES key -> count in the whole kernel
+    mma_replication: float = 1.0         # warps issuing each mma tile (Triton: see
+                                         # :func:`mma_replication`; nvcc kernels: 1)
 
     @classmethod
     def from_dict(cls, d: dict) -> "KernelSass":
@@ -375,7 +377,46 @@ def _triton_job(job) -> KernelSass:
         listing = disassemble(f.name)
     functions = [f for f in parse(listing) if f[2]]
     (fn_arch, _, instructions), = functions
-    return analyse(variant_name(name, constexprs, warps), fn_arch or f"sm_{arch}", instructions)
+    row = analyse(variant_name(name, constexprs, warps), fn_arch or f"sm_{arch}", instructions)
+    row.mma_replication = mma_replication(compiled.asm["ttgir"])
+    return row
+
+
+_MMA_LAYOUT = re.compile(r"^(#\w+)\s*=\s*#ttg\.nvidia_mma<\{([^}]*)\}>", re.M)
+_DOT = re.compile(r"\b(?:tt\.dot|ttng\.warp_group_dot)\b[^\n]*->\s*tensor<([0-9x]+)x\w+,\s*(#\w+)>")
+
+
+def _int_list(fields: str, name: str) -> list:
+    m = re.search(name + r"\s*=\s*\[([0-9,\s]*)\]", fields)
+    if m is None:
+        raise ValueError(f"no {name} in the mma layout {{{fields}}}")
+    return [int(v) for v in m.group(1).split(",")]
+
+
+def mma_replication(ttgir: str) -> float:
+    """How many of a kernel's warps issue each tensor-core tile, from its TTGIR: a dot's
+    ``nvidia_mma`` layout spreads ``warpsPerCTA[d]`` warps along each dimension d of the
+    result, a warp covering ``instrShape[d]`` of it (the batch: 1); where the result has
+    fewer tiles along d than warps, the warps wrap round and repeat the same tiles
+    (Triton puts every warp of a 3-D dot on the batch dimension: 8 warps on 4 batch
+    entries issue each mma twice). Per dot: the product over d of ``warpsPerCTA[d]`` /
+    min(``warpsPerCTA[d]``, ceil(shape[d] / ``instrShape[d]``)); the kernel's figure is
+    the largest over its dots (1.0 without a tensor-core dot). The CPU counters count
+    each tile once, so the tensor and issue ceilings are multiplied by it."""
+    layouts = {name: fields for name, fields in _MMA_LAYOUT.findall(ttgir)}
+    worst = 1.0
+    for shape_text, layout in _DOT.findall(ttgir):
+        if layout not in layouts:
+            continue  # an FMA dot (blocked layout): no tensor cores
+        fields = layouts[layout]
+        shape = [int(v) for v in shape_text.split("x")]
+        warps = _int_list(fields, "warpsPerCTA")
+        instr = _int_list(fields, "instrShape")[:len(shape)]
+        repeat = 1.0
+        for size, w, tile in zip(shape, warps, instr):
+            repeat *= w / min(w, -(-size // tile))
+        worst = max(worst, repeat)
+    return worst
 
 
 def _interpreting() -> bool:
@@ -545,7 +586,7 @@ def _row(k: KernelSass, name: str) -> list:
 
     return [name, str(k.instructions), f(k.loop_instructions), str(c["HMMA"]), str(c["FFMA"]),
             str(c["LDG"]), str(c["LDS"] + c["LDSM"]), str(c["STS"]), f(k.instructions_per_mma),
-            f(k.instructions_per_fma), k.hmma_kind or ""]
+            f(k.instructions_per_fma), k.hmma_kind or "", f"{k.mma_replication:g}"]
 
 
 def main(argv=None) -> int:
@@ -574,7 +615,7 @@ def main(argv=None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=200)
     grid = Table(title=f"hot loops of the compiled kernels, sm_{opts.arch} (static SASS)")
     for col in ("kernel", "instr", "loop", "HMMA", "FFMA", "LDG", "LDS+LDSM", "STS",
-                "instr/mma", "instr/fma", "mma"):
+                "instr/mma", "instr/fma", "mma", "warps/tile"):
         grid.add_column(col, justify="left" if col in ("kernel", "mma") else "right")
     symbols = list(rep["cuda"])
     for symbol, name in zip(symbols, demangle(symbols)):
