@@ -180,7 +180,7 @@ def _precision(dtype):
 
 if triton is not None:
     ROWS_KERNEL = K.conv_rows_kernel if INTERPRET else triton.autotune(
-        configs=[triton.Config({}, num_warps=w, maxnreg=MAXNREG) for w in CONFIGS],
+        configs=[triton.Config({"WARPS": w}, num_warps=w, maxnreg=MAXNREG) for w in CONFIGS],
         key=list(TUNE_KEYS))(K.conv_rows_kernel)
 
 
@@ -219,7 +219,8 @@ def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, 
             or torch.cuda.get_device_capability(a.device)[0] < TUNE_MIN_MAJOR):
         kernel = kernel.fn
     if not isinstance(kernel, triton.runtime.Autotuner):
-        meta.update(num_warps=fixed_warps(mode, wgrad, meta["UNROLL"]), maxnreg=MAXNREG)
+        warps = fixed_warps(mode, wgrad, meta["UNROLL"])
+        meta.update(WARPS=warps, num_warps=warps, maxnreg=MAXNREG)
     grid = (_row_programs(plan, n, run), plan.slabs)
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
 

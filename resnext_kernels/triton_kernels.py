@@ -8,7 +8,11 @@ multiplies each piece of ``SUB_N`` channels by the input channels of the groups 
 its weight tile is block-diagonal (zeros off the groups, packed once per call by
 ``pack_kernel``); from 16 up a piece is (part of) one group, and wide
 groups loop over ``K_STEPS`` chunks of input channels. The pieces are the batch dimension
-of a 3-D ``tl.dot``.
+of a 3-D ``tl.dot``, each split ``SPLIT`` ways along its output channels: Triton places
+every warp of a 3-D dot on the batch dimension, and with fewer batch entries than warps
+the warps would issue each other's mma tiles again (8 warps on 4 pieces, 4 on s5's 2);
+the dots run on [PIECES·SPLIT, BW, SUB_N / SPLIT] (``_spread``), the epilogue on
+[PIECES, BW, SUB_N] (``_join``).
 
 Rows walked once. A program computes ``ROWS`` output rows x ``BW`` columns. It walks the
 input rows once; each row's three column-shifted tiles (taps kw = 0, 1, 2) are loaded once
@@ -104,26 +108,52 @@ def _nonfinite(t):
 
 @triton.jit
 def _weights(wp_ptr, wbase, tap, ks, K_STEPS: tl.constexpr, SUB_K: tl.constexpr,
-             SUB_N: tl.constexpr):
-    """The packed [PIECES, SUB_K, SUB_N] weight tile of ``tap``, input-channel step ``ks``."""
+             SUB_N: tl.constexpr, SPLIT: tl.constexpr):
+    """The packed weight tile of ``tap``, input-channel step ``ks``, as the dots take it:
+    [PIECES·SPLIT, SUB_K, SUB_N / SPLIT], entry e the outputs [(e % SPLIT)·SUB_N / SPLIT,
+    ...) of piece ``wbase[e]``."""
+    NS: tl.constexpr = SUB_N // SPLIT
     k = tl.arange(0, SUB_K)
-    nn = tl.arange(0, SUB_N)
+    part = tl.arange(0, wbase.shape[0]) % SPLIT
+    nn = (part * NS)[:, None, None] + tl.arange(0, NS)[None, None, :]
     offs = (wbase[:, None, None] * 9 + tap) * K_STEPS + ks
-    return tl.load(wp_ptr + offs * (SUB_K * SUB_N) + k[None, :, None] * SUB_N + nn[None, None, :])
+    return tl.load(wp_ptr + offs * (SUB_K * SUB_N) + k[None, :, None] * SUB_N + nn)
+
+
+@triton.jit
+def _spread(a, SPLIT: tl.constexpr):
+    """A [PIECES, BW, K] operand as the split dots take it: [PIECES·SPLIT, BW, K], each
+    piece's rows once per part of its output channels."""
+    if SPLIT > 1:
+        a = tl.reshape(tl.broadcast_to(a[:, None, :, :], (a.shape[0], SPLIT, a.shape[1],
+                                                          a.shape[2])),
+                       (a.shape[0] * SPLIT, a.shape[1], a.shape[2]))
+    return a
+
+
+@triton.jit
+def _join(acc, SPLIT: tl.constexpr):
+    """Split accumulators [PIECES·SPLIT, BW, SUB_N / SPLIT] as [PIECES, BW, SUB_N]."""
+    if SPLIT > 1:
+        acc = tl.reshape(tl.permute(tl.reshape(acc, (acc.shape[0] // SPLIT, SPLIT,
+                                                     acc.shape[1], acc.shape[2])),
+                                    (0, 2, 1, 3)),
+                         (acc.shape[0] // SPLIT, acc.shape[1], acc.shape[2] * SPLIT))
+    return acc
 
 
 @triton.jit
 def _kh(acc, a0, a1, a2, h0, h1, h2, wp_ptr, wbase, kh: tl.constexpr, ks, HOLD: tl.constexpr,
-        K_STEPS: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr,
+        K_STEPS: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr, SPLIT: tl.constexpr,
         PRECISION: tl.constexpr):
     """acc + Σ_kw a_kw · w(kh, kw): the weights ``h0..h2`` held in registers (``HOLD``) or
     loaded here for input-channel step ``ks``."""
     if HOLD:
         b0, b1, b2 = h0, h1, h2
     else:
-        b0 = _weights(wp_ptr, wbase, 3 * kh, ks, K_STEPS, SUB_K, SUB_N)
-        b1 = _weights(wp_ptr, wbase, 3 * kh + 1, ks, K_STEPS, SUB_K, SUB_N)
-        b2 = _weights(wp_ptr, wbase, 3 * kh + 2, ks, K_STEPS, SUB_K, SUB_N)
+        b0 = _weights(wp_ptr, wbase, 3 * kh, ks, K_STEPS, SUB_K, SUB_N, SPLIT)
+        b1 = _weights(wp_ptr, wbase, 3 * kh + 1, ks, K_STEPS, SUB_K, SUB_N, SPLIT)
+        b2 = _weights(wp_ptr, wbase, 3 * kh + 2, ks, K_STEPS, SUB_K, SUB_N, SPLIT)
     acc = tl.dot(a0, b0, acc, input_precision=PRECISION)
     acc = tl.dot(a1, b1, acc, input_precision=PRECISION)
     return tl.dot(a2, b2, acc, input_precision=PRECISION)
@@ -135,11 +165,13 @@ def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, 
          USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
          STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr, HOLD: tl.constexpr,
          SAFE: tl.constexpr, SLOTS: tl.constexpr, K_STEPS: tl.constexpr, SUB_K: tl.constexpr,
-         SUB_N: tl.constexpr, ALIGNED: tl.constexpr, WGRAD: tl.constexpr,
+         SUB_N: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr, WGRAD: tl.constexpr,
          PRECISION: tl.constexpr):
-    """Adds what input row ``ir`` gives through taps kh = 0, 1, 2 (``USEkh``) to the
-    [PIECES, BW, SUB_N] accumulators t0, t1, t2 (summed over kw and the input-channel
-    steps); nothing for a row outside the image or in a dilation hole, not loaded.
+    """Adds what input row ``ir`` gives through taps kh = 0, 1, 2 (``USEkh``) to the split
+    [PIECES·SPLIT, BW, SUB_N / SPLIT] accumulators t0, t1, t2 (summed over kw and the
+    input-channel steps); nothing for a row outside the image or in a dilation hole, not
+    loaded. ``nslot``: the group slot of each accumulator channel, [PIECES·SPLIT,
+    SUB_N / SPLIT].
 
     ``SAFE`` (a tile that held a NaN or an infinity, walked again): the row is
     multiplied one group slot at a time (the operand masked to the slot's input
@@ -171,28 +203,34 @@ def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, 
                 kslot = (kglob // KG - first_group[:, None])[:, None, :]
                 for j in range(SLOTS):
                     on = nslot[:, None, :] == j
-                    b0 = tl.where(kslot == j, a0, tl.zeros_like(a0))
-                    b1 = tl.where(kslot == j, a1, tl.zeros_like(a1))
-                    b2 = tl.where(kslot == j, a2, tl.zeros_like(a2))
+                    b0 = _spread(tl.where(kslot == j, a0, tl.zeros_like(a0)), SPLIT)
+                    b1 = _spread(tl.where(kslot == j, a1, tl.zeros_like(a1)), SPLIT)
+                    b2 = _spread(tl.where(kslot == j, a2, tl.zeros_like(a2)), SPLIT)
                     if USE0:
                         t0 = tl.where(on, _kh(t0, b0, b1, b2, w0, w1, w2, wp_ptr, wbase, 0, ks,
-                                              HOLD, K_STEPS, SUB_K, SUB_N, PRECISION), t0)
+                                              HOLD, K_STEPS, SUB_K, SUB_N, SPLIT, PRECISION),
+                                        t0)
                     if USE1:
                         t1 = tl.where(on, _kh(t1, b0, b1, b2, w3, w4, w5, wp_ptr, wbase, 1, ks,
-                                              HOLD, K_STEPS, SUB_K, SUB_N, PRECISION), t1)
+                                              HOLD, K_STEPS, SUB_K, SUB_N, SPLIT, PRECISION),
+                                        t1)
                     if USE2:
                         t2 = tl.where(on, _kh(t2, b0, b1, b2, w6, w7, w8, wp_ptr, wbase, 2, ks,
-                                              HOLD, K_STEPS, SUB_K, SUB_N, PRECISION), t2)
+                                              HOLD, K_STEPS, SUB_K, SUB_N, SPLIT, PRECISION),
+                                        t2)
             else:
+                s0 = _spread(a0, SPLIT)
+                s1 = _spread(a1, SPLIT)
+                s2 = _spread(a2, SPLIT)
                 if USE0:
-                    t0 = _kh(t0, a0, a1, a2, w0, w1, w2, wp_ptr, wbase, 0, ks, HOLD, K_STEPS,
-                             SUB_K, SUB_N, PRECISION)
+                    t0 = _kh(t0, s0, s1, s2, w0, w1, w2, wp_ptr, wbase, 0, ks, HOLD, K_STEPS,
+                             SUB_K, SUB_N, SPLIT, PRECISION)
                 if USE1:
-                    t1 = _kh(t1, a0, a1, a2, w3, w4, w5, wp_ptr, wbase, 1, ks, HOLD, K_STEPS,
-                             SUB_K, SUB_N, PRECISION)
+                    t1 = _kh(t1, s0, s1, s2, w3, w4, w5, wp_ptr, wbase, 1, ks, HOLD, K_STEPS,
+                             SUB_K, SUB_N, SPLIT, PRECISION)
                 if USE2:
-                    t2 = _kh(t2, a0, a1, a2, w6, w7, w8, wp_ptr, wbase, 2, ks, HOLD, K_STEPS,
-                             SUB_K, SUB_N, PRECISION)
+                    t2 = _kh(t2, s0, s1, s2, w6, w7, w8, wp_ptr, wbase, 2, ks, HOLD, K_STEPS,
+                             SUB_K, SUB_N, SPLIT, PRECISION)
     return t0, t1, t2, g
 
 
@@ -342,9 +380,10 @@ def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr
           first_group, nslot, nglob, nmask, va, vb, vc, scale, shift, H_A, W_A, KC, KG, H_O,
           W_O, NC, MODE: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr,
           FROM_DY: tl.constexpr, HOLD: tl.constexpr, GUARD: tl.constexpr, SLOTS: tl.constexpr,
-          K_STEPS: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr, ROWS: tl.constexpr,
-          BW: tl.constexpr, IMGS: tl.constexpr, ALIGNED: tl.constexpr, WGRAD: tl.constexpr,
-          SAFE: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr):
+          K_STEPS: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr, SPLIT: tl.constexpr,
+          ROWS: tl.constexpr, BW: tl.constexpr, IMGS: tl.constexpr, ALIGNED: tl.constexpr,
+          WGRAD: tl.constexpr, SAFE: tl.constexpr, UNROLL: tl.constexpr,
+          PRECISION: tl.constexpr):
     """One row tile: its input rows walked once, each output row's epilogue; returns the
     tile's per-channel sums (``_tile_sums``), the weight gradient's sums ``g``
     (``WGRAD``) and, where a piece packs several groups (``GUARD``), the elementwise sum
@@ -353,14 +392,16 @@ def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr
     it to another group. The statistics and reduce passes need no such sum: a
     non-finite conv output at a pixel of the tile makes their sums non-finite (the
     mean; Σdz·x̂, with 0 x NaN = NaN).
-    ``SAFE``: the guarded walk (``_row``)."""
+    ``SAFE``: the guarded walk (``_row``). ``zeros``: of the split accumulators'
+    shape."""
     chk = zeros
+    flat = _join(zeros, SPLIT)
     if MODE == 1:
-        l0 = tl.sum(zeros, axis=1, keep_dims=True)
-        l1 = zeros
-        l2 = zeros
+        l0 = tl.sum(flat, axis=1, keep_dims=True)
+        l1 = flat
+        l2 = flat
     else:
-        l0 = tl.permute(zeros, (1, 0, 2))
+        l0 = tl.permute(flat, (1, 0, 2))
         l1 = l0
         l2 = l0
     if STRIDE == 1:
@@ -393,13 +434,14 @@ def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr
                         zeros, acc_cur, acc_prev, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps,
                         wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, ir, ow,
                         first_group, nslot, H_A, W_A, KC, KG, True, True, True, 1, DIL, FROM_DY,
-                        HOLD, SAFE, SLOTS, K_STEPS, SUB_K, SUB_N, ALIGNED, WGRAD, PRECISION)
+                        HOLD, SAFE, SLOTS, K_STEPS, SUB_K, SUB_N, SPLIT, ALIGNED, WGRAD,
+                        PRECISION)
                     if r >= 2:
                         if GUARD & (MODE != 1) & (MODE != 2):
                             chk += acc_prev
-                        l0, l1, l2 = _emit(acc_prev, ir - 1, oh0, l0, l1, l2, out_ptr, dy_ptr,
-                                           n, lane_ok, ow, nglob, nmask, va, vb, vc, scale,
-                                           shift, H_O, W_O, NC, MODE)
+                        l0, l1, l2 = _emit(_join(acc_prev, SPLIT), ir - 1, oh0, l0, l1, l2,
+                                           out_ptr, dy_ptr, n, lane_ok, ow, nglob, nmask, va,
+                                           vb, vc, scale, shift, H_O, W_O, NC, MODE)
                     acc_prev = acc_cur
                     acc_cur = acc_next
                     x_prev = x_cur
@@ -413,23 +455,24 @@ def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr
             zeros, zeros, zeros, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
             w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh0 - 1, ow, first_group, nslot, H_A,
             W_A, KC, KG, True, False, False, STRIDE, DIL, FROM_DY, HOLD, SAFE, SLOTS, K_STEPS,
-            SUB_K, SUB_N, ALIGNED, False, PRECISION)
+            SUB_K, SUB_N, SPLIT, ALIGNED, False, PRECISION)
         for j in range(ROWS):
             oh = oh0 + j
             unused0, acc, unused2, g = _row(
                 zeros, acc, zeros, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
                 w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh, ow, first_group, nslot, H_A,
                 W_A, KC, KG, False, True, False, STRIDE, DIL, FROM_DY, HOLD, SAFE, SLOTS,
-                K_STEPS, SUB_K, SUB_N, ALIGNED, False, PRECISION)
+                K_STEPS, SUB_K, SUB_N, SPLIT, ALIGNED, False, PRECISION)
             acc_next, unused1, acc, g = _row(
                 zeros, zeros, acc, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
                 w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh + 1, ow, first_group, nslot,
                 H_A, W_A, KC, KG, True, False, True, STRIDE, DIL, FROM_DY, HOLD, SAFE, SLOTS,
-                K_STEPS, SUB_K, SUB_N, ALIGNED, False, PRECISION)
+                K_STEPS, SUB_K, SUB_N, SPLIT, ALIGNED, False, PRECISION)
             if GUARD & (MODE != 1) & (MODE != 2):
                 chk += acc
-            l0, l1, l2 = _emit(acc, oh, oh0, l0, l1, l2, out_ptr, dy_ptr, n, lane_ok, ow,
-                               nglob, nmask, va, vb, vc, scale, shift, H_O, W_O, NC, MODE)
+            l0, l1, l2 = _emit(_join(acc, SPLIT), oh, oh0, l0, l1, l2, out_ptr, dy_ptr, n,
+                               lane_ok, ow, nglob, nmask, va, vb, vc, scale, shift, H_O, W_O,
+                               NC, MODE)
             acc = acc_next
     s0, s1, s2 = _tile_sums(l0, l1, l2, lane_ok, oh0, ow, H_O, W_O, ROWS, MODE)
     return s0, s1, s2, g, chk
@@ -444,7 +487,7 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
                      PIECES: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr,
                      BW: tl.constexpr, ROWS: tl.constexpr, IMGS: tl.constexpr, RUN: tl.constexpr,
                      ALIGNED: tl.constexpr, SAVE: tl.constexpr, WGRAD: tl.constexpr,
-                     UNROLL: tl.constexpr, PRECISION: tl.constexpr):
+                     UNROLL: tl.constexpr, PRECISION: tl.constexpr, WARPS: tl.constexpr):
     """Program (row tiles, channel slab): RUN consecutive row tiles, each output rows
     [oh0, oh0 + ROWS) x columns [ow0, ow0 + BW / IMGS) of IMGS images (several where the
     rows are short), channels [c0, c0 + PIECES·SUB_N): the weight tiles (packed by
@@ -454,7 +497,9 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
     the weight gradient of its pixels from the forward input ``x_ptr`` and adds it to
     ``dw_ptr`` (float atomics; [C_out, 3, 3, Cg_in] fp32, the forward's channels: KC, NC).
     ``UNROLL``: input rows a trip of the stride-1 walk (3: the three accumulators rotate
-    by renaming instead of register moves; 1 where the registers do not allow it)."""
+    by renaming instead of register moves; 1 where the registers do not allow it).
+    ``WARPS``: the launch's ``num_warps``; the dots are split into at least as many batch
+    entries where each part keeps 8 output channels (the mma's N)."""
     # The BW lanes (the M of the dots) hold IMGS images' columns side by side.
     width: tl.constexpr = BW // IMGS
     row_tiles = tl.cdiv(H_O, ROWS)
@@ -466,8 +511,12 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
     nglob = c0 + piece[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
     nmask = nglob < NC
     first_group = (c0 + piece * SUB_N) // NG
-    nslot = nglob // NG - first_group[:, None]
-    wbase = c0 // SUB_N + piece
+    PARTS: tl.constexpr = (WARPS + PIECES - 1) // PIECES
+    SPLIT: tl.constexpr = PARTS if PARTS < SUB_N // 8 else SUB_N // 8
+    NS: tl.constexpr = SUB_N // SPLIT
+    # group slot of each accumulator channel, and the piece of each dot entry
+    nslot = tl.reshape(nglob // NG - first_group[:, None], (PIECES * SPLIT, NS))
+    wbase = c0 // SUB_N + tl.arange(0, PIECES * SPLIT) // SPLIT
     va = tl.load(va_ptr + nglob, mask=nmask, other=0.0)
     vb = tl.load(vb_ptr + nglob, mask=nmask, other=0.0)
     vc = tl.load(vc_ptr + nglob, mask=nmask, other=0.0)
@@ -498,18 +547,18 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
     s1 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
     s2 = tl.zeros((PIECES, SUB_N), dtype=tl.float32)
     if HOLD:  # the nine weight tiles, loaded once per program and held in registers
-        w0 = _weights(wp_ptr, wbase, 0, 0, K_STEPS, SUB_K, SUB_N)
-        w1 = _weights(wp_ptr, wbase, 1, 0, K_STEPS, SUB_K, SUB_N)
-        w2 = _weights(wp_ptr, wbase, 2, 0, K_STEPS, SUB_K, SUB_N)
-        w3 = _weights(wp_ptr, wbase, 3, 0, K_STEPS, SUB_K, SUB_N)
-        w4 = _weights(wp_ptr, wbase, 4, 0, K_STEPS, SUB_K, SUB_N)
-        w5 = _weights(wp_ptr, wbase, 5, 0, K_STEPS, SUB_K, SUB_N)
-        w6 = _weights(wp_ptr, wbase, 6, 0, K_STEPS, SUB_K, SUB_N)
-        w7 = _weights(wp_ptr, wbase, 7, 0, K_STEPS, SUB_K, SUB_N)
-        w8 = _weights(wp_ptr, wbase, 8, 0, K_STEPS, SUB_K, SUB_N)
+        w0 = _weights(wp_ptr, wbase, 0, 0, K_STEPS, SUB_K, SUB_N, SPLIT)
+        w1 = _weights(wp_ptr, wbase, 1, 0, K_STEPS, SUB_K, SUB_N, SPLIT)
+        w2 = _weights(wp_ptr, wbase, 2, 0, K_STEPS, SUB_K, SUB_N, SPLIT)
+        w3 = _weights(wp_ptr, wbase, 3, 0, K_STEPS, SUB_K, SUB_N, SPLIT)
+        w4 = _weights(wp_ptr, wbase, 4, 0, K_STEPS, SUB_K, SUB_N, SPLIT)
+        w5 = _weights(wp_ptr, wbase, 5, 0, K_STEPS, SUB_K, SUB_N, SPLIT)
+        w6 = _weights(wp_ptr, wbase, 6, 0, K_STEPS, SUB_K, SUB_N, SPLIT)
+        w7 = _weights(wp_ptr, wbase, 7, 0, K_STEPS, SUB_K, SUB_N, SPLIT)
+        w8 = _weights(wp_ptr, wbase, 8, 0, K_STEPS, SUB_K, SUB_N, SPLIT)
     else:
         w0, w1, w2, w3, w4, w5, w6, w7, w8 = 0, 0, 0, 0, 0, 0, 0, 0, 0
-    zeros = tl.zeros((PIECES, BW, SUB_N), dtype=tl.float32)
+    zeros = tl.zeros((PIECES * SPLIT, BW, NS), dtype=tl.float32)
     if WGRAD:
         gz = tl.zeros((PIECES, SUB_N, SUB_K), dtype=tl.float32)
         xzero = tl.zeros((PIECES, SUB_N, BW), dtype=x_ptr.dtype.element_ty)
@@ -539,8 +588,9 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
                                        w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0, ow,
                                        first_group, nslot, nglob, nmask, va, vb, vc, scale,
                                        shift, H_A, W_A, KC, KG, H_O, W_O, NC, MODE, STRIDE, DIL,
-                                       FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N, ROWS,
-                                       BW, IMGS, ALIGNED, WGRAD, False, UNROLL, PRECISION)
+                                       FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
+                                       SPLIT, ROWS, BW, IMGS, ALIGNED, WGRAD, False, UNROLL,
+                                       PRECISION)
             if GUARD:
                 # A NaN or an infinity among the tile's operands may have reached other
                 # groups' outputs through the packed zeros: the tile is walked again after
@@ -572,8 +622,8 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
                         vb_ptr, eps, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0,
                         ow, first_group, nslot, nglob, nmask, va, vb, vc, scale, shift, H_A,
                         W_A, KC, KG, H_O, W_O, NC, MODE, STRIDE, DIL, FROM_DY, HOLD, GUARD,
-                        SLOTS, K_STEPS, SUB_K, SUB_N, ROWS, BW, IMGS, ALIGNED, False, True, 1,
-                        PRECISION)
+                        SLOTS, K_STEPS, SUB_K, SUB_N, SPLIT, ROWS, BW, IMGS, ALIGNED, False, True,
+                        1, PRECISION)
                     s0, s1, s2 = _merge(s0, s1, s2, r0, r1, r2, MODE)
     if MODE == 1:
         out = partial_ptr + (pid * NC + nglob) * 3

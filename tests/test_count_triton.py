@@ -306,7 +306,7 @@ def rows(mode, stride=1, dil=1, from_dy=0, save=0, wgrad=0):
     warps = 8 if mode in (1, 2, 3) or wgrad else 4  # SMALL: UNROLL=3
     return (f"conv_rows_kernel(MODE={mode},STRIDE={stride},DIL={dil},FROM_DY={from_dy},"
             f"HOLD=1,{TILE},SAVE={save},WGRAD={wgrad},UNROLL={1 if wgrad else 3},"
-            f"PRECISION=tf32,warps={warps})")
+            f"PRECISION=tf32,WARPS={warps},warps={warps})")
 
 
 PACK = ("pack_kernel(F_K_STEPS=1,F_SUB_K=16,F_SUB_N=16,D_K_STEPS=1,D_SUB_K=16,D_SUB_N=16,"
@@ -361,11 +361,13 @@ def test_real_pass(pass_name):
         assert (again.global_wavefronts, again.global_sectors) == (conv.global_wavefronts,
                                                                     conv.global_sectors)
         assert np.array_equal(again.trace_sector, conv.trace_sector)
-        # 1 program: 8 input rows x 9 taps of [2 x 16 x 16] x [16 x 16]
+        # 1 program: 8 input rows x 9 taps of [2 x 16 x 16] x [16 x 16], as 4 warps run
+        # them: each piece's 16 outputs split in two, [4 x 16 x 16] x [4 x 16 x 8]
         assert conv.executed_macs == 8 * 9 * 2 * 16 ** 3
-        # operands staged once: 8 rows x 3 input tiles and 9 weight tiles, 1 KB each,
-        # stored and read
-        assert conv.smem_wavefronts == (8 * 3 + 9) * 1024 * 2 // 128
+        assert conv.mma == 8 * 9 * 4 * 1 * 1 * 1
+        # operands staged once, stored and read: 8 rows x 3 input tiles (each piece's
+        # rows once per half: 2 KB) and 9 weight tiles (1 KB)
+        assert conv.smem_wavefronts == (8 * 3 * 2 + 9) * 1024 * 2 // 128
         # the output, 2 x 8 x 8 pixels x 32 fp16 channels, and the saved mean and var
         assert np.count_nonzero(conv.trace_kind & WRITE) == 2 * 64 * 32 * 2 // 32 + 2 * 4
         assert conv.threads == 128 and conv.grid == (1, 1, 1)

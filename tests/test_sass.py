@@ -92,6 +92,18 @@ def test_the_loop_with_the_most_hmma_wins():
     assert k.innermost_loops == 2
 
 
+def test_first_takes_the_first_loop_holding_the_math():
+    """Triton's row walk (1 HMMA a trip here) before its guarded walk (2 a trip)."""
+    lines = ["MOV R0, RZ",
+             "LDG.E R2, desc[UR4][R6.64]", "STS [R1], R2", f"@P0 BRA {at(1)}",  # no math
+             "HMMA.16816.F32 R8, R12, R16, R8", f"@P1 BRA {at(4)}",           # row walk
+             "HMMA.16816.F32 R8, R12, R16, R8", "HMMA.16816.F32 R8, R12, R16, R8",
+             f"@P2 BRA {at(6)}"]                                             # guarded
+    body = sass._trimmed(sass.parse(listing(padding(lines)))[0][2])
+    assert sass.hot_loop(body) == (6, 8)
+    assert sass.hot_loop(body, first=True) == (4, 5)
+
+
 def test_no_loop_reports_the_whole_kernel():
     lines = ["S2R R0, SR_TID.X", "@P0 BRA 0x40", "FFMA R1, R0, R0, R1", "FFMA R1, R1, R0, R1",
              "STG.E desc[UR4][R2.64], R1"]
@@ -187,13 +199,14 @@ def test_triton_variants_cover_every_pass_of_every_layer():
     warps = tb.FIXED_WARPS
     for mode, save in ((0, 0), (0, 1), (1, 0), (2, 0), (3, 0)):
         assert (f"conv_rows_kernel(MODE={mode},STRIDE=1,DIL=1,FROM_DY=0,{s2},SAVE={save},"
-                f"WGRAD=0,UNROLL=3,PRECISION=tf32,warps={tb.fixed_warps(mode)})") in names
+                f"WGRAD=0,UNROLL=3,PRECISION=tf32,WARPS={tb.fixed_warps(mode)},"
+                f"warps={tb.fixed_warps(mode)})") in names
     for from_dy in (0, 1):  # dgrad, and dgrad + wgrad (4 row tiles a program at batch 256)
         assert (f"conv_rows_kernel(MODE=4,STRIDE=1,DIL=1,FROM_DY={from_dy},{s2},SAVE=0,"
-                f"WGRAD=0,UNROLL=3,PRECISION=tf32,warps={warps})") in names
+                f"WGRAD=0,UNROLL=3,PRECISION=tf32,WARPS={warps},warps={warps})") in names
         assert (f"conv_rows_kernel(MODE=4,STRIDE=1,DIL=1,FROM_DY={from_dy},"
                 f"{s2.replace('RUN=1', 'RUN=4')},SAVE=0,WGRAD=1,UNROLL=1,PRECISION=tf32,"
-                f"warps={tb.fixed_warps(4, True)})") in names
+                f"WARPS={tb.fixed_warps(4, True)},warps={tb.fixed_warps(4, True)})") in names
     assert ("wgrad_kernel(FROM_DY=0,STRIDE=1,DETERMINISTIC=0,K_STEPS=1,PIECES=4,SUB_K=16,"
             f"SUB_N=16,BW=32,ROWS=14,IMGS=1,ALIGNED=1,PRECISION=tf32,warps={tb.WGRAD_WARPS})"
             ) in names
@@ -202,11 +215,14 @@ def test_triton_variants_cover_every_pass_of_every_layer():
 
 
 def test_the_triton_conv_hot_loop_is_the_row_walk_not_the_non_finite_redo():
-    """s2's passes hold two walks: the row walk and, for a tile that held a NaN or an
-    infinity, the guarded one (a loop over group slots, no global loads). The issue
-    ceiling must come from the row walk: 3 input rows a trip, their loads and stores."""
+    """s2's passes hold two walks: the row walk and, after it, for a tile that held a NaN
+    or an infinity, the guarded one (a product per group slot: more HMMA a trip). The
+    issue ceiling must come from the row walk: 3 input rows a trip, their loads and
+    stores; and no warp issues another's mma tiles (the dots' SPLIT)."""
     pytest.importorskip("triton")
     from resnext_kernels.bench.kernels import find_cuobjdump
+
+    from resnext_kernels.bench import triton_aot
 
     if find_cuobjdump() is None:
         pytest.skip("no cuobjdump (CUDA toolkit or triton)")
@@ -215,13 +231,21 @@ def test_the_triton_conv_hot_loop_is_the_row_walk_not_the_non_finite_redo():
               and v[1]["SLOTS"] == 4 and v[1]["MODE"] in (0, 1) and not v[1]["SAVE"]
               and v[2] == (8 if v[1]["MODE"] == 1 else 4)]
     assert len(wanted) == 2
-    for k in sass.triton_sass(wanted).values():
+    # s5's write pass (2 pieces of 32 channels, 4 warps: split in two as well)
+    s5 = [v for v in sass._default_variants()
+          if v[0] == "conv_rows_kernel" and v[1]["PIECES"] == 2 and v[1]["MODE"] == 0
+          and v[1]["STRIDE"] == 1 and not v[1]["SAVE"] and v[2] == 4]
+    assert len(s5) == 1
+    found = sass.triton_sass(wanted + s5)
+    assert found[triton_aot.variant_name(*s5[0])].mma_replication == 1.0
+    found.pop(triton_aot.variant_name(*s5[0]))
+    for k in found.values():
         # 9 taps x [4 pieces, 32 pixels, 16] x [16, 16] per row is 36 HMMA a warp at 4
-        # warps, and at 8 (the statistics pass): Triton gives both warps of a pair the
-        # same tiles (docs/kernels.md); the guarded walk's slot loop holds a group's 36
-        # and no load
-        assert k.loop_counts["HMMA"] == 3 * 36, k.symbol
-        assert k.mma_replication == (2.0 if "warps=8" in k.symbol else 1.0), k.symbol
+        # warps; at 8 (the statistics pass) each piece's 16 outputs are split in two
+        # batch entries (SPLIT), 18 a warp, each tile issued once
+        per_row = 18 if "warps=8" in k.symbol else 36
+        assert k.loop_counts["HMMA"] == 3 * per_row, k.symbol
+        assert k.mma_replication == 1.0, k.symbol
         assert k.loop_counts["LDG"] > 0 and k.loop_innermost, k.symbol
         if "MODE=0" in k.symbol:  # the write pass stores its rows
             assert k.loop_counts["STG"] > 0, k.symbol

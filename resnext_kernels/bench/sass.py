@@ -14,8 +14,9 @@ Definitions (on the SASS listing, whose branches name their target's byte offset
   loop); its body is T up to the last such branch, inclusive, in listing order;
 * an *innermost* loop has no other loop nested inside its body;
 * the *hot loop* is, among the innermost loops, the one with the most HMMA, then the
-  most FFMA, then the largest body — unless no innermost loop holds the kernel's math
-  while an outer loop or the straight-line code does (:func:`hot_loop`);
+  most FFMA, then the largest body (of a Triton variant: the first in the listing that
+  holds the math) — unless no innermost loop holds the kernel's math while an outer
+  loop or the straight-line code does (:func:`hot_loop`);
 * ``loop_instructions`` is the static size of its body — what one trip issues when
   every forward branch inside falls through — plus the subroutines it ``CALL``s on
   every path through the body (Triton's 64-bit integer division:
@@ -181,11 +182,15 @@ def _mma_kind(instructions) -> Optional[str]:
     return kinds.most_common(1)[0][0] if kinds else None
 
 
-def hot_loop(instructions: list, spans: Optional[list] = None) -> Optional[tuple]:
+def hot_loop(instructions: list, spans: Optional[list] = None,
+             first: bool = False) -> Optional[tuple]:
     """(first, last) index of the hot loop of ``instructions`` (trimmed), or None.
 
     Among the innermost loops, the one with the most HMMA, then FFMA, then the largest
-    body. When none of them holds the kernel's math (its HMMA, or without any its
+    body; ``first`` (the Triton variants): the first of those that hold the kernel's
+    math, in listing order — Triton lays a kernel's loops out in source order, and the
+    conv's row walk comes before the guarded walk of the tiles with a non-finite value,
+    which issues more HMMA a trip (a product per group slot) but runs only for them. When none of them holds the kernel's math (its HMMA, or without any its
     FFMA) but an outer loop does (a loop over taps around a staging loop), the loop
     that holds the most of it with no such loop inside; when the math is straight-line
     code outside every loop (a fully unrolled tile), None: the whole kernel is the
@@ -201,6 +206,8 @@ def hot_loop(instructions: list, spans: Optional[list] = None) -> Optional[tuple
 
     inner = innermost(spans)
     if op is None or any(counts[span][op] for span in inner):
+        if first and op is not None:
+            return min(span for span in inner if counts[span][op])
         return max(inner, key=weight) if inner else None
     holding = [span for span in spans if counts[span][op]]
     if not holding:
@@ -253,12 +260,13 @@ def subroutine(instructions: list, entry: int) -> list:
     return instructions[start:end + 1]
 
 
-def analyse(symbol: str, arch: str, instructions: list) -> KernelSass:
-    """The hot loop of one function (see the module docstring and :func:`hot_loop`)."""
+def analyse(symbol: str, arch: str, instructions: list, first: bool = False) -> KernelSass:
+    """The hot loop of one function (see the module docstring and :func:`hot_loop`,
+    which takes ``first``)."""
     body = _trimmed(instructions)
     spans = loops(body)
     inner = innermost(spans)
-    span = hot_loop(body, spans)
+    span = hot_loop(body, spans, first)
     called = []
     if span is not None:
         region = body[span[0]:span[1] + 1]
@@ -377,7 +385,8 @@ def _triton_job(job) -> KernelSass:
         listing = disassemble(f.name)
     functions = [f for f in parse(listing) if f[2]]
     (fn_arch, _, instructions), = functions
-    row = analyse(variant_name(name, constexprs, warps), fn_arch or f"sm_{arch}", instructions)
+    row = analyse(variant_name(name, constexprs, warps), fn_arch or f"sm_{arch}", instructions,
+                  first=True)
     row.mma_replication = mma_replication(compiled.asm["ttgir"])
     return row
 
