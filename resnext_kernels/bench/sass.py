@@ -190,8 +190,9 @@ def hot_loop(instructions: list, spans: Optional[list] = None,
     body; ``first`` (the Triton variants): the first of those that hold the kernel's
     math, in listing order — Triton lays a kernel's loops out in source order, and the
     conv's row walk comes before the guarded walk of the tiles with a non-finite value,
-    which issues more HMMA a trip (a product per group slot) but runs only for them. When none of them holds the kernel's math (its HMMA, or without any its
-    FFMA) but an outer loop does (a loop over taps around a staging loop), the loop
+    which issues more HMMA a trip (a product per group slot) but runs only for them.
+    When none of them holds the kernel's math (its HMMA, or without any its FFMA) but
+    an outer loop does (a loop over taps around a staging loop), the loop
     that holds the most of it with no such loop inside; when the math is straight-line
     code outside every loop (a fully unrolled tile), None: the whole kernel is the
     region to judge, not a staging loop beside it."""
