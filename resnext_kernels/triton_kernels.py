@@ -132,6 +132,17 @@ def _spread(a, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _part(a, SPLIT: tl.constexpr):
+    """A [PIECES, BW, K] operand as [PIECES·SPLIT, BW, K / SPLIT], entry e the channels
+    [(e % SPLIT)·K / SPLIT, ...) of piece e // SPLIT (the inverse of ``_join``)."""
+    if SPLIT > 1:
+        a = tl.reshape(tl.permute(tl.reshape(a, (a.shape[0], a.shape[1], SPLIT,
+                                                 a.shape[2] // SPLIT)), (0, 2, 1, 3)),
+                       (a.shape[0] * SPLIT, a.shape[1], a.shape[2] // SPLIT))
+    return a
+
+
+@triton.jit
 def _join(acc, SPLIT: tl.constexpr):
     """Split accumulators [PIECES·SPLIT, BW, SUB_N / SPLIT] as [PIECES, BW, SUB_N]."""
     if SPLIT > 1:
@@ -179,8 +190,9 @@ def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, 
     non-finite value.
 
     ``WGRAD`` (dgrad, one input-channel step): also adds the row's share of the weight
-    gradient to the nine [PIECES, SUB_N, SUB_K] sums ``g`` (tap-major), from ``xr``, the
-    forward input's rows ir - 1, ir, ir + 1 at the program's own pixels."""
+    gradient to the nine split [PIECES·WSPLIT, SUB_N, SUB_K / WSPLIT] sums ``g``
+    (tap-major; ``_wgrad_row``), from ``xr``, the forward input's rows ir - 1, ir, ir + 1
+    at the program's own pixels."""
     if (ir >= 0) & (ir % DIL == 0) & (ir // DIL < H_A):
         for ks in range(K_STEPS):
             kstart = first_group * KG
@@ -245,13 +257,22 @@ def _wgrad_row(g, xr, a0, a1, a2, PRECISION: tl.constexpr):
     below the image (a halo row belongs to another program). The zero padding left of
     column 0 and right of column W - 1 has no lane: its product with dc (0 · dc, NaN
     where dc is not finite) is added to the neighbouring lane's dc, at lane 0 of kw = 0
-    (lanes ``xr[6]``) and lane W - 1 of kw = 2 (``xr[7]``)."""
+    (lanes ``xr[6]``) and lane W - 1 of kw = 2 (``xr[7]``).
+
+    The sums ``g`` are split along their dc channels as the conv's accumulators are along
+    theirs ([PIECES·SPLIT, SUB_N, SUB_K / SPLIT]: ``_part``), so that no warp repeats
+    another's mma tiles."""
+    SPLIT: tl.constexpr = g[0].shape[0] // a0.shape[0]
     zero = tl.zeros_like(a1)
-    b2 = (a2 + tl.where(xr[6][None, :, None], a1 * 0.0, zero)).to(a2.dtype)
-    b0 = (a0 + tl.where(xr[7][None, :, None], a1 * 0.0, zero)).to(a0.dtype)
-    s0, s1, s2 = _wgrad_kh(g[0], g[1], g[2], xr[0], xr[3], b0, a1, b2, PRECISION)
-    s3, s4, s5 = _wgrad_kh(g[3], g[4], g[5], xr[1], xr[4], b0, a1, b2, PRECISION)
-    s6, s7, s8 = _wgrad_kh(g[6], g[7], g[8], xr[2], xr[5], b0, a1, b2, PRECISION)
+    b2 = _part((a2 + tl.where(xr[6][None, :, None], a1 * 0.0, zero)).to(a2.dtype), SPLIT)
+    b0 = _part((a0 + tl.where(xr[7][None, :, None], a1 * 0.0, zero)).to(a0.dtype), SPLIT)
+    b1 = _part(a1, SPLIT)
+    s0, s1, s2 = _wgrad_kh(g[0], g[1], g[2], _spread(xr[0], SPLIT), xr[3], b0, b1, b2,
+                           PRECISION)
+    s3, s4, s5 = _wgrad_kh(g[3], g[4], g[5], _spread(xr[1], SPLIT), xr[4], b0, b1, b2,
+                           PRECISION)
+    s6, s7, s8 = _wgrad_kh(g[6], g[7], g[8], _spread(xr[2], SPLIT), xr[5], b0, b1, b2,
+                           PRECISION)
     return s0, s1, s2, s3, s4, s5, s6, s7, s8
 
 
@@ -560,7 +581,8 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
         w0, w1, w2, w3, w4, w5, w6, w7, w8 = 0, 0, 0, 0, 0, 0, 0, 0, 0
     zeros = tl.zeros((PIECES * SPLIT, BW, NS), dtype=tl.float32)
     if WGRAD:
-        gz = tl.zeros((PIECES, SUB_N, SUB_K), dtype=tl.float32)
+        WSPLIT: tl.constexpr = PARTS if PARTS < SUB_K // 8 else SUB_K // 8
+        gz = tl.zeros((PIECES * WSPLIT, SUB_N, SUB_K // WSPLIT), dtype=tl.float32)
         xzero = tl.zeros((PIECES, SUB_N, BW), dtype=x_ptr.dtype.element_ty)
         # Entry (co, kh, kw, ci) of dw, co = the dc channel (K side), ci = the program's
         # output channel, where both are in one group: [PIECES, SUB_K, SUB_N], ci along
@@ -639,9 +661,11 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
 @triton.jit
 def _add_dw(dw_ptr, entry, inside, g, NG):
     """Adds the nine tap sums ``g`` of the fused dgrad + wgrad pass to dw (float
-    atomics), the entries inside the groups only."""
+    atomics), the entries inside the groups only; ``g`` split as ``_wgrad_row`` sums it."""
+    SPLIT: tl.constexpr = g[0].shape[0] // entry.shape[0]
     for tap in tl.static_range(9):
-        tl.atomic_add(dw_ptr + entry + tap * NG, tl.permute(g[tap], (0, 2, 1)), mask=inside)
+        tl.atomic_add(dw_ptr + entry + tap * NG, tl.permute(_join(g[tap], SPLIT), (0, 2, 1)),
+                      mask=inside)
 
 
 @triton.jit
