@@ -261,18 +261,16 @@ def _wgrad_row(g, xr, a0, a1, a2, PRECISION: tl.constexpr):
 
     The sums ``g`` are split along their dc channels as the conv's accumulators are along
     theirs ([PIECES·SPLIT, SUB_N, SUB_K / SPLIT]: ``_part``), so that no warp repeats
-    another's mma tiles."""
+    another's mma tiles; the x rows ``xr[0..2]`` come spread for it (``_spread``, once
+    per row where it is loaded: each row meets three dc rows)."""
     SPLIT: tl.constexpr = g[0].shape[0] // a0.shape[0]
     zero = tl.zeros_like(a1)
     b2 = _part((a2 + tl.where(xr[6][None, :, None], a1 * 0.0, zero)).to(a2.dtype), SPLIT)
     b0 = _part((a0 + tl.where(xr[7][None, :, None], a1 * 0.0, zero)).to(a0.dtype), SPLIT)
     b1 = _part(a1, SPLIT)
-    s0, s1, s2 = _wgrad_kh(g[0], g[1], g[2], _spread(xr[0], SPLIT), xr[3], b0, b1, b2,
-                           PRECISION)
-    s3, s4, s5 = _wgrad_kh(g[3], g[4], g[5], _spread(xr[1], SPLIT), xr[4], b0, b1, b2,
-                           PRECISION)
-    s6, s7, s8 = _wgrad_kh(g[6], g[7], g[8], _spread(xr[2], SPLIT), xr[5], b0, b1, b2,
-                           PRECISION)
+    s0, s1, s2 = _wgrad_kh(g[0], g[1], g[2], xr[0], xr[3], b0, b1, b2, PRECISION)
+    s3, s4, s5 = _wgrad_kh(g[3], g[4], g[5], xr[1], xr[4], b0, b1, b2, PRECISION)
+    s6, s7, s8 = _wgrad_kh(g[6], g[7], g[8], xr[2], xr[5], b0, b1, b2, PRECISION)
     return s0, s1, s2, s3, s4, s5, s6, s7, s8
 
 
@@ -429,7 +427,8 @@ def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr
         # acc_prev: output row ir - 1 (complete after input row ir); acc_cur: row ir.
         acc_prev = zeros
         acc_cur = zeros
-        # WGRAD: the forward input's rows ir - 1 and ir (each loaded once, at ir - 2, ir - 1)
+        # WGRAD: the forward input's rows ir - 1 and ir (each loaded and spread once, at
+        # ir - 2, ir - 1)
         x_prev = xzero
         x_cur = xzero
         # WGRAD: the lanes next to the padding columns left of 0 and right of W - 1 (the
@@ -446,8 +445,9 @@ def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr
                     ir = oh0 - 1 + r
                     x_next = xzero
                     if WGRAD:
-                        x_next = _x_tile(x_ptr, n, lane_ok, ir + 1, oh0, ow, nglob, nmask, H_O,
-                                         W_O, NC, ROWS)
+                        x_next = _spread(_x_tile(x_ptr, n, lane_ok, ir + 1, oh0, ow, nglob,
+                                                 nmask, H_O, W_O, NC, ROWS),
+                                         xzero.shape[0] // first_group.shape[0])
                     xr = (x_prev, x_cur, x_next, _takes_part(ir - 1, oh0, H_O, ROWS),
                           _takes_part(ir, oh0, H_O, ROWS), _takes_part(ir + 1, oh0, H_O, ROWS),
                           left, right)
@@ -580,10 +580,12 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
     else:
         w0, w1, w2, w3, w4, w5, w6, w7, w8 = 0, 0, 0, 0, 0, 0, 0, 0, 0
     zeros = tl.zeros((PIECES * SPLIT, BW, NS), dtype=tl.float32)
+    # WGRAD: the weight gradient's dots split along dc's channels (SUB_K) as the conv's
+    # are along SUB_N
+    WSPLIT: tl.constexpr = PARTS if PARTS < SUB_K // 8 else SUB_K // 8
     if WGRAD:
-        WSPLIT: tl.constexpr = PARTS if PARTS < SUB_K // 8 else SUB_K // 8
         gz = tl.zeros((PIECES * WSPLIT, SUB_N, SUB_K // WSPLIT), dtype=tl.float32)
-        xzero = tl.zeros((PIECES, SUB_N, BW), dtype=x_ptr.dtype.element_ty)
+        xzero = tl.zeros((PIECES * WSPLIT, SUB_N, BW), dtype=x_ptr.dtype.element_ty)
         # Entry (co, kh, kw, ci) of dw, co = the dc channel (K side), ci = the program's
         # output channel, where both are in one group: [PIECES, SUB_K, SUB_N], ci along
         # the last dimension (consecutive addresses)
