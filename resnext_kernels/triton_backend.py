@@ -122,7 +122,8 @@ class Plan:
         self.hold = self.k_steps == 1 and self.pieces * self.sub_k * self.sub_n <= 2048
         self.run = max(1, min(4, 512 // (self.rows * self.bw))) if self.hold else 1
         # dgrad adds the weight gradient on the way where its nine [PIECES, SUB_N, SUB_K]
-        # fp32 sums are <= 1,024 elements each (4-16 channels per group; 32 spill).
+        # fp32 sums are <= 1,024 elements each (4-16 channels per group; at 32 the pass
+        # compiles without spills but is modelled slower: docs/kernels.md).
         self.fuse_wgrad = self.k_steps == 1 and self.pieces * self.sub_k * self.sub_n <= 1024
         # The stride-1 walk takes 3 input rows a trip where the held weight tiles are small
         # (4-16 channels per group): about 40 % fewer instructions a row at s2 (register
