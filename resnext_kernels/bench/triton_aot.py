@@ -130,7 +130,7 @@ def variants(quick: bool, major: int = 9):
                                 D_K_STEPS=dgrad.k_steps, D_SUB_K=dgrad.sub_k,
                                 D_SUB_N=dgrad.sub_n, BLOCK=tb.PACK_BLOCK), tb.FIXED_WARPS)
         for mode in (K.WRITE, K.STATS, K.REDUCE, K.DC):
-            fixed = tb.fixed_warps(mode, unroll=fwd.unroll)
+            fixed = tb.fixed_warps(mode, unroll=fwd.unroll, bw=fwd.bw, stride=stride)
             tuned = sorted({fixed, *(() if quick else tb.CONFIGS)})
             for save in ((False, True) if mode == K.WRITE else (False,)):
                 for w in (tuned if mode == K.WRITE else [fixed]):
@@ -181,7 +181,8 @@ def report(quick: bool, archs=(80, 90), dtype: str = "bf16"):
 
     def fixed(name, constexprs):
         if name == "conv_rows_kernel":
-            return tb.fixed_warps(constexprs["MODE"], constexprs["WGRAD"], constexprs["UNROLL"])
+            return tb.fixed_warps(constexprs["MODE"], constexprs["WGRAD"], constexprs["UNROLL"],
+                                  constexprs["BW"], constexprs["STRIDE"])
         return tb.WGRAD_WARPS if name == "wgrad_kernel" else tb.FIXED_WARPS
 
     jobs = [(name, constexprs, warps, arch, dtype)
