@@ -8,11 +8,13 @@ multiplies each piece of ``SUB_N`` channels by the input channels of the groups 
 its weight tile is block-diagonal (zeros off the groups, packed once per call by
 ``pack_kernel``); from 16 up a piece is (part of) one group, and wide
 groups loop over ``K_STEPS`` chunks of input channels. The pieces are the batch dimension
-of a 3-D ``tl.dot``, each split ``SPLIT`` ways along its output channels: Triton places
-every warp of a 3-D dot on the batch dimension, and with fewer batch entries than warps
-the warps would issue each other's mma tiles again (8 warps on 4 pieces, 4 on s5's 2);
-the dots run on [PIECES·SPLIT, BW, SUB_N / SPLIT] (``_spread``), the epilogue on
-[PIECES, BW, SUB_N] (``_join``).
+of a 3-D ``tl.dot``: Triton places every warp of a 3-D dot on the batch dimension, and
+with fewer batch entries than warps the warps would issue each other's mma tiles again
+(8 warps on 4 pieces, 4 on s5's 2). So each piece is split ``MSPLIT`` ways along its
+pixels where each part keeps 16 (32 pixels a row tile: [PIECES·MSPLIT, BW / MSPLIT,
+SUB_N], a reshape, each input row staged once), else ``SPLIT`` ways along its output
+channels ([PIECES·SPLIT, BW, SUB_N / SPLIT], each input row staged once per part:
+``_rows``); the epilogue runs on [PIECES, BW, SUB_N] (``_join``).
 
 Rows walked once. A program computes ``ROWS`` output rows x ``BW`` columns. It walks the
 input rows once; each row's three column-shifted tiles (taps kw = 0, 1, 2) are loaded once
@@ -143,9 +145,25 @@ def _part(a, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _join(acc, SPLIT: tl.constexpr):
-    """Split accumulators [PIECES·SPLIT, BW, SUB_N / SPLIT] as [PIECES, BW, SUB_N]."""
-    if SPLIT > 1:
+def _rows(a, SPLIT: tl.constexpr, MSPLIT: tl.constexpr):
+    """A [PIECES, BW, K] operand as the split dots take it: [PIECES·MSPLIT, BW / MSPLIT,
+    K], entry e the pixels [(e % MSPLIT)·BW / MSPLIT, ...) of piece e // MSPLIT (a
+    reshape: each row staged once), or spread for the split along the output channels
+    (``_spread``)."""
+    if MSPLIT > 1:
+        a = tl.reshape(a, (a.shape[0] * MSPLIT, a.shape[1] // MSPLIT, a.shape[2]))
+    else:
+        a = _spread(a, SPLIT)
+    return a
+
+
+@triton.jit
+def _join(acc, SPLIT: tl.constexpr, MSPLIT: tl.constexpr):
+    """Split accumulators [PIECES·SPLIT·MSPLIT, BW / MSPLIT, SUB_N / SPLIT] as [PIECES, BW,
+    SUB_N]."""
+    if MSPLIT > 1:
+        acc = tl.reshape(acc, (acc.shape[0] // MSPLIT, acc.shape[1] * MSPLIT, acc.shape[2]))
+    elif SPLIT > 1:
         acc = tl.reshape(tl.permute(tl.reshape(acc, (acc.shape[0] // SPLIT, SPLIT,
                                                      acc.shape[1], acc.shape[2])),
                                     (0, 2, 1, 3)),
@@ -176,13 +194,13 @@ def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, 
          USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
          STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr, HOLD: tl.constexpr,
          SAFE: tl.constexpr, SLOTS: tl.constexpr, K_STEPS: tl.constexpr, SUB_K: tl.constexpr,
-         SUB_N: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr, WGRAD: tl.constexpr,
-         PRECISION: tl.constexpr):
+         SUB_N: tl.constexpr, SPLIT: tl.constexpr, MSPLIT: tl.constexpr, ALIGNED: tl.constexpr,
+         WGRAD: tl.constexpr, PRECISION: tl.constexpr):
     """Adds what input row ``ir`` gives through taps kh = 0, 1, 2 (``USEkh``) to the split
-    [PIECES·SPLIT, BW, SUB_N / SPLIT] accumulators t0, t1, t2 (summed over kw and the
-    input-channel steps); nothing for a row outside the image or in a dilation hole, not
-    loaded. ``nslot``: the group slot of each accumulator channel, [PIECES·SPLIT,
-    SUB_N / SPLIT].
+    [PIECES·SPLIT·MSPLIT, BW / MSPLIT, SUB_N / SPLIT] accumulators t0, t1, t2 (summed over
+    kw and the input-channel steps); nothing for a row outside the image or in a dilation
+    hole, not loaded. ``nslot``: the group slot of each accumulator channel,
+    [PIECES·SPLIT·MSPLIT, SUB_N / SPLIT].
 
     ``SAFE`` (a tile that held a NaN or an infinity, walked again): the row is
     multiplied one group slot at a time (the operand masked to the slot's input
@@ -215,9 +233,9 @@ def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, 
                 kslot = (kglob // KG - first_group[:, None])[:, None, :]
                 for j in range(SLOTS):
                     on = nslot[:, None, :] == j
-                    b0 = _spread(tl.where(kslot == j, a0, tl.zeros_like(a0)), SPLIT)
-                    b1 = _spread(tl.where(kslot == j, a1, tl.zeros_like(a1)), SPLIT)
-                    b2 = _spread(tl.where(kslot == j, a2, tl.zeros_like(a2)), SPLIT)
+                    b0 = _rows(tl.where(kslot == j, a0, tl.zeros_like(a0)), SPLIT, MSPLIT)
+                    b1 = _rows(tl.where(kslot == j, a1, tl.zeros_like(a1)), SPLIT, MSPLIT)
+                    b2 = _rows(tl.where(kslot == j, a2, tl.zeros_like(a2)), SPLIT, MSPLIT)
                     if USE0:
                         t0 = tl.where(on, _kh(t0, b0, b1, b2, w0, w1, w2, wp_ptr, wbase, 0, ks,
                                               HOLD, K_STEPS, SUB_K, SUB_N, SPLIT, PRECISION),
@@ -231,9 +249,9 @@ def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, 
                                               HOLD, K_STEPS, SUB_K, SUB_N, SPLIT, PRECISION),
                                         t2)
             else:
-                s0 = _spread(a0, SPLIT)
-                s1 = _spread(a1, SPLIT)
-                s2 = _spread(a2, SPLIT)
+                s0 = _rows(a0, SPLIT, MSPLIT)
+                s1 = _rows(a1, SPLIT, MSPLIT)
+                s2 = _rows(a2, SPLIT, MSPLIT)
                 if USE0:
                     t0 = _kh(t0, s0, s1, s2, w0, w1, w2, wp_ptr, wbase, 0, ks, HOLD, K_STEPS,
                              SUB_K, SUB_N, SPLIT, PRECISION)
@@ -400,8 +418,8 @@ def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr
           W_O, NC, MODE: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr,
           FROM_DY: tl.constexpr, HOLD: tl.constexpr, GUARD: tl.constexpr, SLOTS: tl.constexpr,
           K_STEPS: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr, SPLIT: tl.constexpr,
-          ROWS: tl.constexpr, BW: tl.constexpr, IMGS: tl.constexpr, ALIGNED: tl.constexpr,
-          WGRAD: tl.constexpr, SAFE: tl.constexpr, UNROLL: tl.constexpr,
+          MSPLIT: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr, IMGS: tl.constexpr,
+          ALIGNED: tl.constexpr, WGRAD: tl.constexpr, SAFE: tl.constexpr, UNROLL: tl.constexpr,
           PRECISION: tl.constexpr):
     """One row tile: its input rows walked once, each output row's epilogue; returns the
     tile's per-channel sums (``_tile_sums``), the weight gradient's sums ``g``
@@ -414,7 +432,7 @@ def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr
     ``SAFE``: the guarded walk (``_row``). ``zeros``: of the split accumulators'
     shape."""
     chk = zeros
-    flat = _join(zeros, SPLIT)
+    flat = _join(zeros, SPLIT, MSPLIT)
     if MODE == 1:
         l0 = tl.sum(flat, axis=1, keep_dims=True)
         l1 = flat
@@ -455,12 +473,12 @@ def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr
                         zeros, acc_cur, acc_prev, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps,
                         wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, ir, ow,
                         first_group, nslot, H_A, W_A, KC, KG, True, True, True, 1, DIL, FROM_DY,
-                        HOLD, SAFE, SLOTS, K_STEPS, SUB_K, SUB_N, SPLIT, ALIGNED, WGRAD,
+                        HOLD, SAFE, SLOTS, K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT, ALIGNED, WGRAD,
                         PRECISION)
                     if r >= 2:
                         if GUARD & (MODE != 1) & (MODE != 2):
                             chk += acc_prev
-                        l0, l1, l2 = _emit(_join(acc_prev, SPLIT), ir - 1, oh0, l0, l1, l2,
+                        l0, l1, l2 = _emit(_join(acc_prev, SPLIT, MSPLIT), ir - 1, oh0, l0, l1, l2,
                                            out_ptr, dy_ptr, n, lane_ok, ow, nglob, nmask, va,
                                            vb, vc, scale, shift, H_O, W_O, NC, MODE)
                     acc_prev = acc_cur
@@ -476,22 +494,22 @@ def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr
             zeros, zeros, zeros, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
             w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh0 - 1, ow, first_group, nslot, H_A,
             W_A, KC, KG, True, False, False, STRIDE, DIL, FROM_DY, HOLD, SAFE, SLOTS, K_STEPS,
-            SUB_K, SUB_N, SPLIT, ALIGNED, False, PRECISION)
+            SUB_K, SUB_N, SPLIT, MSPLIT, ALIGNED, False, PRECISION)
         for j in range(ROWS):
             oh = oh0 + j
             unused0, acc, unused2, g = _row(
                 zeros, acc, zeros, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
                 w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh, ow, first_group, nslot, H_A,
                 W_A, KC, KG, False, True, False, STRIDE, DIL, FROM_DY, HOLD, SAFE, SLOTS,
-                K_STEPS, SUB_K, SUB_N, SPLIT, ALIGNED, False, PRECISION)
+                K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT, ALIGNED, False, PRECISION)
             acc_next, unused1, acc, g = _row(
                 zeros, zeros, acc, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
                 w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh + 1, ow, first_group, nslot,
                 H_A, W_A, KC, KG, True, False, True, STRIDE, DIL, FROM_DY, HOLD, SAFE, SLOTS,
-                K_STEPS, SUB_K, SUB_N, SPLIT, ALIGNED, False, PRECISION)
+                K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT, ALIGNED, False, PRECISION)
             if GUARD & (MODE != 1) & (MODE != 2):
                 chk += acc
-            l0, l1, l2 = _emit(_join(acc, SPLIT), oh, oh0, l0, l1, l2, out_ptr, dy_ptr, n,
+            l0, l1, l2 = _emit(_join(acc, SPLIT, MSPLIT), oh, oh0, l0, l1, l2, out_ptr, dy_ptr, n,
                                lane_ok, ow, nglob, nmask, va, vb, vc, scale, shift, H_O, W_O,
                                NC, MODE)
             acc = acc_next
@@ -520,7 +538,8 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
     ``UNROLL``: input rows a trip of the stride-1 walk (3: the three accumulators rotate
     by renaming instead of register moves; 1 where the registers do not allow it).
     ``WARPS``: the launch's ``num_warps``; the dots are split into at least as many batch
-    entries where each part keeps 8 output channels (the mma's N)."""
+    entries where each part keeps 16 pixels (the mma's M) or else 8 output channels (its
+    N)."""
     # The BW lanes (the M of the dots) hold IMGS images' columns side by side.
     width: tl.constexpr = BW // IMGS
     row_tiles = tl.cdiv(H_O, ROWS)
@@ -533,11 +552,20 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
     nmask = nglob < NC
     first_group = (c0 + piece * SUB_N) // NG
     PARTS: tl.constexpr = (WARPS + PIECES - 1) // PIECES
-    SPLIT: tl.constexpr = PARTS if PARTS < SUB_N // 8 else SUB_N // 8
+    # Split along the pixels where each part keeps 16 (the mma's M): each input row is
+    # staged once, the held weight tiles once per part; else along the output channels
+    MSPLIT: tl.constexpr = PARTS if BW // PARTS >= 16 else 1
+    SPLIT: tl.constexpr = 1 if MSPLIT > 1 else (PARTS if PARTS < SUB_N // 8 else SUB_N // 8)
     NS: tl.constexpr = SUB_N // SPLIT
+    ENTRIES: tl.constexpr = SPLIT * MSPLIT  # dot entries a piece
     # group slot of each accumulator channel, and the piece of each dot entry
-    nslot = tl.reshape(nglob // NG - first_group[:, None], (PIECES * SPLIT, NS))
-    wbase = c0 // SUB_N + tl.arange(0, PIECES * SPLIT) // SPLIT
+    slot = nglob // NG - first_group[:, None]
+    if MSPLIT > 1:
+        nslot = tl.reshape(tl.broadcast_to(slot[:, None, :], (PIECES, MSPLIT, SUB_N)),
+                           (PIECES * MSPLIT, SUB_N))
+    else:
+        nslot = tl.reshape(slot, (PIECES * SPLIT, NS))
+    wbase = c0 // SUB_N + tl.arange(0, PIECES * ENTRIES) // ENTRIES
     va = tl.load(va_ptr + nglob, mask=nmask, other=0.0)
     vb = tl.load(vb_ptr + nglob, mask=nmask, other=0.0)
     vc = tl.load(vc_ptr + nglob, mask=nmask, other=0.0)
@@ -579,7 +607,7 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
         w8 = _weights(wp_ptr, wbase, 8, 0, K_STEPS, SUB_K, SUB_N, SPLIT)
     else:
         w0, w1, w2, w3, w4, w5, w6, w7, w8 = 0, 0, 0, 0, 0, 0, 0, 0, 0
-    zeros = tl.zeros((PIECES * SPLIT, BW, NS), dtype=tl.float32)
+    zeros = tl.zeros((PIECES * ENTRIES, BW // MSPLIT, NS), dtype=tl.float32)
     # WGRAD: the weight gradient's dots split along dc's channels (SUB_K) as the conv's
     # are along SUB_N
     WSPLIT: tl.constexpr = PARTS if PARTS < SUB_K // 8 else SUB_K // 8
@@ -613,7 +641,8 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
                                        first_group, nslot, nglob, nmask, va, vb, vc, scale,
                                        shift, H_A, W_A, KC, KG, H_O, W_O, NC, MODE, STRIDE, DIL,
                                        FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
-                                       SPLIT, ROWS, BW, IMGS, ALIGNED, WGRAD, False, UNROLL,
+                                       SPLIT, MSPLIT, ROWS, BW, IMGS, ALIGNED, WGRAD, False,
+                                       UNROLL,
                                        PRECISION)
             if GUARD:
                 # A NaN or an infinity among the tile's operands may have reached other
@@ -646,8 +675,8 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
                         vb_ptr, eps, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0,
                         ow, first_group, nslot, nglob, nmask, va, vb, vc, scale, shift, H_A,
                         W_A, KC, KG, H_O, W_O, NC, MODE, STRIDE, DIL, FROM_DY, HOLD, GUARD,
-                        SLOTS, K_STEPS, SUB_K, SUB_N, SPLIT, ROWS, BW, IMGS, ALIGNED, False, True,
-                        1, PRECISION)
+                        SLOTS, K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT, ROWS, BW, IMGS, ALIGNED, False,
+                        True, 1, PRECISION)
                     s0, s1, s2 = _merge(s0, s1, s2, r0, r1, r2, MODE)
     if MODE == 1:
         out = partial_ptr + (pid * NC + nglob) * 3
@@ -666,7 +695,7 @@ def _add_dw(dw_ptr, entry, inside, g, NG):
     atomics), the entries inside the groups only; ``g`` split as ``_wgrad_row`` sums it."""
     SPLIT: tl.constexpr = g[0].shape[0] // entry.shape[0]
     for tap in tl.static_range(9):
-        tl.atomic_add(dw_ptr + entry + tap * NG, tl.permute(_join(g[tap], SPLIT), (0, 2, 1)),
+        tl.atomic_add(dw_ptr + entry + tap * NG, tl.permute(_join(g[tap], SPLIT, 1), (0, 2, 1)),
                       mask=inside)
 
 

@@ -18,13 +18,20 @@ BF16_BACKENDS = usable_backends(torch.empty(0, 0, 0, 0, dtype=torch.bfloat16))
 LEAK_BACKENDS = [b for b in BACKENDS if not (b == "triton" and triton_backend.INTERPRET)]
 
 
+# 64 channels (4 packed products of 4 groups) in rows of 20 columns: at 8 warps the Triton
+# kernels split their dots along the pixels of 32-pixel row tiles (6 columns: 16-pixel
+# tiles, split along the output channels).
+WIDTHS = pytest.mark.parametrize("width", [6, 20], ids=["w6", "w20"])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_nan_and_inf_propagate_like_pytorch(backend, training):
-    module = FusedGroupConv(16, 16, groups=4, backend=backend)
+@WIDTHS
+def test_nan_and_inf_propagate_like_pytorch(backend, training, width):
+    module = FusedGroupConv(64, 64, groups=16, backend=backend)
     seq = nn.Sequential(*copy.deepcopy(module.to_modules()), nn.ReLU())
     module.train(training), seq.train(training)
-    x = torch.randn(2, 16, 6, 6)
+    x = torch.randn(2, 64, 6, width)
     x[0, 1, 2, 3] = float("nan")  # group 0
     x[1, 9, 0, 0] = float("inf")  # group 2
     out, expected = module(x), seq(x)
@@ -38,14 +45,15 @@ def test_nan_and_inf_propagate_like_pytorch(backend, training):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_nan_and_inf_in_the_gradient_stay_in_their_group(backend, training, stride):
-    """A NaN and an infinity in the output gradient (groups 0 and 2 of 8, four channels
+@WIDTHS
+def test_nan_and_inf_in_the_gradient_stay_in_their_group(backend, training, stride, width):
+    """A NaN and an infinity in the output gradient (groups 0 and 2 of 16, four channels
     each: a packed product holds four groups) reach the input and weight gradients where
     PyTorch's do, and no other group's."""
-    module = FusedGroupConv(32, 32, groups=8, stride=stride, backend=backend)
+    module = FusedGroupConv(64, 64, groups=16, stride=stride, backend=backend)
     seq = nn.Sequential(*copy.deepcopy(module.to_modules()), nn.ReLU())
     module.train(training), seq.train(training)
-    x = torch.randn(2, 32, 8, 8)
+    x = torch.randn(2, 64, 8, width)
     with torch.no_grad():
         passed = copy.deepcopy(seq)(x) > 0  # where the ReLU lets the gradient through
     dy = torch.randn(passed.shape)

@@ -98,6 +98,16 @@ def test_triton_float32_follows_cudnn_allow_tf32(monkeypatch, allow_tf32):
     assert_fp32_training_matches(Problem(2, 32, 32, 6, 5, 4, 1), seed=11)
 
 
+@pytest.mark.parametrize("width", [4, 8, 16])
+def test_triton_rows_of_32_pixels(width):
+    """64 channels in rows of 20 columns: 32-pixel row tiles, whose dots the 8-warp
+    passes (statistics, reduce, dc, dgrad + wgrad) split along the pixels."""
+    from resnext_kernels import triton_backend
+
+    assert triton_backend.Plan(64, 64, width, width, 3, 20).bw == 32
+    assert_fp32_training_matches(Problem(1, 64, 64, 3, 20, 64 // width, 1), seed=width)
+
+
 def test_triton_several_groups_of_64_channels():
     assert_fp32_training_matches(Problem(1, 128, 128, 5, 4, 2, 1), seed=3)
 
