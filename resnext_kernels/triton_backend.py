@@ -79,9 +79,11 @@ def _next_pow2(v: int) -> int:
 class Plan:
     """The tiling of one grouped conv orientation: ``kc`` input channels in groups of
     ``kg``, ``nc`` output channels in groups of ``ng``, an output ``h_out`` x ``w_out``,
-    on a GPU of compute capability ``major`` (9: the H200 the model counts)."""
+    on a GPU of compute capability ``major`` (9: the H200 the model counts). ``cols``:
+    dgrad of a stride-2 conv (2), whose lanes take every other output column (a row tile
+    walked once a column phase: ``conv_rows_kernel``'s ``DIL``)."""
 
-    def __init__(self, kc, nc, kg, ng, h_out, w_out, major=9):
+    def __init__(self, kc, nc, kg, ng, h_out, w_out, major=9, cols=1):
         self.kc, self.nc, self.kg, self.ng = kc, nc, kg, ng
         self.sub_n = 16 if ng < 16 else min(SLAB, _next_pow2(ng))
         self.pieces = max(1, min(SLAB, _next_pow2(nc)) // self.sub_n)
@@ -96,13 +98,14 @@ class Plan:
         span = self.slots * kg
         self.sub_k = min(SLAB, max(16, _next_pow2(span)))
         self.k_steps = -(-span // self.sub_k)
-        self.w_out = w_out
+        self.w_out, self.cols = w_out, cols
+        lanes = -(-w_out // cols)  # the columns of a row one launch computes
         # Pixels along a row: M of the dots. ptxas for sm_80 (``major`` 8) spills 24-168
         # bytes with 32 and the guarded product of 4 groups a piece (s2): 16 there.
         widest = 32 if major >= 9 or self.slots < 4 else 16
-        self.bw = min(widest, max(16, _next_pow2(w_out)))
+        self.bw = min(widest, max(16, _next_pow2(lanes)))
         # Short rows (7 at s5) share the 16 lanes with the same row of other images.
-        self.imgs = self.bw // _next_pow2(w_out) if w_out < 16 else 1
+        self.imgs = self.bw // _next_pow2(lanes) if lanes < 16 else 1
         self.h_out = h_out
         # Output rows per program: a divisor of the height from 8 to 16 where there is
         # one (56, 28, 14 -> 14; 7 -> 7): each program re-reads 2 halo rows.
@@ -224,6 +227,7 @@ def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, 
         warps = fixed_warps(mode, wgrad, meta["UNROLL"], plan.bw, stride)
         meta.update(WARPS=warps, num_warps=warps, maxnreg=MAXNREG)
     grid = (_row_programs(plan, n, run), plan.slabs)
+    assert plan.cols == dil, "dgrad's plan at stride 2 tiles both column phases"
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
@@ -234,8 +238,9 @@ def _row_programs(plan, n, run=None):
 
 
 def _row_tiles(plan, n):
+    """Row tiles of one launch (one column phase)."""
     return (triton.cdiv(n, plan.imgs) * triton.cdiv(plan.h_out, plan.rows)
-            * triton.cdiv(plan.w_out, plan.bw // plan.imgs))
+            * triton.cdiv(plan.w_out, plan.bw // plan.imgs * plan.cols))
 
 
 class _Layer:
@@ -255,7 +260,8 @@ class _Layer:
         self.plan = Plan(self.c_in, self.c_out, self.cg_in, self.cg_out, self.h_out,
                          self.w_out, major)
         # dgrad's: the conv on dc, input and output channels swapped, to the input's size
-        self.dgrad = Plan(self.c_out, self.c_in, self.cg_out, self.cg_in, self.h, self.w, major)
+        self.dgrad = Plan(self.c_out, self.c_in, self.cg_out, self.cg_in, self.h, self.w, major,
+                          cols=stride)
 
     def empty(self, like, input_side=False):
         """An NHWC tensor shaped like the output (or, ``input_side``, like the input)."""

@@ -39,9 +39,11 @@ Kernels (the glue is ``resnext_kernels/triton_backend.py``):
   REDUCE (per-program Σdz and Σdz·x̂ from va..vd = γ, β, mean, var), DC (dc =
   γ·invstd·(dz − Σdz/count − x̂·Σdz·x̂/count) from va..vd as REDUCE and sv, ve = Σdz,
   Σdz·x̂), PLAIN (store c: dgrad). REDUCE and DC recompute c, and dz = dy·[y > 0] with
-  y recomputed from c exactly as WRITE rounds it (the forward's output is not read). dgrad is this conv on dc with each
-  group's weights transposed and the taps flipped; at stride 2 on dc dilated by 2
-  (``DIL``; the zero rows are skipped, the zero columns are masked loads). ``FROM_DY``
+  y recomputed from c exactly as WRITE rounds it (the forward's output is not read).
+  dgrad is this conv on dc with each group's weights transposed and the taps flipped;
+  at stride 2 on dc dilated by 2 (``DIL``), none of the dilation's zeros multiplied:
+  its zero rows are skipped, and a row tile's even and odd output columns are walked
+  apart, each through the taps that meet dc (``_taps``). ``FROM_DY``
   forms the operand dc = γ·invstd·dy·[y > 0] while loading (eval backward; va, vb = γ,
   var). ``WGRAD``: dgrad also sums the weight gradient x_tapᵀ · dc from the dc tiles
   it loads and the forward input at its own pixels (each read once), added to dw with
@@ -174,28 +176,82 @@ def _join(acc, SPLIT: tl.constexpr, MSPLIT: tl.constexpr):
 @triton.jit
 def _kh(acc, a0, a1, a2, h0, h1, h2, wp_ptr, wbase, kh: tl.constexpr, ks, HOLD: tl.constexpr,
         K_STEPS: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr, SPLIT: tl.constexpr,
-        PRECISION: tl.constexpr):
-    """acc + Σ_kw a_kw · w(kh, kw): the weights ``h0..h2`` held in registers (``HOLD``) or
+        KW1: tl.constexpr, KW02: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + Σ_kw a_kw · w(kh, kw) over the taps kw the lanes' columns take (``KW1``: 1,
+    ``KW02``: 0 and 2; ``_taps``): the weights ``h0..h2`` held in registers (``HOLD``) or
     loaded here for input-channel step ``ks``."""
-    if HOLD:
-        b0, b1, b2 = h0, h1, h2
-    else:
-        b0 = _weights(wp_ptr, wbase, 3 * kh, ks, K_STEPS, SUB_K, SUB_N, SPLIT)
-        b1 = _weights(wp_ptr, wbase, 3 * kh + 1, ks, K_STEPS, SUB_K, SUB_N, SPLIT)
-        b2 = _weights(wp_ptr, wbase, 3 * kh + 2, ks, K_STEPS, SUB_K, SUB_N, SPLIT)
-    acc = tl.dot(a0, b0, acc, input_precision=PRECISION)
-    acc = tl.dot(a1, b1, acc, input_precision=PRECISION)
-    return tl.dot(a2, b2, acc, input_precision=PRECISION)
+    if KW02:
+        acc = _tap(acc, a0, h0, wp_ptr, wbase, 3 * kh, ks, HOLD, K_STEPS, SUB_K, SUB_N, SPLIT,
+                   PRECISION)
+    if KW1:
+        acc = _tap(acc, a1, h1, wp_ptr, wbase, 3 * kh + 1, ks, HOLD, K_STEPS, SUB_K, SUB_N,
+                   SPLIT, PRECISION)
+    if KW02:
+        acc = _tap(acc, a2, h2, wp_ptr, wbase, 3 * kh + 2, ks, HOLD, K_STEPS, SUB_K, SUB_N,
+                   SPLIT, PRECISION)
+    return acc
+
+
+@triton.jit
+def _tap(acc, a, held, wp_ptr, wbase, tap: tl.constexpr, ks, HOLD: tl.constexpr,
+         K_STEPS: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr, SPLIT: tl.constexpr,
+         PRECISION: tl.constexpr):
+    """acc + a · w(tap): the weights ``held`` or loaded for input-channel step ``ks``."""
+    b = held
+    if not HOLD:
+        b = _weights(wp_ptr, wbase, tap, ks, K_STEPS, SUB_K, SUB_N, SPLIT)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _taps(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, kglob, kmask, H_A, W_A, KC,
+          STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr, KW1: tl.constexpr,
+          KW02: tl.constexpr):
+    """The operands a0, a1, a2 of row ``ir``'s taps kw = 0, 1, 2 (``_load_a``), those the
+    lanes' columns take: all three at ``DIL`` 1; on dc dilated by 2 the lanes hold one
+    column phase (``PHASE``), even columns meeting dc through kw = 1 alone (``KW1``), odd
+    ones through kw = 0 and 2 (``KW02``): the others would be dilation holes, zeros; 0
+    in their place, never multiplied."""
+    a0 = 0
+    a1 = 0
+    a2 = 0
+    if KW02:
+        a0 = _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, 0, kglob, kmask,
+                     H_A, W_A, KC, STRIDE, DIL, FROM_DY)
+    if KW1:
+        a1 = _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, 1, kglob, kmask,
+                     H_A, W_A, KC, STRIDE, DIL, FROM_DY)
+    if KW02:
+        a2 = _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, 2, kglob, kmask,
+                     H_A, W_A, KC, STRIDE, DIL, FROM_DY)
+    return a0, a1, a2
+
+
+@triton.jit
+def _slot_rows(a, keep, SPLIT: tl.constexpr, MSPLIT: tl.constexpr, USE: tl.constexpr):
+    """``a`` kept where ``keep`` (zeros elsewhere) as the split dots take it (``_rows``),
+    where the tap is taken (``USE``)."""
+    if USE:
+        a = _rows(tl.where(keep, a, tl.zeros_like(a)), SPLIT, MSPLIT)
+    return a
+
+
+@triton.jit
+def _split_rows(a, SPLIT: tl.constexpr, MSPLIT: tl.constexpr, USE: tl.constexpr):
+    """``_rows`` where the tap is taken (``USE``)."""
+    if USE:
+        a = _rows(a, SPLIT, MSPLIT)
+    return a
 
 
 @triton.jit
 def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4, w5,
          w6, w7, w8, wbase, n, lane_ok, ir, ow, first_group, nslot, H_A, W_A, KC, KG,
          USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
-         STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr, HOLD: tl.constexpr,
-         SAFE: tl.constexpr, SLOTS: tl.constexpr, K_STEPS: tl.constexpr, SUB_K: tl.constexpr,
-         SUB_N: tl.constexpr, SPLIT: tl.constexpr, MSPLIT: tl.constexpr, ALIGNED: tl.constexpr,
-         WGRAD: tl.constexpr, PRECISION: tl.constexpr):
+         STRIDE: tl.constexpr, DIL: tl.constexpr, PHASE: tl.constexpr, FROM_DY: tl.constexpr,
+         HOLD: tl.constexpr, SAFE: tl.constexpr, SLOTS: tl.constexpr, K_STEPS: tl.constexpr,
+         SUB_K: tl.constexpr, SUB_N: tl.constexpr, SPLIT: tl.constexpr, MSPLIT: tl.constexpr,
+         ALIGNED: tl.constexpr, WGRAD: tl.constexpr, PRECISION: tl.constexpr):
     """Adds what input row ``ir`` gives through taps kh = 0, 1, 2 (``USEkh``) to the split
     [PIECES·SPLIT·MSPLIT, BW / MSPLIT, SUB_N / SPLIT] accumulators t0, t1, t2 (summed over
     kw and the input-channel steps); nothing for a row outside the image or in a dilation
@@ -211,6 +267,8 @@ def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, 
     gradient to the nine split [PIECES·WSPLIT, SUB_N, SUB_K / WSPLIT] sums ``g``
     (tap-major; ``_wgrad_row``), from ``xr``, the forward input's rows ir - 1, ir, ir + 1
     at the program's own pixels."""
+    KW1: tl.constexpr = (DIL == 1) | (PHASE == 0)  # the taps kw the lanes take (``_taps``)
+    KW02: tl.constexpr = (DIL == 1) | (PHASE == 1)
     if (ir >= 0) & (ir % DIL == 0) & (ir // DIL < H_A):
         for ks in range(K_STEPS):
             kstart = first_group * KG
@@ -218,54 +276,51 @@ def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, 
                 kstart = tl.multiple_of(kstart, 16)
             kglob = kstart[:, None] + ks * SUB_K + tl.arange(0, SUB_K)[None, :]
             kmask = kglob < KC
-            a0 = _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, 0, kglob, kmask,
-                         H_A, W_A, KC,
-                         STRIDE, DIL, FROM_DY)
-            a1 = _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, 1, kglob, kmask,
-                         H_A, W_A, KC,
-                         STRIDE, DIL, FROM_DY)
-            a2 = _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, 2, kglob, kmask,
-                         H_A, W_A, KC,
-                         STRIDE, DIL, FROM_DY)
+            a0, a1, a2 = _taps(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, kglob,
+                               kmask, H_A, W_A, KC, STRIDE, DIL, FROM_DY, KW1, KW02)
             if WGRAD:
-                g = _wgrad_row(g, xr, a0, a1, a2, PRECISION)
+                g = _wgrad_row(g, xr, a0, a1, a2, DIL, KW1, KW02, PRECISION)
             if SAFE:
                 kslot = (kglob // KG - first_group[:, None])[:, None, :]
                 for j in range(SLOTS):
                     on = nslot[:, None, :] == j
-                    b0 = _rows(tl.where(kslot == j, a0, tl.zeros_like(a0)), SPLIT, MSPLIT)
-                    b1 = _rows(tl.where(kslot == j, a1, tl.zeros_like(a1)), SPLIT, MSPLIT)
-                    b2 = _rows(tl.where(kslot == j, a2, tl.zeros_like(a2)), SPLIT, MSPLIT)
+                    b0 = _slot_rows(a0, kslot == j, SPLIT, MSPLIT, KW02)
+                    b1 = _slot_rows(a1, kslot == j, SPLIT, MSPLIT, KW1)
+                    b2 = _slot_rows(a2, kslot == j, SPLIT, MSPLIT, KW02)
                     if USE0:
                         t0 = tl.where(on, _kh(t0, b0, b1, b2, w0, w1, w2, wp_ptr, wbase, 0, ks,
-                                              HOLD, K_STEPS, SUB_K, SUB_N, SPLIT, PRECISION),
+                                              HOLD, K_STEPS, SUB_K, SUB_N, SPLIT, KW1, KW02,
+                                              PRECISION),
                                         t0)
                     if USE1:
                         t1 = tl.where(on, _kh(t1, b0, b1, b2, w3, w4, w5, wp_ptr, wbase, 1, ks,
-                                              HOLD, K_STEPS, SUB_K, SUB_N, SPLIT, PRECISION),
+                                              HOLD, K_STEPS, SUB_K, SUB_N, SPLIT, KW1, KW02,
+                                              PRECISION),
                                         t1)
                     if USE2:
                         t2 = tl.where(on, _kh(t2, b0, b1, b2, w6, w7, w8, wp_ptr, wbase, 2, ks,
-                                              HOLD, K_STEPS, SUB_K, SUB_N, SPLIT, PRECISION),
+                                              HOLD, K_STEPS, SUB_K, SUB_N, SPLIT, KW1, KW02,
+                                              PRECISION),
                                         t2)
             else:
-                s0 = _rows(a0, SPLIT, MSPLIT)
-                s1 = _rows(a1, SPLIT, MSPLIT)
-                s2 = _rows(a2, SPLIT, MSPLIT)
+                s0 = _split_rows(a0, SPLIT, MSPLIT, KW02)
+                s1 = _split_rows(a1, SPLIT, MSPLIT, KW1)
+                s2 = _split_rows(a2, SPLIT, MSPLIT, KW02)
                 if USE0:
                     t0 = _kh(t0, s0, s1, s2, w0, w1, w2, wp_ptr, wbase, 0, ks, HOLD, K_STEPS,
-                             SUB_K, SUB_N, SPLIT, PRECISION)
+                             SUB_K, SUB_N, SPLIT, KW1, KW02, PRECISION)
                 if USE1:
                     t1 = _kh(t1, s0, s1, s2, w3, w4, w5, wp_ptr, wbase, 1, ks, HOLD, K_STEPS,
-                             SUB_K, SUB_N, SPLIT, PRECISION)
+                             SUB_K, SUB_N, SPLIT, KW1, KW02, PRECISION)
                 if USE2:
                     t2 = _kh(t2, s0, s1, s2, w6, w7, w8, wp_ptr, wbase, 2, ks, HOLD, K_STEPS,
-                             SUB_K, SUB_N, SPLIT, PRECISION)
+                             SUB_K, SUB_N, SPLIT, KW1, KW02, PRECISION)
     return t0, t1, t2, g
 
 
 @triton.jit
-def _wgrad_row(g, xr, a0, a1, a2, PRECISION: tl.constexpr):
+def _wgrad_row(g, xr, a0, a1, a2, DIL: tl.constexpr, KW1: tl.constexpr, KW02: tl.constexpr,
+               PRECISION: tl.constexpr):
     """dW(kh, kw) += x(row ir - 1 + kh)ᵀ · a_(2 - kw): the operand a_j holds dc at columns
     ow - 1 + j, which meets the input pixel ow through tap kw = 2 - j (the contraction
     runs over the pixels, so the packed zeros never meet another group's values).
@@ -275,30 +330,50 @@ def _wgrad_row(g, xr, a0, a1, a2, PRECISION: tl.constexpr):
     below the image (a halo row belongs to another program). The zero padding left of
     column 0 and right of column W - 1 has no lane: its product with dc (0 · dc, NaN
     where dc is not finite) is added to the neighbouring lane's dc, at lane 0 of kw = 0
-    (lanes ``xr[6]``) and lane W - 1 of kw = 2 (``xr[7]``).
+    (lanes ``xr[6]``) and lane W - 1 of kw = 2 (``xr[7]``). On dc dilated by 2 (one
+    column phase: ``_taps``) the padding's dc column 0 is a0 at column 1, added there to
+    kw = 0; right of the image a lane of the odd phase always holds the padding (or no
+    dc column meets it).
 
     The sums ``g`` are split along their dc channels as the conv's accumulators are along
     theirs ([PIECES·SPLIT, SUB_N, SUB_K / SPLIT]: ``_part``), so that no warp repeats
     another's mma tiles; the x rows ``xr[0..2]`` come spread for it (``_spread``, once
     per row where it is loaded: each row meets three dc rows)."""
-    SPLIT: tl.constexpr = g[0].shape[0] // a0.shape[0]
-    zero = tl.zeros_like(a1)
-    b2 = _part((a2 + tl.where(xr[6][None, :, None], a1 * 0.0, zero)).to(a2.dtype), SPLIT)
-    b0 = _part((a0 + tl.where(xr[7][None, :, None], a1 * 0.0, zero)).to(a0.dtype), SPLIT)
-    b1 = _part(a1, SPLIT)
-    s0, s1, s2 = _wgrad_kh(g[0], g[1], g[2], xr[0], xr[3], b0, b1, b2, PRECISION)
-    s3, s4, s5 = _wgrad_kh(g[3], g[4], g[5], xr[1], xr[4], b0, b1, b2, PRECISION)
-    s6, s7, s8 = _wgrad_kh(g[6], g[7], g[8], xr[2], xr[5], b0, b1, b2, PRECISION)
+    b0 = a0
+    b1 = a1
+    b2 = a2
+    if KW1:
+        SPLIT: tl.constexpr = g[0].shape[0] // a1.shape[0]
+        if DIL == 1:
+            zero = tl.zeros_like(a1)
+            b2 = _part((a2 + tl.where(xr[6][None, :, None], a1 * 0.0, zero)).to(a2.dtype),
+                       SPLIT)
+            b0 = _part((a0 + tl.where(xr[7][None, :, None], a1 * 0.0, zero)).to(a0.dtype),
+                       SPLIT)
+        b1 = _part(a1, SPLIT)
+    elif KW02:
+        SPLIT: tl.constexpr = g[0].shape[0] // a0.shape[0]
+        zero = tl.zeros_like(a0)
+        b2 = _part((a2 + tl.where(xr[6][None, :, None], a0 * 0.0, zero)).to(a2.dtype), SPLIT)
+        b0 = _part(a0, SPLIT)
+    s0, s1, s2 = _wgrad_kh(g[0], g[1], g[2], xr[0], xr[3], b0, b1, b2, KW1, KW02, PRECISION)
+    s3, s4, s5 = _wgrad_kh(g[3], g[4], g[5], xr[1], xr[4], b0, b1, b2, KW1, KW02, PRECISION)
+    s6, s7, s8 = _wgrad_kh(g[6], g[7], g[8], xr[2], xr[5], b0, b1, b2, KW1, KW02, PRECISION)
     return s0, s1, s2, s3, s4, s5, s6, s7, s8
 
 
 @triton.jit
-def _wgrad_kh(s0, s1, s2, x, on, a0, a1, a2, PRECISION: tl.constexpr):
-    """The three taps of one kh where input row ``x`` takes part (``on``)."""
+def _wgrad_kh(s0, s1, s2, x, on, a0, a1, a2, KW1: tl.constexpr, KW02: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """The taps of one kh the lanes take (``_taps``) where input row ``x`` takes part
+    (``on``)."""
     if on:
-        s0 = tl.dot(x, a2, s0, input_precision=PRECISION)
-        s1 = tl.dot(x, a1, s1, input_precision=PRECISION)
-        s2 = tl.dot(x, a0, s2, input_precision=PRECISION)
+        if KW02:
+            s0 = tl.dot(x, a2, s0, input_precision=PRECISION)
+        if KW1:
+            s1 = tl.dot(x, a1, s1, input_precision=PRECISION)
+        if KW02:
+            s2 = tl.dot(x, a0, s2, input_precision=PRECISION)
     return s0, s1, s2
 
 
@@ -404,11 +479,14 @@ def _merge(s0, s1, s2, r0, r1, r2, MODE: tl.constexpr):
 
 @triton.jit
 def _tile_at(t, lane, N, row_tiles, col_tiles, width: tl.constexpr, IMGS: tl.constexpr,
-             ROWS: tl.constexpr):
+             ROWS: tl.constexpr, DIL: tl.constexpr):
     """Row tile ``t``: the lanes' images and whether they exist, its first output row, the
-    lanes' output columns."""
+    lanes' output columns: consecutive, or on dc dilated by ``DIL`` 2 every other column
+    (the even ones; a tile spans 2·width columns, walked once a column phase:
+    ``_taps``)."""
     n = t // (row_tiles * col_tiles) * IMGS + lane // width
-    return n, n < N, (t // col_tiles) % row_tiles * ROWS, (t % col_tiles) * width + lane % width
+    ow = (t % col_tiles) * (width * DIL) + lane % width * DIL
+    return n, n < N, (t // col_tiles) % row_tiles * ROWS, ow
 
 
 @triton.jit
@@ -442,49 +520,55 @@ def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr
         l1 = l0
         l2 = l0
     if STRIDE == 1:
-        # acc_prev: output row ir - 1 (complete after input row ir); acc_cur: row ir.
-        acc_prev = zeros
-        acc_cur = zeros
-        # WGRAD: the forward input's rows ir - 1 and ir (each loaded and spread once, at
-        # ir - 2, ir - 1)
-        x_prev = xzero
-        x_cur = xzero
-        # WGRAD: the lanes next to the padding columns left of 0 and right of W - 1 (the
-        # latter where column W has no lane)
+        # dgrad on dc dilated by 2: the tile's two column phases one after the other
+        # (``_taps``), each dc row read once from DRAM (the second phase finds it in
+        # the cache)
         width: tl.constexpr = BW // IMGS
-        left = (ow == 0) & lane_ok
-        right = (ow == W_O - 1) & (ow % width == width - 1) & lane_ok
-        # UNROLL rows a trip: with 3 the accumulators rotate by renaming, not by register
-        # moves
-        for r0 in range(0, ROWS + 2, UNROLL):
-            for j in tl.static_range(UNROLL):
-                r = r0 + j
-                if r < ROWS + 2:
-                    ir = oh0 - 1 + r
-                    x_next = xzero
-                    if WGRAD:
-                        x_next = _spread(_x_tile(x_ptr, n, lane_ok, ir + 1, oh0, ow, nglob,
-                                                 nmask, H_O, W_O, NC, ROWS),
-                                         xzero.shape[0] // first_group.shape[0])
-                    xr = (x_prev, x_cur, x_next, _takes_part(ir - 1, oh0, H_O, ROWS),
-                          _takes_part(ir, oh0, H_O, ROWS), _takes_part(ir + 1, oh0, H_O, ROWS),
-                          left, right)
-                    acc_next, acc_cur, acc_prev, g = _row(
-                        zeros, acc_cur, acc_prev, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps,
-                        wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, ir, ow,
-                        first_group, nslot, H_A, W_A, KC, KG, True, True, True, 1, DIL, FROM_DY,
-                        HOLD, SAFE, SLOTS, K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT, ALIGNED, WGRAD,
-                        PRECISION)
-                    if r >= 2:
-                        if GUARD & (MODE != 1) & (MODE != 2):
-                            chk += acc_prev
-                        l0, l1, l2 = _emit(_join(acc_prev, SPLIT, MSPLIT), ir - 1, oh0, l0, l1, l2,
-                                           out_ptr, dy_ptr, n, lane_ok, ow, nglob, nmask, va,
-                                           vb, vc, scale, shift, H_O, W_O, NC, MODE)
-                    acc_prev = acc_cur
-                    acc_cur = acc_next
-                    x_prev = x_cur
-                    x_cur = x_next
+        for ph in tl.static_range(DIL):
+            owp = ow + ph
+            # acc_prev: output row ir - 1 (complete after input row ir); acc_cur: row ir.
+            acc_prev = zeros
+            acc_cur = zeros
+            # WGRAD: the forward input's rows ir - 1 and ir (each loaded and spread once,
+            # at ir - 2, ir - 1)
+            x_prev = xzero
+            x_cur = xzero
+            # WGRAD: the lanes next to the padding columns left of 0 and right of W - 1
+            # (the latter where column W has no lane; ``_wgrad_row``)
+            left = (owp == DIL - 1) & lane_ok
+            right = (owp == W_O - 1) & (owp % width == width - 1) & lane_ok
+            # UNROLL rows a trip: with 3 the accumulators rotate by renaming, not by
+            # register moves
+            for r0 in range(0, ROWS + 2, UNROLL):
+                for j in tl.static_range(UNROLL):
+                    r = r0 + j
+                    if r < ROWS + 2:
+                        ir = oh0 - 1 + r
+                        x_next = xzero
+                        if WGRAD:
+                            x_next = _spread(_x_tile(x_ptr, n, lane_ok, ir + 1, oh0, owp,
+                                                     nglob, nmask, H_O, W_O, NC, ROWS),
+                                             xzero.shape[0] // first_group.shape[0])
+                        xr = (x_prev, x_cur, x_next, _takes_part(ir - 1, oh0, H_O, ROWS),
+                              _takes_part(ir, oh0, H_O, ROWS),
+                              _takes_part(ir + 1, oh0, H_O, ROWS), left, right)
+                        acc_next, acc_cur, acc_prev, g = _row(
+                            zeros, acc_cur, acc_prev, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps,
+                            wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, ir,
+                            owp, first_group, nslot, H_A, W_A, KC, KG, True, True, True, 1, DIL,
+                            ph, FROM_DY, HOLD, SAFE, SLOTS, K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT,
+                            ALIGNED, WGRAD, PRECISION)
+                        if r >= 2:
+                            if GUARD & (MODE != 1) & (MODE != 2):
+                                chk += acc_prev
+                            l0, l1, l2 = _emit(_join(acc_prev, SPLIT, MSPLIT), ir - 1, oh0, l0,
+                                               l1, l2, out_ptr, dy_ptr, n, lane_ok, owp, nglob,
+                                               nmask, va, vb, vc, scale, shift, H_O, W_O, NC,
+                                               MODE)
+                        acc_prev = acc_cur
+                        acc_cur = acc_next
+                        x_prev = x_cur
+                        x_cur = x_next
     else:
         # Output row oh reads input rows 2oh - 1 (kh 0), 2oh (kh 1), 2oh + 1 (kh 2); the
         # odd row 2oh + 1 is also row 2(oh + 1) - 1 of the next output row.
@@ -493,19 +577,19 @@ def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr
         acc, unused1, unused2, g = _row(
             zeros, zeros, zeros, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
             w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh0 - 1, ow, first_group, nslot, H_A,
-            W_A, KC, KG, True, False, False, STRIDE, DIL, FROM_DY, HOLD, SAFE, SLOTS, K_STEPS,
+            W_A, KC, KG, True, False, False, STRIDE, DIL, 0, FROM_DY, HOLD, SAFE, SLOTS, K_STEPS,
             SUB_K, SUB_N, SPLIT, MSPLIT, ALIGNED, False, PRECISION)
         for j in range(ROWS):
             oh = oh0 + j
             unused0, acc, unused2, g = _row(
                 zeros, acc, zeros, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
                 w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh, ow, first_group, nslot, H_A,
-                W_A, KC, KG, False, True, False, STRIDE, DIL, FROM_DY, HOLD, SAFE, SLOTS,
+                W_A, KC, KG, False, True, False, STRIDE, DIL, 0, FROM_DY, HOLD, SAFE, SLOTS,
                 K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT, ALIGNED, False, PRECISION)
             acc_next, unused1, acc, g = _row(
                 zeros, zeros, acc, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
                 w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh + 1, ow, first_group, nslot,
-                H_A, W_A, KC, KG, True, False, True, STRIDE, DIL, FROM_DY, HOLD, SAFE, SLOTS,
+                H_A, W_A, KC, KG, True, False, True, STRIDE, DIL, 0, FROM_DY, HOLD, SAFE, SLOTS,
                 K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT, ALIGNED, False, PRECISION)
             if GUARD & (MODE != 1) & (MODE != 2):
                 chk += acc
@@ -529,7 +613,8 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
                      UNROLL: tl.constexpr, PRECISION: tl.constexpr, WARPS: tl.constexpr):
     """Program (row tiles, channel slab): RUN consecutive row tiles, each output rows
     [oh0, oh0 + ROWS) x columns [ow0, ow0 + BW / IMGS) of IMGS images (several where the
-    rows are short), channels [c0, c0 + PIECES·SUB_N): the weight tiles (packed by
+    rows are short; dgrad at ``DIL`` 2: [ow0, ow0 + 2·BW / IMGS), its two column phases
+    one after the other), channels [c0, c0 + PIECES·SUB_N): the weight tiles (packed by
     ``pack_kernel``) are read and staged once for the RUN tiles where they are held
     (``HOLD``). ``N_BUCKET`` is only an autotuning key (the batch size rounded up to a
     power of two). ``WGRAD`` (dgrad with one input-channel step): the program also sums
@@ -543,7 +628,7 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
     # The BW lanes (the M of the dots) hold IMGS images' columns side by side.
     width: tl.constexpr = BW // IMGS
     row_tiles = tl.cdiv(H_O, ROWS)
-    col_tiles = tl.cdiv(W_O, width)
+    col_tiles = tl.cdiv(W_O, width * DIL)
     pid = tl.program_id(0)
     lane = tl.arange(0, BW)
     c0 = tl.program_id(1) * (PIECES * SUB_N)
@@ -633,17 +718,16 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
     redo = 0  # GUARD: bit i set where tile i of the run is walked again
     for i in range(RUN):
         t = pid * RUN + i
-        n, lane_ok, oh0, ow = _tile_at(t, lane, N, row_tiles, col_tiles, width, IMGS, ROWS)
+        n, lane_ok, oh0, ow = _tile_at(t, lane, N, row_tiles, col_tiles, width, IMGS, ROWS, DIL)
         if t < tiles:  # the last program's run may end past the batch
             r0, r1, r2, g, chk = _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr,
                                        dy_ptr, ys_ptr, x_ptr, va_ptr, vb_ptr, eps, w0, w1, w2,
                                        w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0, ow,
                                        first_group, nslot, nglob, nmask, va, vb, vc, scale,
-                                       shift, H_A, W_A, KC, KG, H_O, W_O, NC, MODE, STRIDE, DIL,
-                                       FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
+                                       shift, H_A, W_A, KC, KG, H_O, W_O, NC, MODE, STRIDE,
+                                       DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
                                        SPLIT, MSPLIT, ROWS, BW, IMGS, ALIGNED, WGRAD, False,
-                                       UNROLL,
-                                       PRECISION)
+                                       UNROLL, PRECISION)
             if GUARD:
                 # A NaN or an infinity among the tile's operands may have reached other
                 # groups' outputs through the packed zeros: the tile is walked again after
@@ -668,15 +752,15 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
             for i in range(RUN):
                 t = pid * RUN + i
                 n, lane_ok, oh0, ow = _tile_at(t, lane, N, row_tiles, col_tiles, width, IMGS,
-                                               ROWS)
+                                               ROWS, DIL)
                 if (redo >> i) & 1:
                     r0, r1, r2, unused, chk = _tile(
                         g0, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr,
                         vb_ptr, eps, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0,
                         ow, first_group, nslot, nglob, nmask, va, vb, vc, scale, shift, H_A,
-                        W_A, KC, KG, H_O, W_O, NC, MODE, STRIDE, DIL, FROM_DY, HOLD, GUARD,
-                        SLOTS, K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT, ROWS, BW, IMGS, ALIGNED, False,
-                        True, 1, PRECISION)
+                        W_A, KC, KG, H_O, W_O, NC, MODE, STRIDE, DIL, FROM_DY, HOLD,
+                        GUARD, SLOTS, K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT, ROWS, BW, IMGS,
+                        ALIGNED, False, True, 1, PRECISION)
                     s0, s1, s2 = _merge(s0, s1, s2, r0, r1, r2, MODE)
     if MODE == 1:
         out = partial_ptr + (pid * NC + nglob) * 3

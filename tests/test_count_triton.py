@@ -381,6 +381,18 @@ def test_real_pass(pass_name):
 
 
 @interpreted
+def test_stride_2_dgrad_multiplies_no_dilation_zeros():
+    """dgrad of a stride-2 conv walks a row tile's even and odd columns apart, each
+    through the taps that meet dc: with dense dc (the training backward) and 16 channels
+    per group (no block-diagonal zeros) nearly every multiply-add is useful, where the
+    dilated walk's zero columns made half of them zeros."""
+    problem = Problem(2, 32, 32, 16, 16, 2, 2)
+    (dgrad,) = [r for r in ct.count_pass(problem, "train_bwd", torch.float16)
+                if r.kernel == "conv_rows_kernel" and "DIL=2" in r.symbol]
+    assert dgrad.useful_macs > 0.85 * dgrad.executed_macs
+
+
+@interpreted
 def test_counted_variants_are_compiled_by_the_aot_report():
     """A ResNeXt-50 layer's launches are keys of the AOT/SASS reports (s5: 7 x 7, one
     image keeps the interpreter quick)."""

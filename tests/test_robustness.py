@@ -42,24 +42,22 @@ def test_nan_and_inf_propagate_like_pytorch(backend, training, width):
     torch.testing.assert_close(out[finite], expected[finite], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("stride", [1, 2])
-@WIDTHS
-def test_nan_and_inf_in_the_gradient_stay_in_their_group(backend, training, stride, width):
-    """A NaN and an infinity in the output gradient (groups 0 and 2 of 16, four channels
-    each: a packed product holds four groups) reach the input and weight gradients where
-    PyTorch's do, and no other group's."""
+def _modules(backend, stride, training):
+    """The fused module (64 channels in 16 groups: a packed product holds four groups) and
+    PyTorch's conv + BN + ReLU with its weights."""
     module = FusedGroupConv(64, 64, groups=16, stride=stride, backend=backend)
     seq = nn.Sequential(*copy.deepcopy(module.to_modules()), nn.ReLU())
     module.train(training), seq.train(training)
-    x = torch.randn(2, 64, 8, width)
+    return module, seq
+
+
+def _passed(seq, x):
+    """Where the ReLU lets the output gradient through."""
     with torch.no_grad():
-        passed = copy.deepcopy(seq)(x) > 0  # where the ReLU lets the gradient through
-    dy = torch.randn(passed.shape)
-    for value, n, c in ((float("nan"), 0, 1), (float("inf"), 1, 9)):
-        h, w = passed[n, c].nonzero()[0]
-        dy[n, c, h, w] = value
+        return copy.deepcopy(seq)(x) > 0
+
+
+def _assert_gradients_like_pytorch(module, seq, x, dy, training):
     grads = []
     for m in (module, seq):
         leaf = x.clone().requires_grad_()
@@ -73,6 +71,41 @@ def test_nan_and_inf_in_the_gradient_stay_in_their_group(backend, training, stri
             assert torch.equal(got.isnan(), expected.isnan())
         finite = expected.isfinite()
         torch.testing.assert_close(got[finite], expected[finite], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("stride", [1, 2])
+@WIDTHS
+def test_nan_and_inf_in_the_gradient_stay_in_their_group(backend, training, stride, width):
+    """A NaN and an infinity in the output gradient (groups 0 and 2) reach the input and
+    weight gradients where PyTorch's do, and no other group's."""
+    module, seq = _modules(backend, stride, training)
+    x = torch.randn(2, 64, 8, width)
+    passed = _passed(seq, x)
+    dy = torch.randn(passed.shape)
+    for value, n, c in ((float("nan"), 0, 1), (float("inf"), 1, 9)):
+        h, w = passed[n, c].nonzero()[0]
+        dy[n, c, h, w] = value
+    _assert_gradients_like_pytorch(module, seq, x, dy, training)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("width", [7, 20])
+@pytest.mark.parametrize("column", ["first", "last"])
+def test_inf_in_the_gradient_at_an_edge_column(backend, stride, width, column):
+    """An infinity in the output gradient's first or last column: PyTorch's weight
+    gradient also multiplies it by the zero padding beside the image (0 x Inf = NaN in
+    the taps that meet the padding alone), in eval, where the pattern is exact."""
+    module, seq = _modules(backend, stride, False)
+    x = torch.randn(2, 64, 8, width)
+    passed = _passed(seq, x)
+    w = 0 if column == "first" else passed.shape[-1] - 1
+    dy = torch.randn(passed.shape)
+    c, h = passed[0, :8, :, w].nonzero()[0]
+    dy[0, c, h, w] = float("inf")
+    _assert_gradients_like_pytorch(module, seq, x, dy, False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -104,6 +104,28 @@ def test_first_takes_the_first_loop_holding_the_math():
     assert sass.hot_loop(body, first=True) == (4, 5)
 
 
+def test_walks_take_one_trip_of_each_phase_loop():
+    """dgrad at DIL 2 walks a row tile once per column phase: two walk loops (1 HMMA in 3
+    instructions, then 2 in 4) before the guarded walk; one trip of each counted
+    together."""
+    lines = ["MOV R0, RZ",
+             "HMMA.16816.F32 R8, R12, R16, R8", "IADD3 R0, R0, 0x1, RZ",
+             f"@P1 BRA {at(1)}",                                                  # even
+             "HMMA.16816.F32 R8, R12, R16, R8", "HMMA.16816.F32 R8, R12, R16, R8",
+             "IADD3 R0, R0, 0x1, RZ", f"@P1 BRA {at(4)}",                         # odd
+             "HMMA.16816.F32 R8, R12, R16, R8", "HMMA.16816.F32 R8, R12, R16, R8",
+             "HMMA.16816.F32 R8, R12, R16, R8", f"@P2 BRA {at(8)}"]               # guarded
+    body = sass._trimmed(sass.parse(listing(padding(lines)))[0][2])
+    assert sass.walk_loops(body, sass.loops(body), 2) == [(1, 3), (4, 7)]
+    k = sass.analyse("kernel", "sm_90", sass.parse(listing(padding(lines)))[0][2], first=True,
+                     walks=2)
+    assert k.loop_instructions == 7 and k.loop_counts["HMMA"] == 3
+    assert k.instructions_per_mma == 7 / 3 and k.loop == (16, 112)
+    one = sass.analyse("kernel", "sm_90", sass.parse(listing(padding(lines)))[0][2],
+                       first=True)
+    assert one.loop_instructions == 3 and one.instructions_per_mma == 3
+
+
 def test_no_loop_reports_the_whole_kernel():
     lines = ["S2R R0, SR_TID.X", "@P0 BRA 0x40", "FFMA R1, R0, R0, R1", "FFMA R1, R1, R0, R1",
              "STG.E desc[UR4][R2.64], R1"]

@@ -15,8 +15,10 @@ Definitions (on the SASS listing, whose branches name their target's byte offset
 * an *innermost* loop has no other loop nested inside its body;
 * the *hot loop* is, among the innermost loops, the one with the most HMMA, then the
   most FFMA, then the largest body (of a Triton variant: the first in the listing that
-  holds the math) — unless no innermost loop holds the kernel's math while an outer
-  loop or the straight-line code does (:func:`hot_loop`);
+  holds the math; of a dgrad variant at ``DIL`` 2, which walks a row tile once for its
+  even and once for its odd columns, the first two such loops, one trip of each counted
+  together: :func:`walk_loops`) — unless no innermost loop holds the kernel's math while
+  an outer loop or the straight-line code does (:func:`hot_loop`);
 * ``loop_instructions`` is the static size of its body — what one trip issues when
   every forward branch inside falls through — plus the subroutines it ``CALL``s on
   every path through the body (Triton's 64-bit integer division:
@@ -261,24 +263,39 @@ def subroutine(instructions: list, entry: int) -> list:
     return instructions[start:end + 1]
 
 
-def analyse(symbol: str, arch: str, instructions: list, first: bool = False) -> KernelSass:
+def walk_loops(instructions: list, spans: list, walks: int) -> list:
+    """The first ``walks`` innermost loops holding HMMA, in listing order: a Triton
+    variant that walks each row tile once per column phase (dgrad at ``DIL`` 2) lays out
+    one such loop a phase, each taking one trip per input row."""
+    inner = [span for span in innermost(spans)
+             if count(instructions[span[0]:span[1] + 1])["HMMA"]]
+    return sorted(inner)[:walks]
+
+
+def analyse(symbol: str, arch: str, instructions: list, first: bool = False,
+            walks: int = 1) -> KernelSass:
     """The hot loop of one function (see the module docstring and :func:`hot_loop`,
-    which takes ``first``)."""
+    which takes ``first``); ``walks`` > 1 (with ``first``): the bodies of the first
+    ``walks`` loops of :func:`walk_loops` together, one trip of each."""
     body = _trimmed(instructions)
     spans = loops(body)
     inner = innermost(spans)
     span = hot_loop(body, spans, first)
+    parts = [span] if span is not None else []
+    if first and walks > 1 and span is not None:
+        parts = walk_loops(body, spans, walks)
     called = []
-    if span is not None:
-        region = body[span[0]:span[1] + 1]
-        loop = (region[0].address, region[-1].address)
+    if parts:
+        region = [ins for a, b in parts for ins in body[a:b + 1]]
+        loop = (body[parts[0][0]].address, body[parts[-1][1]].address)
         # A subroutine every trip calls (Triton's 64-bit division) is issued every trip;
         # nvcc's calls sit on slow paths beside an inline fast path, and are not.
-        for k in range(span[0], span[1] + 1):
-            if body[k].mnemonic == "CALL" and every_trip(body, span[0], span[1], k):
-                m = _TARGET.search(body[k].operands)
-                if m:
-                    called += subroutine(body, int(m.group(1), 16))
+        for a, b in parts:
+            for k in range(a, b + 1):
+                if body[k].mnemonic == "CALL" and every_trip(body, a, b, k):
+                    m = _TARGET.search(body[k].operands)
+                    if m:
+                        called += subroutine(body, int(m.group(1), 16))
     else:
         region, loop = body, None
     counts = count(region + called)
@@ -387,7 +404,7 @@ def _triton_job(job) -> KernelSass:
     functions = [f for f in parse(listing) if f[2]]
     (fn_arch, _, instructions), = functions
     row = analyse(variant_name(name, constexprs, warps), fn_arch or f"sm_{arch}", instructions,
-                  first=True)
+                  first=True, walks=constexprs.get("DIL", 1))
     row.mma_replication = mma_replication(compiled.asm["ttgir"])
     return row
 

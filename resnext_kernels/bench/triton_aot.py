@@ -124,7 +124,7 @@ def variants(quick: bool, major: int = 9):
     for channels, size, stride in testing.resnext_layers(32, 4).values():
         cg, out_size = channels // 32, reference.output_size(size, stride)
         fwd = tb.Plan(channels, channels, cg, cg, out_size, out_size, major)
-        dgrad = tb.Plan(channels, channels, cg, cg, size, size, major)
+        dgrad = tb.Plan(channels, channels, cg, cg, size, size, major, cols=stride)
         common = dict(PRECISION="tf32")
         add("pack_kernel", dict(F_K_STEPS=fwd.k_steps, F_SUB_K=fwd.sub_k, F_SUB_N=fwd.sub_n,
                                 D_K_STEPS=dgrad.k_steps, D_SUB_K=dgrad.sub_k,
