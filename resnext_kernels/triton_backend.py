@@ -99,7 +99,7 @@ class Plan:
         self.sub_k = min(SLAB, max(16, _next_pow2(span)))
         self.k_steps = -(-span // self.sub_k)
         self.w_out, self.cols = w_out, cols
-        lanes = -(-w_out // cols)  # the columns of a row one launch computes
+        lanes = -(-w_out // cols)  # the columns of a row a walk computes
         # Pixels along a row: M of the dots. ptxas for sm_80 (``major`` 8) spills 24-168
         # bytes with 32 and the guarded product of 4 groups a piece (s2): 16 there.
         widest = 32 if major >= 9 or self.slots < 4 else 16
@@ -203,7 +203,7 @@ def fixed_warps(mode, wgrad=False, unroll=3, bw=32, stride=1):
 
 
 def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, *, mode,
-               stride=1, dil=1, from_dy=False, tune=True, vd=None, sv=None, ve=None, eps=0.0,
+               stride=1, from_dy=False, tune=True, vd=None, sv=None, ve=None, eps=0.0,
                count=1.0, save=False, x=None, dw=None):
     """One ``conv_rows_kernel`` launch; ``tune``: autotuned on a GPU (the statistics and
     reduce passes keep the fixed warps: their partials are merged in program order; dc
@@ -216,7 +216,7 @@ def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, 
             dy, ys, a if x is None else x, va if dw is None else dw, eps, float(count), n,
             _next_pow2(n), h_a, w_a, plan.kc, h_o, w_o, plan.nc, plan.kg, plan.ng)
     run = plan.fused_run(n) if wgrad else plan.run
-    meta = dict(MODE=mode, STRIDE=stride, DIL=dil, FROM_DY=from_dy, BW=plan.bw, SAVE=save,
+    meta = dict(MODE=mode, STRIDE=stride, DIL=plan.cols, FROM_DY=from_dy, BW=plan.bw, SAVE=save,
                 WGRAD=wgrad, PRECISION=_precision(a.dtype), **plan.constexprs(run, wgrad))
     kernel = ROWS_KERNEL
     if isinstance(kernel, triton.runtime.Autotuner) and (
@@ -227,7 +227,6 @@ def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, 
         warps = fixed_warps(mode, wgrad, meta["UNROLL"], plan.bw, stride)
         meta.update(WARPS=warps, num_warps=warps, maxnreg=MAXNREG)
     grid = (_row_programs(plan, n, run), plan.slabs)
-    assert plan.cols == dil, "dgrad's plan at stride 2 tiles both column phases"
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
@@ -238,7 +237,7 @@ def _row_programs(plan, n, run=None):
 
 
 def _row_tiles(plan, n):
-    """Row tiles of one launch (one column phase)."""
+    """Row tiles of one launch (at stride-2 dgrad, each of both column phases)."""
     return (triton.cdiv(n, plan.imgs) * triton.cdiv(plan.h_out, plan.rows)
             * triton.cdiv(plan.w_out, plan.bw // plan.imgs * plan.cols))
 
@@ -392,7 +391,7 @@ class _Backward:
             if layer.pixels:
                 _conv_rows(layer.dgrad, layer.n, dc, self.wp_dgrad, dx, self.gamma, self.gamma,
                            self.var, self.gamma, self.gamma, ys, (layer.h_out, layer.w_out),
-                           (layer.h, layer.w), mode=K.PLAIN, dil=layer.stride, from_dy=from_dy,
+                           (layer.h, layer.w), mode=K.PLAIN, from_dy=from_dy,
                            eps=self.eps, x=layer.x, dw=self.dw if self.fused else None)
             else:
                 dx.zero_()

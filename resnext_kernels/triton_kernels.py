@@ -147,15 +147,16 @@ def _part(a, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _rows(a, SPLIT: tl.constexpr, MSPLIT: tl.constexpr):
+def _rows(a, SPLIT: tl.constexpr, MSPLIT: tl.constexpr, USE: tl.constexpr):
     """A [PIECES, BW, K] operand as the split dots take it: [PIECES·MSPLIT, BW / MSPLIT,
     K], entry e the pixels [(e % MSPLIT)·BW / MSPLIT, ...) of piece e // MSPLIT (a
     reshape: each row staged once), or spread for the split along the output channels
-    (``_spread``)."""
-    if MSPLIT > 1:
-        a = tl.reshape(a, (a.shape[0] * MSPLIT, a.shape[1] // MSPLIT, a.shape[2]))
-    else:
-        a = _spread(a, SPLIT)
+    (``_spread``); ``a`` as it is where its tap is not taken (``USE``: ``_taps``)."""
+    if USE:
+        if MSPLIT > 1:
+            a = tl.reshape(a, (a.shape[0] * MSPLIT, a.shape[1] // MSPLIT, a.shape[2]))
+        else:
+            a = _spread(a, SPLIT)
     return a
 
 
@@ -232,15 +233,7 @@ def _slot_rows(a, keep, SPLIT: tl.constexpr, MSPLIT: tl.constexpr, USE: tl.const
     """``a`` kept where ``keep`` (zeros elsewhere) as the split dots take it (``_rows``),
     where the tap is taken (``USE``)."""
     if USE:
-        a = _rows(tl.where(keep, a, tl.zeros_like(a)), SPLIT, MSPLIT)
-    return a
-
-
-@triton.jit
-def _split_rows(a, SPLIT: tl.constexpr, MSPLIT: tl.constexpr, USE: tl.constexpr):
-    """``_rows`` where the tap is taken (``USE``)."""
-    if USE:
-        a = _rows(a, SPLIT, MSPLIT)
+        a = _rows(tl.where(keep, a, tl.zeros_like(a)), SPLIT, MSPLIT, True)
     return a
 
 
@@ -303,9 +296,9 @@ def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, 
                                               PRECISION),
                                         t2)
             else:
-                s0 = _split_rows(a0, SPLIT, MSPLIT, KW02)
-                s1 = _split_rows(a1, SPLIT, MSPLIT, KW1)
-                s2 = _split_rows(a2, SPLIT, MSPLIT, KW02)
+                s0 = _rows(a0, SPLIT, MSPLIT, KW02)
+                s1 = _rows(a1, SPLIT, MSPLIT, KW1)
+                s2 = _rows(a2, SPLIT, MSPLIT, KW02)
                 if USE0:
                     t0 = _kh(t0, s0, s1, s2, w0, w1, w2, wp_ptr, wbase, 0, ks, HOLD, K_STEPS,
                              SUB_K, SUB_N, SPLIT, KW1, KW02, PRECISION)
