@@ -154,12 +154,13 @@ PACK_BLOCK = 1024
 
 
 def _prepare(weight, fwd: Plan, dgrad: Plan, *, want_fwd=False, want_dgrad=False,
-             zeros=None):
+             zeros=None, fold=None):
     """The packed weight tiles of ``conv_rows_kernel`` — the forward's (``want_fwd``:
     [slabs·PIECES, 9 taps, K_STEPS, SUB_K, SUB_N], zeros off the groups) and dgrad's
-    (``want_dgrad``: input and output channels swapped, taps flipped) — and ``zeros``
-    (an fp32 tensor) zeroed: one ``pack_kernel`` launch. Returns (forward tiles, dgrad
-    tiles), None where not wanted."""
+    (``want_dgrad``: input and output channels swapped, taps flipped; ``fold`` = (γ,
+    var, eps): each weight times γ·invstd of its output channel, for the eval backward)
+    — and ``zeros`` (an fp32 tensor) zeroed: one ``pack_kernel`` launch. Returns
+    (forward tiles, dgrad tiles), None where not wanted."""
     def tiles(plan, wanted):
         return weight.new_empty(plan.slabs * plan.pieces * 9 * plan.k_steps * plan.sub_k
                                 * plan.sub_n if wanted else 0)
@@ -167,11 +168,12 @@ def _prepare(weight, fwd: Plan, dgrad: Plan, *, want_fwd=False, want_dgrad=False
     wp, wp_dgrad = tiles(fwd, want_fwd), tiles(dgrad, want_dgrad)
     zero = zeros.view(-1) if zeros is not None else wp.new_empty(0, dtype=torch.float32)
     programs = sum(triton.cdiv(t.numel(), PACK_BLOCK) for t in (wp, wp_dgrad, zero))
+    gamma, var, eps = fold if fold is not None else (zero, zero, 0.0)
     torch.library.wrap_triton(K.pack_kernel)[(programs,)](
         weight.contiguous(), wp, wp.numel(), wp_dgrad, wp_dgrad.numel(), zero, zero.numel(),
-        fwd.kc, fwd.nc, fwd.kg, fwd.ng, F_K_STEPS=fwd.k_steps,
+        gamma, var, eps, fwd.kc, fwd.nc, fwd.kg, fwd.ng, F_K_STEPS=fwd.k_steps,
         F_SUB_K=fwd.sub_k, F_SUB_N=fwd.sub_n, D_K_STEPS=dgrad.k_steps, D_SUB_K=dgrad.sub_k,
-        D_SUB_N=dgrad.sub_n, BLOCK=PACK_BLOCK)
+        D_SUB_N=dgrad.sub_n, FOLD=fold is not None, BLOCK=PACK_BLOCK)
     return (wp if want_fwd else None), (wp_dgrad if want_dgrad else None)
 
 
@@ -338,10 +340,11 @@ class _Backward:
         self.fused = False
         self.deterministic = torch.are_deterministic_algorithms_enabled()
 
-    def prepare(self, fwd, dx, dw):
+    def prepare(self, fwd, dx, dw, fold=False):
         """The one ``pack_kernel`` launch before the passes: the forward's weight tiles
-        for the reduce and dc passes (``fwd``), dgrad's (``dx``) and the weight gradient's
-        fp32 sums zeroed (``dw``). dgrad adds the weight gradient on the way (dc and x
+        for the reduce and dc passes (``fwd``), dgrad's (``dx``; ``fold``, the eval
+        backward: with γ·invstd folded in, as dgrad's operand is then dy·[y > 0]) and the
+        weight gradient's fp32 sums zeroed (``dw``). dgrad adds the weight gradient on the way (dc and x
         each read once) where both gradients are wanted, its plan allows
         (``fuse_wgrad``) and float atomics are allowed; else the wgrad pass does."""
         layer = self.layer
@@ -355,8 +358,9 @@ class _Backward:
             self.dw = torch.empty(self._chunks() if self.deterministic else 1,
                                   layer.c_out * 9 * layer.cg_in, dtype=torch.float32,
                                   device=self.dy.device)
-        self.wp, self.wp_dgrad = _prepare(self.weight, layer.plan, layer.dgrad, want_fwd=fwd,
-                                          want_dgrad=dx, zeros=self.dw)
+        self.wp, self.wp_dgrad = _prepare(
+            self.weight, layer.plan, layer.dgrad, want_fwd=fwd, want_dgrad=dx, zeros=self.dw,
+            fold=(self.gamma, self.var, self.eps) if fold else None)
 
     def reduce(self):
         layer = self.layer
@@ -455,7 +459,7 @@ def backward(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, stride
                    eps)
     want_conv = output_mask[0] or output_mask[1]
     want_sums = output_mask[2] or output_mask[3] or (training and want_conv)
-    bw.prepare(fwd=want_sums, dx=output_mask[0], dw=output_mask[1])
+    bw.prepare(fwd=want_sums, dx=output_mask[0], dw=output_mask[1], fold=not training)
     sums = bw.reduce() if want_sums else None
     grad_input, grad_weight = input.new_empty(0), weight.new_empty(0)
     if want_conv:

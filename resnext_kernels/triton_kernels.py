@@ -44,10 +44,12 @@ Kernels (the glue is ``resnext_kernels/triton_backend.py``):
   at stride 2 on dc dilated by 2 (``DIL``), none of the dilation's zeros multiplied:
   its zero rows are skipped, and a row tile's even and odd output columns are walked
   apart, each through the taps that meet dc (``_taps``). ``FROM_DY``
-  forms the operand dc = γ·invstd·dy·[y > 0] while loading (eval backward; va, vb = γ,
-  var). ``WGRAD``: dgrad also sums the weight gradient x_tapᵀ · dc from the dc tiles
-  it loads and the forward input at its own pixels (each read once), added to dw with
-  float atomics once per program; a tile whose dc held a NaN or an infinity has its dx
+  (eval backward) takes dc = γ·invstd·dy·[y > 0] as the operand dy·[y > 0], a select
+  while loading, and γ·invstd folded into dgrad's weight tiles (``pack_kernel``'s
+  ``FOLD``) and into the weight gradient's sums where they are added (va, vb = γ, var).
+  ``WGRAD``: dgrad also sums the weight gradient x_tapᵀ · dc from the dc tiles it loads
+  and the forward input at its own pixels (each read once), added to dw with float
+  atomics once per program; a tile whose dc held a NaN or an infinity has its dx
   written again by the guarded walk after that.
 * ``pack_kernel``: the weight tiles (block-diagonal; the forward's and/or dgrad's,
   transposed and flipped) and the zeroed weight-gradient sums, in one launch a pass.
@@ -78,28 +80,28 @@ def _relu(v):
 
 
 @triton.jit
-def _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, kw, kglob, kmask, H_A,
-            W_A, KC, STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr):
-    """The [PIECES, BW, SUB_K] operand of (virtual) input row ``ir``, tap ``kw``, for the
-    lanes' images ``n`` and output columns ``ow``: zeros outside the image, in dilated
-    holes, past KC and in lanes without an image (``lane_ok``)."""
-    col = ow * STRIDE - 1 + kw
+def _load_a(a_ptr, ys_ptr, pix, col, lane_ok, kw: tl.constexpr, kglob, kmask, W_A, KC,
+            DIL: tl.constexpr, FROM_DY: tl.constexpr):
+    """The [PIECES, BW, SUB_K] operand of tap ``kw`` of the row whose pixel ``col`` the
+    lanes' ``pix`` (element offsets, ``_taps``) address: zeros outside the image, past
+    KC and in lanes without an image (``lane_ok``). At ``DIL`` 1 tap kw reads column
+    col - 1 + kw; at ``DIL`` 2 (``col`` = ow // 2, the lanes' columns of one phase) the
+    even columns' kw = 1 and the odd ones' kw = 0 read dc column col, kw = 2 col + 1.
+    ``FROM_DY`` (eval backward): ``a_ptr`` is dy and the operand dy·[y > 0], a select in
+    the input dtype (dc = γ·invstd·dy·[y > 0] without its scale, which is folded into
+    dgrad's weight tiles and the weight gradient's sums)."""
     if DIL == 1:
-        ok_col = (col >= 0) & (col < W_A)
-        row = ir
+        step: tl.constexpr = kw - 1
+        ok_col = (col + step >= 0) & (col + step < W_A)
     else:
-        ok_col = (col >= 0) & (col % DIL == 0) & (col // DIL < W_A)
-        col = col // DIL
-        row = ir // DIL
-    pix = ((n * H_A + row) * W_A + col).to(tl.int64) * KC
-    offs = pix[:, None, None] + kglob[None, :, :]
+        step: tl.constexpr = kw // 2
+        ok_col = col + step < W_A
+    offs = (pix + step * KC)[:, None, None] + kglob[None, :, :]
     mask = (ok_col & lane_ok)[:, None, None] & kmask[None, :, :]
     a = tl.load(a_ptr + offs, mask=mask, other=0.0)
-    if FROM_DY:  # eval backward: dc = γ·invstd·dy·[y > 0] (va, vb = γ, var), formed here
+    if FROM_DY:
         y = tl.load(ys_ptr + offs, mask=mask, other=0.0)
-        scale = tl.load(va_ptr + kglob, mask=kmask, other=0.0) / tl.sqrt_rn(
-            tl.load(vb_ptr + kglob, mask=kmask, other=1.0) + eps)
-        a = (tl.where(y > 0, a.to(tl.float32), 0.0) * scale[None, :, :]).to(a.dtype)
+        a = tl.where(y > 0, a, tl.zeros_like(a))
     return tl.permute(a, (1, 0, 2))
 
 
@@ -205,26 +207,30 @@ def _tap(acc, a, held, wp_ptr, wbase, tap: tl.constexpr, ks, HOLD: tl.constexpr,
 
 
 @triton.jit
-def _taps(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, kglob, kmask, H_A, W_A, KC,
-          STRIDE: tl.constexpr, DIL: tl.constexpr, FROM_DY: tl.constexpr, KW1: tl.constexpr,
-          KW02: tl.constexpr):
+def _taps(a_ptr, ys_ptr, n, lane_ok, ir, ow, kglob, kmask, H_A, W_A, KC, STRIDE: tl.constexpr,
+          DIL: tl.constexpr, FROM_DY: tl.constexpr, KW1: tl.constexpr, KW02: tl.constexpr):
     """The operands a0, a1, a2 of row ``ir``'s taps kw = 0, 1, 2 (``_load_a``), those the
     lanes' columns take: all three at ``DIL`` 1; on dc dilated by 2 the lanes hold one
     column phase (``PHASE``), even columns meeting dc through kw = 1 alone (``KW1``), odd
     ones through kw = 0 and 2 (``KW02``): the others would be dilation holes, zeros; 0
-    in their place, never multiplied."""
+    in their place, never multiplied. The lanes' pixel offsets computed once for the
+    three."""
+    if DIL == 1:
+        col = ow * STRIDE
+        row = ir
+    else:
+        col = ow // DIL
+        row = ir // DIL
+    pix = ((n * H_A + row) * W_A + col).to(tl.int64) * KC
     a0 = 0
     a1 = 0
     a2 = 0
     if KW02:
-        a0 = _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, 0, kglob, kmask,
-                     H_A, W_A, KC, STRIDE, DIL, FROM_DY)
+        a0 = _load_a(a_ptr, ys_ptr, pix, col, lane_ok, 0, kglob, kmask, W_A, KC, DIL, FROM_DY)
     if KW1:
-        a1 = _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, 1, kglob, kmask,
-                     H_A, W_A, KC, STRIDE, DIL, FROM_DY)
+        a1 = _load_a(a_ptr, ys_ptr, pix, col, lane_ok, 1, kglob, kmask, W_A, KC, DIL, FROM_DY)
     if KW02:
-        a2 = _load_a(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, 2, kglob, kmask,
-                     H_A, W_A, KC, STRIDE, DIL, FROM_DY)
+        a2 = _load_a(a_ptr, ys_ptr, pix, col, lane_ok, 2, kglob, kmask, W_A, KC, DIL, FROM_DY)
     return a0, a1, a2
 
 
@@ -238,7 +244,7 @@ def _slot_rows(a, keep, SPLIT: tl.constexpr, MSPLIT: tl.constexpr, USE: tl.const
 
 
 @triton.jit
-def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2, w3, w4, w5,
+def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, wp_ptr, w0, w1, w2, w3, w4, w5,
          w6, w7, w8, wbase, n, lane_ok, ir, ow, first_group, nslot, H_A, W_A, KC, KG,
          USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
          STRIDE: tl.constexpr, DIL: tl.constexpr, PHASE: tl.constexpr, FROM_DY: tl.constexpr,
@@ -269,8 +275,8 @@ def _row(t0, t1, t2, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, 
                 kstart = tl.multiple_of(kstart, 16)
             kglob = kstart[:, None] + ks * SUB_K + tl.arange(0, SUB_K)[None, :]
             kmask = kglob < KC
-            a0, a1, a2 = _taps(a_ptr, ys_ptr, va_ptr, vb_ptr, eps, n, lane_ok, ir, ow, kglob,
-                               kmask, H_A, W_A, KC, STRIDE, DIL, FROM_DY, KW1, KW02)
+            a0, a1, a2 = _taps(a_ptr, ys_ptr, n, lane_ok, ir, ow, kglob, kmask, H_A, W_A, KC,
+                               STRIDE, DIL, FROM_DY, KW1, KW02)
             if WGRAD:
                 g = _wgrad_row(g, xr, a0, a1, a2, DIL, KW1, KW02, PRECISION)
             if SAFE:
@@ -483,8 +489,8 @@ def _tile_at(t, lane, N, row_tiles, col_tiles, width: tl.constexpr, IMGS: tl.con
 
 
 @triton.jit
-def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr,
-          vb_ptr, eps, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0, ow,
+def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, w0, w1, w2, w3,
+          w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0, ow,
           first_group, nslot, nglob, nmask, va, vb, vc, scale, shift, H_A, W_A, KC, KG, H_O,
           W_O, NC, MODE: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr,
           FROM_DY: tl.constexpr, HOLD: tl.constexpr, GUARD: tl.constexpr, SLOTS: tl.constexpr,
@@ -546,11 +552,10 @@ def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr
                               _takes_part(ir, oh0, H_O, ROWS),
                               _takes_part(ir + 1, oh0, H_O, ROWS), left, right)
                         acc_next, acc_cur, acc_prev, g = _row(
-                            zeros, acc_cur, acc_prev, g, xr, a_ptr, ys_ptr, va_ptr, vb_ptr, eps,
-                            wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, ir,
-                            owp, first_group, nslot, H_A, W_A, KC, KG, True, True, True, 1, DIL,
-                            ph, FROM_DY, HOLD, SAFE, SLOTS, K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT,
-                            ALIGNED, WGRAD, PRECISION)
+                            zeros, acc_cur, acc_prev, g, xr, a_ptr, ys_ptr, wp_ptr, w0, w1, w2,
+                            w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, ir, owp, first_group, nslot,
+                            H_A, W_A, KC, KG, True, True, True, 1, DIL, ph, FROM_DY, HOLD, SAFE,
+                            SLOTS, K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT, ALIGNED, WGRAD, PRECISION)
                         if r >= 2:
                             if GUARD & (MODE != 1) & (MODE != 2):
                                 chk += acc_prev
@@ -568,22 +573,22 @@ def _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr
         # (no weight gradient here: dgrad runs at stride 1)
         no_x = (xzero, xzero, xzero)
         acc, unused1, unused2, g = _row(
-            zeros, zeros, zeros, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
-            w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh0 - 1, ow, first_group, nslot, H_A,
-            W_A, KC, KG, True, False, False, STRIDE, DIL, 0, FROM_DY, HOLD, SAFE, SLOTS, K_STEPS,
-            SUB_K, SUB_N, SPLIT, MSPLIT, ALIGNED, False, PRECISION)
+            zeros, zeros, zeros, g, no_x, a_ptr, ys_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
+            w8, wbase, n, lane_ok, 2 * oh0 - 1, ow, first_group, nslot, H_A, W_A, KC, KG, True,
+            False, False, STRIDE, DIL, 0, FROM_DY, HOLD, SAFE, SLOTS, K_STEPS, SUB_K, SUB_N,
+            SPLIT, MSPLIT, ALIGNED, False, PRECISION)
         for j in range(ROWS):
             oh = oh0 + j
             unused0, acc, unused2, g = _row(
-                zeros, acc, zeros, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
-                w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh, ow, first_group, nslot, H_A,
-                W_A, KC, KG, False, True, False, STRIDE, DIL, 0, FROM_DY, HOLD, SAFE, SLOTS,
-                K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT, ALIGNED, False, PRECISION)
+                zeros, acc, zeros, g, no_x, a_ptr, ys_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
+                w8, wbase, n, lane_ok, 2 * oh, ow, first_group, nslot, H_A, W_A, KC, KG, False,
+                True, False, STRIDE, DIL, 0, FROM_DY, HOLD, SAFE, SLOTS, K_STEPS, SUB_K, SUB_N,
+                SPLIT, MSPLIT, ALIGNED, False, PRECISION)
             acc_next, unused1, acc, g = _row(
-                zeros, zeros, acc, g, no_x, a_ptr, ys_ptr, va_ptr, vb_ptr, eps, wp_ptr, w0, w1, w2,
-                w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, 2 * oh + 1, ow, first_group, nslot,
-                H_A, W_A, KC, KG, True, False, True, STRIDE, DIL, 0, FROM_DY, HOLD, SAFE, SLOTS,
-                K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT, ALIGNED, False, PRECISION)
+                zeros, zeros, acc, g, no_x, a_ptr, ys_ptr, wp_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
+                w8, wbase, n, lane_ok, 2 * oh + 1, ow, first_group, nslot, H_A, W_A, KC, KG, True,
+                False, True, STRIDE, DIL, 0, FROM_DY, HOLD, SAFE, SLOTS, K_STEPS, SUB_K, SUB_N,
+                SPLIT, MSPLIT, ALIGNED, False, PRECISION)
             if GUARD & (MODE != 1) & (MODE != 2):
                 chk += acc
             l0, l1, l2 = _emit(_join(acc, SPLIT, MSPLIT), oh, oh0, l0, l1, l2, out_ptr, dy_ptr, n,
@@ -700,11 +705,18 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
         inside = ((co // KG)[:, :, None] == ci_group[:, None, :]) & (co < KC)[:, :, None] \
             & nmask[:, None, :]
         entry = co[:, :, None] * (9 * NG) + (nglob - ci_group * NG)[:, None, :]
+        # FROM_DY: the sums are over the operand dy·[y > 0] (``_load_a``); dc's are
+        # γ·invstd (va, vb = γ, var) of the dc channel times them
+        wscale = 1.0
+        if FROM_DY:
+            wscale = (tl.load(va_ptr + co, mask=co < KC, other=0.0) / tl.sqrt_rn(
+                tl.load(vb_ptr + co, mask=co < KC, other=1.0) + eps))[:, :, None]
     else:
         gz = 0.0
         xzero = 0.0
         inside = False
         entry = 0
+        wscale = 1.0
     g0 = (gz, gz, gz, gz, gz, gz, gz, gz, gz)  # the weight gradient's nine sums (WGRAD)
     g = g0
     tiles = tl.cdiv(N, IMGS) * row_tiles * col_tiles
@@ -713,14 +725,13 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
         t = pid * RUN + i
         n, lane_ok, oh0, ow = _tile_at(t, lane, N, row_tiles, col_tiles, width, IMGS, ROWS, DIL)
         if t < tiles:  # the last program's run may end past the batch
-            r0, r1, r2, g, chk = _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr,
-                                       dy_ptr, ys_ptr, x_ptr, va_ptr, vb_ptr, eps, w0, w1, w2,
-                                       w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0, ow,
-                                       first_group, nslot, nglob, nmask, va, vb, vc, scale,
-                                       shift, H_A, W_A, KC, KG, H_O, W_O, NC, MODE, STRIDE,
-                                       DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K, SUB_N,
-                                       SPLIT, MSPLIT, ROWS, BW, IMGS, ALIGNED, WGRAD, False,
-                                       UNROLL, PRECISION)
+            r0, r1, r2, g, chk = _tile(g, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr,
+                                       ys_ptr, x_ptr, w0, w1, w2, w3, w4, w5, w6, w7, w8,
+                                       wbase, n, lane_ok, oh0, ow, first_group, nslot, nglob,
+                                       nmask, va, vb, vc, scale, shift, H_A, W_A, KC, KG, H_O,
+                                       W_O, NC, MODE, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS,
+                                       K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT, ROWS, BW, IMGS,
+                                       ALIGNED, WGRAD, False, UNROLL, PRECISION)
             if GUARD:
                 # A NaN or an infinity among the tile's operands may have reached other
                 # groups' outputs through the packed zeros: the tile is walked again after
@@ -735,7 +746,7 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
                 r2 = tl.where(bad, 0.0, r2)
             s0, s1, s2 = _merge(s0, s1, s2, r0, r1, r2, MODE)
     if WGRAD:
-        _add_dw(dw_ptr, entry, inside, g, NG)
+        _add_dw(dw_ptr, entry, inside, g, wscale, NG)
     if GUARD:
         if redo != 0:
             # The flagged tiles walked guarded (one group at a time), after the run, whose
@@ -748,12 +759,11 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
                                                ROWS, DIL)
                 if (redo >> i) & 1:
                     r0, r1, r2, unused, chk = _tile(
-                        g0, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, va_ptr,
-                        vb_ptr, eps, w0, w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0,
-                        ow, first_group, nslot, nglob, nmask, va, vb, vc, scale, shift, H_A,
-                        W_A, KC, KG, H_O, W_O, NC, MODE, STRIDE, DIL, FROM_DY, HOLD,
-                        GUARD, SLOTS, K_STEPS, SUB_K, SUB_N, SPLIT, MSPLIT, ROWS, BW, IMGS,
-                        ALIGNED, False, True, 1, PRECISION)
+                        g0, zeros, xzero, a_ptr, wp_ptr, out_ptr, dy_ptr, ys_ptr, x_ptr, w0,
+                        w1, w2, w3, w4, w5, w6, w7, w8, wbase, n, lane_ok, oh0, ow, first_group,
+                        nslot, nglob, nmask, va, vb, vc, scale, shift, H_A, W_A, KC, KG, H_O,
+                        W_O, NC, MODE, STRIDE, DIL, FROM_DY, HOLD, GUARD, SLOTS, K_STEPS, SUB_K,
+                        SUB_N, SPLIT, MSPLIT, ROWS, BW, IMGS, ALIGNED, False, True, 1, PRECISION)
                     s0, s1, s2 = _merge(s0, s1, s2, r0, r1, r2, MODE)
     if MODE == 1:
         out = partial_ptr + (pid * NC + nglob) * 3
@@ -767,13 +777,14 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
 
 
 @triton.jit
-def _add_dw(dw_ptr, entry, inside, g, NG):
-    """Adds the nine tap sums ``g`` of the fused dgrad + wgrad pass to dw (float
-    atomics), the entries inside the groups only; ``g`` split as ``_wgrad_row`` sums it."""
+def _add_dw(dw_ptr, entry, inside, g, scale, NG):
+    """Adds the nine tap sums ``g`` of the fused dgrad + wgrad pass, times ``scale``, to dw
+    (float atomics), the entries inside the groups only; ``g`` split as ``_wgrad_row``
+    sums it."""
     SPLIT: tl.constexpr = g[0].shape[0] // entry.shape[0]
     for tap in tl.static_range(9):
-        tl.atomic_add(dw_ptr + entry + tap * NG, tl.permute(_join(g[tap], SPLIT, 1), (0, 2, 1)),
-                      mask=inside)
+        tl.atomic_add(dw_ptr + entry + tap * NG,
+                      tl.permute(_join(g[tap], SPLIT, 1), (0, 2, 1)) * scale, mask=inside)
 
 
 @triton.jit
@@ -800,7 +811,8 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
     tile: ``ROWS`` output rows x ``BW`` columns of one image, as in ``conv_rows_kernel``).
     Each output row's dc is loaded once and each input row's three column-shifted x tiles
     once per tile: they are carried to the next output rows that read them.
-    ``FROM_DY``: ``dc_ptr`` is dy and dc = γ·invstd·dy·[y > 0] (va, vb = γ, var)."""
+    ``FROM_DY``: ``dc_ptr`` is dy and dc = γ·invstd·dy·[y > 0] (va, vb = γ, var): the
+    sums run over dy·[y > 0] and are scaled by γ·invstd once, when stored."""
     c0 = tl.program_id(0) * (PIECES * SUB_N)
     ks = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -813,8 +825,10 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
         kstart = tl.multiple_of(kstart, 16)
     kglob = kstart[:, None] + ks * SUB_K + tl.arange(0, SUB_K)[None, :]
     kmask = kglob < C_in
-    va = tl.load(va_ptr + nglob, mask=nmask, other=0.0) / tl.sqrt_rn(
-        tl.load(vb_ptr + nglob, mask=nmask, other=1.0) + eps)
+    scale = 1.0
+    if FROM_DY:
+        scale = (tl.load(va_ptr + nglob, mask=nmask, other=0.0) / tl.sqrt_rn(
+            tl.load(vb_ptr + nglob, mask=nmask, other=1.0) + eps))[:, None, :]
     width: tl.constexpr = BW // IMGS
     row_tiles = tl.cdiv(H_out, ROWS)
     col_tiles = tl.cdiv(W_out, width)
@@ -852,7 +866,7 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
                 dc = tl.load(dc_ptr + at, mask=mask, other=0.0)
                 if FROM_DY:
                     y = tl.load(ys_ptr + at, mask=mask, other=0.0)
-                    dc = (tl.where(y > 0, dc.to(tl.float32), 0.0) * va[None, :, :]).to(dc.dtype)
+                    dc = tl.where(y > 0, dc, tl.zeros_like(dc))
                 dc = tl.permute(dc, (1, 0, 2))  # [PIECES, BW, SUB_N]
                 if STRIDE == 1:
                     r0 = _x_row(x_ptr, n, lane_ok, oh + 1, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
@@ -889,17 +903,20 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
     entry = nglob[:, None, :] * (9 * CG_IN) + (kglob[:, :, None] - group[:, None, :] * CG_IN)
     if DETERMINISTIC:
         entry += chunk.to(tl.int64) * (C_out * 9 * CG_IN)
-    _store_dw(dw_ptr, entry, inside, a00, a01, a02, CG_IN, 0, DETERMINISTIC)
-    _store_dw(dw_ptr, entry, inside, a10, a11, a12, CG_IN, 1, DETERMINISTIC)
-    _store_dw(dw_ptr, entry, inside, a20, a21, a22, CG_IN, 2, DETERMINISTIC)
+    _store_dw(dw_ptr, entry, inside, a00, a01, a02, scale, CG_IN, 0, DETERMINISTIC)
+    _store_dw(dw_ptr, entry, inside, a10, a11, a12, scale, CG_IN, 1, DETERMINISTIC)
+    _store_dw(dw_ptr, entry, inside, a20, a21, a22, scale, CG_IN, 2, DETERMINISTIC)
 
 
 @triton.jit
-def _store_dw(dw_ptr, entry, inside, d0, d1, d2, CG_IN, kh: tl.constexpr,
+def _store_dw(dw_ptr, entry, inside, d0, d1, d2, scale, CG_IN, kh: tl.constexpr,
               DETERMINISTIC: tl.constexpr):
-    """The taps (kh, 0..2) of the program's dw entries: stored (a per-chunk partial) or
-    added (float atomics)."""
+    """The taps (kh, 0..2) of the program's dw entries, times ``scale``: stored (a
+    per-chunk partial) or added (float atomics)."""
     at = dw_ptr + entry + kh * 3 * CG_IN
+    d0 = d0 * scale
+    d1 = d1 * scale
+    d2 = d2 * scale
     if DETERMINISTIC:
         tl.store(at, d0, mask=inside)
         tl.store(at + CG_IN, d1, mask=inside)
@@ -911,12 +928,16 @@ def _store_dw(dw_ptr, entry, inside, d0, d1, d2, CG_IN, kh: tl.constexpr,
 
 
 @triton.jit
-def _pack(w_ptr, out_ptr, e, TOTAL, KC, NC, KG, NG, TRANSPOSED: tl.constexpr,
-          K_STEPS: tl.constexpr, SUB_K: tl.constexpr, SUB_N: tl.constexpr):
+def _pack(w_ptr, out_ptr, e, TOTAL, KC, NC, KG, NG, va_ptr, vb_ptr, eps,
+          TRANSPOSED: tl.constexpr, FOLD: tl.constexpr, K_STEPS: tl.constexpr,
+          SUB_K: tl.constexpr, SUB_N: tl.constexpr):
     """Entries ``e`` of one orientation's weight tiles, [pieces, 9 taps, K_STEPS, SUB_K,
     SUB_N]: entry (k, n) of a piece is the weight of input channel k to output channel n
     where both are in one group, 0 elsewhere (block-diagonal). ``TRANSPOSED``: dgrad's
-    tiles (KC, NC, KG, NG: dgrad's channels, the forward's swapped; the taps flipped)."""
+    tiles (KC, NC, KG, NG: dgrad's channels, the forward's swapped; the taps flipped).
+    ``FOLD`` (dgrad of the eval backward, whose operand is dy·[y > 0]): each weight times
+    γ·invstd of its input channel k (va, vb = γ, var), rounded once to the tile's dtype;
+    the zeros off the groups stay zeros whatever γ and var hold."""
     n = e % SUB_N
     k = e // SUB_N % SUB_K
     ks = e // (SUB_N * SUB_K) % K_STEPS
@@ -930,29 +951,35 @@ def _pack(w_ptr, out_ptr, e, TOTAL, KC, NC, KG, NG, TRANSPOSED: tl.constexpr,
         at = (kglob * NG + nglob - group * NG) * 9 + 8 - tap
     else:  # w[co = n, ci = k − group·Cg_in, kh, kw]
         at = (nglob * KG + kglob - group * KG) * 9 + tap
-    tl.store(out_ptr + e, tl.load(w_ptr + at, mask=inside, other=0.0), mask=e < TOTAL)
+    w = tl.load(w_ptr + at, mask=inside, other=0.0)
+    if FOLD:
+        scale = tl.load(va_ptr + kglob, mask=inside, other=0.0) / tl.sqrt_rn(
+            tl.load(vb_ptr + kglob, mask=inside, other=1.0) + eps)
+        w = tl.where(inside, w.to(tl.float32) * scale, 0.0)
+    tl.store(out_ptr + e, w.to(out_ptr.dtype.element_ty), mask=e < TOTAL)
 
 
 @triton.jit
 def pack_kernel(w_ptr, fwd_ptr, FWD_TOTAL, dgrad_ptr, DGRAD_TOTAL, zero_ptr, ZERO_TOTAL,
-                C_IN, C_OUT, CG_IN, CG_OUT, F_K_STEPS: tl.constexpr, F_SUB_K: tl.constexpr,
-                F_SUB_N: tl.constexpr, D_K_STEPS: tl.constexpr, D_SUB_K: tl.constexpr,
-                D_SUB_N: tl.constexpr, BLOCK: tl.constexpr):
+                va_ptr, vb_ptr, eps, C_IN, C_OUT, CG_IN, CG_OUT, F_K_STEPS: tl.constexpr,
+                F_SUB_K: tl.constexpr, F_SUB_N: tl.constexpr, D_K_STEPS: tl.constexpr,
+                D_SUB_K: tl.constexpr, D_SUB_N: tl.constexpr, FOLD: tl.constexpr,
+                BLOCK: tl.constexpr):
     """The one launch before a pass's convs, in three ranges of programs: the forward's
     weight tiles from the OIHW weight (``conv_rows_kernel``'s ``wp_ptr``; FWD_TOTAL
-    entries), dgrad's (DGRAD_TOTAL) and ZERO_TOTAL fp32 zeros at ``zero_ptr`` (the
-    weight gradient's sums, which float atomics add to). A range of 0 entries has no
-    programs."""
+    entries), dgrad's (DGRAD_TOTAL; ``FOLD``: times γ·invstd, va, vb = γ, var: ``_pack``)
+    and ZERO_TOTAL fp32 zeros at ``zero_ptr`` (the weight gradient's sums, which float
+    atomics add to). A range of 0 entries has no programs."""
     pid = tl.program_id(0)
     lane = tl.arange(0, BLOCK)
     fwd_programs = tl.cdiv(FWD_TOTAL, BLOCK)
     dgrad_programs = tl.cdiv(DGRAD_TOTAL, BLOCK)
     if pid < fwd_programs:
-        _pack(w_ptr, fwd_ptr, pid * BLOCK + lane, FWD_TOTAL, C_IN, C_OUT, CG_IN, CG_OUT, False,
-              F_K_STEPS, F_SUB_K, F_SUB_N)
+        _pack(w_ptr, fwd_ptr, pid * BLOCK + lane, FWD_TOTAL, C_IN, C_OUT, CG_IN, CG_OUT, va_ptr,
+              vb_ptr, eps, False, False, F_K_STEPS, F_SUB_K, F_SUB_N)
     elif pid < fwd_programs + dgrad_programs:
         _pack(w_ptr, dgrad_ptr, (pid - fwd_programs) * BLOCK + lane, DGRAD_TOTAL, C_OUT, C_IN,
-              CG_OUT, CG_IN, True, D_K_STEPS, D_SUB_K, D_SUB_N)
+              CG_OUT, CG_IN, va_ptr, vb_ptr, eps, True, FOLD, D_K_STEPS, D_SUB_K, D_SUB_N)
     else:
         e = (pid - fwd_programs - dgrad_programs) * BLOCK + lane
         tl.store(zero_ptr + e, tl.zeros((BLOCK,), dtype=tl.float32), mask=e < ZERO_TOTAL)

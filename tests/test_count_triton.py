@@ -309,18 +309,20 @@ def rows(mode, stride=1, dil=1, from_dy=0, save=0, wgrad=0):
             f"PRECISION=tf32,WARPS={warps},warps={warps})")
 
 
-PACK = ("pack_kernel(F_K_STEPS=1,F_SUB_K=16,F_SUB_N=16,D_K_STEPS=1,D_SUB_K=16,D_SUB_N=16,"
-        "BLOCK=1024,warps=4)")
+def pack(fold=0):
+    return ("pack_kernel(F_K_STEPS=1,F_SUB_K=16,F_SUB_N=16,D_K_STEPS=1,D_SUB_K=16,D_SUB_N=16,"
+            f"FOLD={fold},BLOCK=1024,warps=4)")
 
 
 MERGE = "BLOCK_R=64,BLOCK_C=64,warps=4)"
 # One pack launch a pass: the forward's weight tiles and/or dgrad's transposed ones, and
 # the weight gradient's sums zeroed; dgrad adds the weight gradient on the way.
 TRITON_KERNELS = {
-    "eval": [PACK, rows(0, save=1)],
-    "train_fwd": [PACK, rows(1), f"stats_kernel({MERGE}", rows(0)],
-    "train_bwd": [PACK, rows(2), f"sums_kernel({MERGE}", rows(3), rows(4, wgrad=1)],
-    "eval_bwd": [PACK, rows(4, from_dy=1, wgrad=1)],
+    "eval": [pack(), rows(0, save=1)],
+    "train_fwd": [pack(), rows(1), f"stats_kernel({MERGE}", rows(0)],
+    "train_bwd": [pack(), rows(2), f"sums_kernel({MERGE}", rows(3), rows(4, wgrad=1)],
+    # eval: dgrad's tiles times γ·invstd (its operand is dy·[y > 0])
+    "eval_bwd": [pack(fold=1), rows(4, from_dy=1, wgrad=1)],
 }
 
 

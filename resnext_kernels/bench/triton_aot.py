@@ -126,9 +126,11 @@ def variants(quick: bool, major: int = 9):
         fwd = tb.Plan(channels, channels, cg, cg, out_size, out_size, major)
         dgrad = tb.Plan(channels, channels, cg, cg, size, size, major, cols=stride)
         common = dict(PRECISION="tf32")
-        add("pack_kernel", dict(F_K_STEPS=fwd.k_steps, F_SUB_K=fwd.sub_k, F_SUB_N=fwd.sub_n,
-                                D_K_STEPS=dgrad.k_steps, D_SUB_K=dgrad.sub_k,
-                                D_SUB_N=dgrad.sub_n, BLOCK=tb.PACK_BLOCK), tb.FIXED_WARPS)
+        for fold in (False, True):
+            add("pack_kernel", dict(F_K_STEPS=fwd.k_steps, F_SUB_K=fwd.sub_k,
+                                    F_SUB_N=fwd.sub_n, D_K_STEPS=dgrad.k_steps,
+                                    D_SUB_K=dgrad.sub_k, D_SUB_N=dgrad.sub_n, FOLD=fold,
+                                    BLOCK=tb.PACK_BLOCK), tb.FIXED_WARPS)
         for mode in (K.WRITE, K.STATS, K.REDUCE, K.DC):
             fixed = tb.fixed_warps(mode, unroll=fwd.unroll, bw=fwd.bw, stride=stride)
             tuned = sorted({fixed, *(() if quick else tb.CONFIGS)})
