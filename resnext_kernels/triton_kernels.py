@@ -811,8 +811,7 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
     tile: ``ROWS`` output rows x ``BW`` columns of one image, as in ``conv_rows_kernel``).
     Each output row's dc is loaded once and each input row's three column-shifted x tiles
     once per tile: they are carried to the next output rows that read them.
-    ``FROM_DY``: ``dc_ptr`` is dy and dc = γ·invstd·dy·[y > 0] (va, vb = γ, var): the
-    sums run over dy·[y > 0] and are scaled by γ·invstd once, when stored."""
+    ``FROM_DY``: ``dc_ptr`` is dy and dc = γ·invstd·dy·[y > 0] (va, vb = γ, var)."""
     c0 = tl.program_id(0) * (PIECES * SUB_N)
     ks = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -825,10 +824,8 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
         kstart = tl.multiple_of(kstart, 16)
     kglob = kstart[:, None] + ks * SUB_K + tl.arange(0, SUB_K)[None, :]
     kmask = kglob < C_in
-    scale = 1.0
-    if FROM_DY:
-        scale = (tl.load(va_ptr + nglob, mask=nmask, other=0.0) / tl.sqrt_rn(
-            tl.load(vb_ptr + nglob, mask=nmask, other=1.0) + eps))[:, None, :]
+    va = tl.load(va_ptr + nglob, mask=nmask, other=0.0) / tl.sqrt_rn(
+        tl.load(vb_ptr + nglob, mask=nmask, other=1.0) + eps)
     width: tl.constexpr = BW // IMGS
     row_tiles = tl.cdiv(H_out, ROWS)
     col_tiles = tl.cdiv(W_out, width)
@@ -866,7 +863,7 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
                 dc = tl.load(dc_ptr + at, mask=mask, other=0.0)
                 if FROM_DY:
                     y = tl.load(ys_ptr + at, mask=mask, other=0.0)
-                    dc = tl.where(y > 0, dc, tl.zeros_like(dc))
+                    dc = (tl.where(y > 0, dc.to(tl.float32), 0.0) * va[None, :, :]).to(dc.dtype)
                 dc = tl.permute(dc, (1, 0, 2))  # [PIECES, BW, SUB_N]
                 if STRIDE == 1:
                     r0 = _x_row(x_ptr, n, lane_ok, oh + 1, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
@@ -903,20 +900,17 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
     entry = nglob[:, None, :] * (9 * CG_IN) + (kglob[:, :, None] - group[:, None, :] * CG_IN)
     if DETERMINISTIC:
         entry += chunk.to(tl.int64) * (C_out * 9 * CG_IN)
-    _store_dw(dw_ptr, entry, inside, a00, a01, a02, scale, CG_IN, 0, DETERMINISTIC)
-    _store_dw(dw_ptr, entry, inside, a10, a11, a12, scale, CG_IN, 1, DETERMINISTIC)
-    _store_dw(dw_ptr, entry, inside, a20, a21, a22, scale, CG_IN, 2, DETERMINISTIC)
+    _store_dw(dw_ptr, entry, inside, a00, a01, a02, CG_IN, 0, DETERMINISTIC)
+    _store_dw(dw_ptr, entry, inside, a10, a11, a12, CG_IN, 1, DETERMINISTIC)
+    _store_dw(dw_ptr, entry, inside, a20, a21, a22, CG_IN, 2, DETERMINISTIC)
 
 
 @triton.jit
-def _store_dw(dw_ptr, entry, inside, d0, d1, d2, scale, CG_IN, kh: tl.constexpr,
+def _store_dw(dw_ptr, entry, inside, d0, d1, d2, CG_IN, kh: tl.constexpr,
               DETERMINISTIC: tl.constexpr):
-    """The taps (kh, 0..2) of the program's dw entries, times ``scale``: stored (a
-    per-chunk partial) or added (float atomics)."""
+    """The taps (kh, 0..2) of the program's dw entries: stored (a per-chunk partial) or
+    added (float atomics)."""
     at = dw_ptr + entry + kh * 3 * CG_IN
-    d0 = d0 * scale
-    d1 = d1 * scale
-    d2 = d2 * scale
     if DETERMINISTIC:
         tl.store(at, d0, mask=inside)
         tl.store(at + CG_IN, d1, mask=inside)
