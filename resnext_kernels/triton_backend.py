@@ -85,6 +85,7 @@ class Plan:
 
     def __init__(self, kc, nc, kg, ng, h_out, w_out, major=9, cols=1):
         self.kc, self.nc, self.kg, self.ng = kc, nc, kg, ng
+        self.major = major
         self.sub_n = 16 if ng < 16 else min(SLAB, _next_pow2(ng))
         self.pieces = max(1, min(SLAB, _next_pow2(nc)) // self.sub_n)
         slab = self.pieces * self.sub_n
@@ -190,18 +191,23 @@ if triton is not None:
         key=list(TUNE_KEYS))(K.conv_rows_kernel)
 
 
-def fixed_warps(mode, wgrad=False, unroll=3, bw=32, stride=1):
-    """The conv's warps where it is not autotuned: 8 for the reduce and dc passes, which
-    are never autotuned (the forward's folded scale and shift held for the ReLU mask
-    besides their own vectors: 4 warps spill 8-24 bytes at s2, s3 and s5), for the
-    statistics pass where its stride-1 walk takes 3 rows a trip of 32 pixels (``unroll``,
-    ``Plan.unroll``, ``bw``: 4 warps spill 48-112 bytes at s2 and s3; 8 warps spill 8
-    bytes at s5, which takes 1), and for the fused dgrad + wgrad pass (its nine
-    weight-gradient sums), else FIXED_WARPS (at 8 warps on 4 pieces the split dots
-    stage each input row twice: L1)."""
+def fixed_warps(mode, wgrad=False, unroll=3, bw=32, stride=1, major=9):
+    """The conv's warps where it is not autotuned: 8 for the reduce and dc passes (never
+    autotuned) on rows of 32 pixels (``bw``; the forward's folded scale and shift held
+    for the ReLU mask besides their own vectors: 4 warps spill 57-121 bytes at s2, s3
+    and s3-down), for the statistics pass where its stride-1 walk takes 3 rows a trip of
+    32 pixels (``unroll``, ``Plan.unroll``: 4 warps spill 48-112 bytes at s2 and s3; 8
+    warps spill 8 bytes at s5, which takes 1), and for the fused dgrad + wgrad pass (its
+    nine weight-gradient sums) on rows of 32 pixels below sm_90 (``major``: 4 warps
+    spill there); else FIXED_WARPS. At 8 warps on 4 pieces the split dots stage each
+    input row twice (L1), and the reduce, dc and fused passes issue 30-50 % more
+    instructions an HMMA than at 4, with no more warps an SM (one program of ~200
+    registers a thread instead of two)."""
     if mode == K.STATS:
         return 8 if unroll == 3 and bw == 32 and stride == 1 else FIXED_WARPS
-    return 8 if mode in (K.REDUCE, K.DC) or wgrad else FIXED_WARPS
+    if wgrad:
+        return 8 if major < 9 and bw == 32 else FIXED_WARPS
+    return 8 if mode in (K.REDUCE, K.DC) and bw == 32 else FIXED_WARPS
 
 
 def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, *, mode,
@@ -226,7 +232,7 @@ def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, 
             or torch.cuda.get_device_capability(a.device)[0] < TUNE_MIN_MAJOR):
         kernel = kernel.fn
     if not isinstance(kernel, triton.runtime.Autotuner):
-        warps = fixed_warps(mode, wgrad, meta["UNROLL"], plan.bw, stride)
+        warps = fixed_warps(mode, wgrad, meta["UNROLL"], plan.bw, stride, plan.major)
         meta.update(WARPS=warps, num_warps=warps, maxnreg=MAXNREG)
     grid = (_row_programs(plan, n, run), plan.slabs)
     torch.library.wrap_triton(kernel)[grid](*args, **meta)

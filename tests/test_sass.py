@@ -2,6 +2,9 @@
 on hand-written listings with known answers, and one pass over the real library."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -318,3 +321,35 @@ def test_every_conv_kernel_of_the_library():
         assert k.symbol.startswith("_ZN2rk6detail") and k.arch == "sm_90"
         assert k.instructions > 0
         assert k.loop_instructions is None or 0 < k.loop_instructions
+
+
+COMPILE_PTX = """
+import sys
+from resnext_kernels.bench import sass, triton_aot
+# s4's fused dgrad + wgrad pass (16 channels a group: no guarded walk)
+variant = next(v for v in sass._default_variants()
+               if v[0] == "conv_rows_kernel" and v[1]["FROM_DY"] and v[1]["WGRAD"]
+               and v[1]["DIL"] == 1 and v[1]["BW"] == 16 and not v[1]["GUARD"])
+sys.stdout.write(triton_aot.compile_variant(*variant, int(sys.argv[1]), sys.argv[2]).asm["ptx"])
+"""
+
+
+@pytest.mark.parametrize("arch,dtype,packed", [(90, "bf16", "set.gt.u32.bf16x2"),
+                                               (80, "fp16", "set.gt.u32.f16x2"),
+                                               (80, "bf16", None)])
+def test_eval_backward_select_compiles_to_a_packed_compare_and_mask(arch, dtype, packed):
+    """The eval backward's operand dy·[y > 0] compiles to one packed compare (0xFFFF a
+    lane where y > 0) and an AND a register of two 16-bit lanes, where the GPU has that
+    compare (bf16 pairs from sm_90), and to a select elsewhere: the ahead-of-time
+    compile must see the target's capability, as the JIT on that GPU does. (Compiled in
+    a process without TRITON_INTERPRET, as the interpreter's kernels cannot be.)"""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ptx = subprocess.run([sys.executable, "-c", COMPILE_PTX, str(arch), dtype], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert ".target sm_%d" % arch in ptx
+    if packed:
+        assert ptx.count(packed) >= 3  # a row's three column-shifted loads at least
+        assert "and.b32" in ptx
+    else:
+        assert "set.gt.u32" not in ptx and "setp.gt.f32" in ptx  # sm_80: no bf16 compare

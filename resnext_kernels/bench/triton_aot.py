@@ -74,8 +74,13 @@ def specialisation(fn, dtype: str):
 
 
 def compile_variant(name: str, constexprs: dict, warps: int, arch: int, dtype: str):
-    """``triton.compile`` of one variant for ``sm_{arch}``, specialised like the JIT."""
+    """``triton.compile`` of one variant for ``sm_{arch}``, specialised like the JIT
+    (its ``cuda_capability_geq`` sees ``sm_{arch}``, as on such a GPU: the compile
+    target, not this machine's, which may have none)."""
+    from unittest import mock
+
     import triton
+    import triton.language.target_info as target_info
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -89,7 +94,14 @@ def compile_variant(name: str, constexprs: dict, warps: int, arch: int, dtype: s
     options = {"num_warps": warps}
     if name == "conv_rows_kernel":
         options["maxnreg"] = triton_backend.MAXNREG
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    target = GPUTarget("cuda", arch, 32)
+
+    def current_target():
+        return target
+
+    current_target.__triton_builtin__ = True  # as the function it stands in for
+    with mock.patch.object(target_info, "current_target", current_target):
+        return triton.compile(source, target=target, options=options)
 
 
 def _ordered(name: str, constexprs: dict) -> dict:
@@ -132,7 +144,7 @@ def variants(quick: bool, major: int = 9):
                                     D_SUB_K=dgrad.sub_k, D_SUB_N=dgrad.sub_n, FOLD=fold,
                                     BLOCK=tb.PACK_BLOCK), tb.FIXED_WARPS)
         for mode in (K.WRITE, K.STATS, K.REDUCE, K.DC):
-            fixed = tb.fixed_warps(mode, unroll=fwd.unroll, bw=fwd.bw, stride=stride)
+            fixed = tb.fixed_warps(mode, unroll=fwd.unroll, bw=fwd.bw, stride=stride, major=major)
             tuned = sorted({fixed, *(() if quick else tb.CONFIGS)})
             for save in ((False, True) if mode == K.WRITE else (False,)):
                 for w in (tuned if mode == K.WRITE else [fixed]):
@@ -147,7 +159,7 @@ def variants(quick: bool, major: int = 9):
             if dgrad.fuse_wgrad:  # dgrad + wgrad, at batch 256
                 add("conv_rows_kernel", dict(plain, WGRAD=True,
                                              **dgrad.constexprs(dgrad.fused_run(256), wgrad=True)),
-                    tb.fixed_warps(K.PLAIN, True))
+                    tb.fixed_warps(K.PLAIN, True, bw=dgrad.bw, major=major))
             for deterministic in (False, True):
                 add("wgrad_kernel", dict(FROM_DY=from_dy, STRIDE=stride,
                                          DETERMINISTIC=deterministic, K_STEPS=fwd.w_k_steps,
@@ -181,15 +193,15 @@ def report(quick: bool, archs=(80, 90), dtype: str = "bf16"):
     autotuning configs only where they run (``triton_backend.TUNE_MIN_MAJOR``)."""
     from .. import triton_backend as tb
 
-    def fixed(name, constexprs):
+    def fixed(name, constexprs, arch):
         if name == "conv_rows_kernel":
             return tb.fixed_warps(constexprs["MODE"], constexprs["WGRAD"], constexprs["UNROLL"],
-                                  constexprs["BW"], constexprs["STRIDE"])
+                                  constexprs["BW"], constexprs["STRIDE"], arch // 10)
         return tb.WGRAD_WARPS if name == "wgrad_kernel" else tb.FIXED_WARPS
 
     jobs = [(name, constexprs, warps, arch, dtype)
             for arch in ((90,) if quick else archs)
             for name, constexprs, warps in variants(quick, arch // 10)
-            if warps == fixed(name, constexprs) or arch >= 10 * tb.TUNE_MIN_MAJOR]
+            if warps == fixed(name, constexprs, arch) or arch >= 10 * tb.TUNE_MIN_MAJOR]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return list(pool.map(_compile, jobs))
