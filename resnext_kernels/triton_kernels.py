@@ -85,6 +85,14 @@ def _relu(v):
 
 
 @triton.jit
+def _gamma_invstd(gamma_ptr, var_ptr, c, mask, eps):
+    """γ·invstd = γ / √(var + eps) of channels ``c`` (0 where not ``mask``): the eval
+    backward's dc = γ·invstd·dy·[y > 0] scale."""
+    return tl.load(gamma_ptr + c, mask=mask, other=0.0) / tl.sqrt_rn(
+        tl.load(var_ptr + c, mask=mask, other=1.0) + eps)
+
+
+@triton.jit
 def _where_positive(a, y):
     """a where y > 0, else +0 (a NaN y gives 0, as torch's ReLU backward). Compiled for
     16-bit operands: two lanes a register, ``set.gt.u32`` (0xFFFF a lane where y > 0)
@@ -731,8 +739,7 @@ def conv_rows_kernel(a_ptr, wp_ptr, out_ptr, partial_ptr, va_ptr, vb_ptr, vc_ptr
         # γ·invstd (va, vb = γ, var) of the dc channel times them
         wscale = 1.0
         if FROM_DY:
-            wscale = (tl.load(va_ptr + co, mask=co < KC, other=0.0) / tl.sqrt_rn(
-                tl.load(vb_ptr + co, mask=co < KC, other=1.0) + eps))[:, :, None]
+            wscale = _gamma_invstd(va_ptr, vb_ptr, co, co < KC, eps)[:, :, None]
     else:
         gz = 0.0
         xzero = 0.0
@@ -846,8 +853,7 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
         kstart = tl.multiple_of(kstart, 16)
     kglob = kstart[:, None] + ks * SUB_K + tl.arange(0, SUB_K)[None, :]
     kmask = kglob < C_in
-    va = tl.load(va_ptr + nglob, mask=nmask, other=0.0) / tl.sqrt_rn(
-        tl.load(vb_ptr + nglob, mask=nmask, other=1.0) + eps)
+    va = _gamma_invstd(va_ptr, vb_ptr, nglob, nmask, eps)
     width: tl.constexpr = BW // IMGS
     row_tiles = tl.cdiv(H_out, ROWS)
     col_tiles = tl.cdiv(W_out, width)
@@ -969,8 +975,7 @@ def _pack(w_ptr, out_ptr, e, TOTAL, KC, NC, KG, NG, va_ptr, vb_ptr, eps,
         at = (nglob * KG + kglob - group * KG) * 9 + tap
     w = tl.load(w_ptr + at, mask=inside, other=0.0)
     if FOLD:
-        scale = tl.load(va_ptr + kglob, mask=inside, other=0.0) / tl.sqrt_rn(
-            tl.load(vb_ptr + kglob, mask=inside, other=1.0) + eps)
+        scale = _gamma_invstd(va_ptr, vb_ptr, kglob, inside, eps)
         w = tl.where(inside, w.to(tl.float32) * scale, 0.0)
     tl.store(out_ptr + e, w.to(out_ptr.dtype.element_ty), mask=e < TOTAL)
 
