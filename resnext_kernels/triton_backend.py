@@ -53,8 +53,8 @@ CONFIGS = (4, 8)
 # 8 warps spill 8 bytes in two ResNeXt-50 variants on sm_80 (a 64-128 register cap;
 # `resnext-bench kernels`): below sm_90 the conv keeps the fixed 4 warps.
 TUNE_MIN_MAJOR = 9
-# The conv's register limit, given to ptxas: left to itself it caps some variants at 128
-# registers and spills 4-8 bytes to stay there.
+# The conv's and wgrad's register limit, given to ptxas: left to itself it caps some
+# variants at 128 registers and spills 4-8 bytes to stay there.
 MAXNREG = 255
 WGRAD_WARPS = 4
 STATS_R, STATS_C = 64, 64  # stats_kernel's tile of partials
@@ -112,12 +112,16 @@ class Plan:
         # one (56, 28, 14 -> 14; 7 -> 7): each program re-reads 2 halo rows.
         divisors = [d for d in range(16, 7, -1) if h_out % d == 0]
         self.rows = divisors[0] if divisors else max(1, min(h_out, 8))
-        # wgrad holds nine [PIECES, 16, SUB_N] fp32 sums (at most 1,024 elements each);
-        # its input-channel steps are 16 wide (32 x 32 tiles compile to 2-4 KB of spills).
-        self.w_sub_k = 16
+        # wgrad holds nine [PIECES, SUB_N, SUB_K] fp32 sums of at most 1,024 elements each
+        # (2 x 32 x 32 compiled to 2-4 KB of spills): a piece's input channels in one step
+        # where they fit (s5's 32), so that each dc row is read once, else steps of 16.
+        self.w_sub_k = min(max(16, _next_pow2(span)), max(16, 1024 // self.sub_n))
         self.w_pieces = max(1, min(self.pieces, 1024 // (self.w_sub_k * self.sub_n)))
         self.w_k_steps = -(-span // self.w_sub_k)
         self.w_slabs = -(-nc // (self.w_pieces * self.sub_n))
+        # Its sums split along their input channels (8 at least: mma's N) so that the 3-D
+        # dots have as many batch entries as wgrad has warps where they can.
+        self.w_split = max(1, min(WGRAD_WARPS // self.w_pieces, self.w_sub_k // 8))
         self.aligned = all((n0 // ng) * kg % 16 == 0 for n0 in range(0, nc, self.sub_n))
         # The nine weight tiles are held in registers when there is one input-channel
         # step and they are small (<= 2,048 elements each: 4-32 channels per group): each
@@ -438,9 +442,9 @@ class _Backward:
             layer.w, layer.c_in, layer.h_out, layer.w_out, layer.c_out, layer.cg_in,
             layer.cg_out, _row_tiles(plan, layer.n), chunks, FROM_DY=from_dy,
             STRIDE=layer.stride, DETERMINISTIC=self.deterministic, K_STEPS=plan.w_k_steps,
-            PIECES=plan.w_pieces, SUB_K=plan.w_sub_k, SUB_N=plan.sub_n, BW=plan.bw,
-            ROWS=plan.rows, IMGS=plan.imgs, ALIGNED=plan.aligned,
-            PRECISION=_precision(layer.x.dtype), num_warps=WGRAD_WARPS)
+            PIECES=plan.w_pieces, SUB_K=plan.w_sub_k, SUB_N=plan.sub_n, SPLIT=plan.w_split,
+            BW=plan.bw, ROWS=plan.rows, IMGS=plan.imgs, ALIGNED=plan.aligned,
+            PRECISION=_precision(layer.x.dtype), num_warps=WGRAD_WARPS, maxnreg=MAXNREG)
 
 
 def backward_reduce(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, stride,

@@ -817,29 +817,45 @@ def _add_dw(dw_ptr, entry, inside, g, scale, NG):
 
 
 @triton.jit
-def _x_row(x_ptr, n, lane_ok, ir, ow, kw, kglob, kmask, H, W, C_in, STRIDE: tl.constexpr):
+def _x_row(x_ptr, n, lane_ok, ir, ow, kw, kglob, kmask, H, W, C_in, STRIDE: tl.constexpr,
+           SPLIT: tl.constexpr):
     """x of input row ``ir`` at tap ``kw`` for the lanes' images ``n`` and output columns
-    ``ow``, as the [PIECES, SUB_K, BW] operand of wgrad (zeros outside the image)."""
+    ``ow``, as the [PIECES·SPLIT, BW, SUB_K / SPLIT] operand of wgrad (``_part``; zeros
+    outside the image)."""
     iw = ow * STRIDE - 1 + kw
     ok = (iw >= 0) & (iw < W) & (ir >= 0) & (ir < H) & lane_ok
     pix = ((n * H + ir) * W + iw).to(tl.int64) * C_in
     x = tl.load(x_ptr + pix[:, None, None] + kglob[None, :, :],
                 mask=ok[:, None, None] & kmask[None, :, :], other=0.0)
-    return tl.permute(x, (1, 2, 0))
+    return _part(tl.permute(x, (1, 0, 2)), SPLIT)
+
+
+@triton.jit
+def _x_taps(x_ptr, n, lane_ok, ir, ow, kglob, kmask, H, W, C_in, STRIDE: tl.constexpr,
+            SPLIT: tl.constexpr):
+    """``_x_row`` of input row ``ir`` at the taps kw = 0, 1, 2."""
+    return (_x_row(x_ptr, n, lane_ok, ir, ow, 0, kglob, kmask, H, W, C_in, STRIDE, SPLIT),
+            _x_row(x_ptr, n, lane_ok, ir, ow, 1, kglob, kmask, H, W, C_in, STRIDE, SPLIT),
+            _x_row(x_ptr, n, lane_ok, ir, ow, 2, kglob, kmask, H, W, C_in, STRIDE, SPLIT))
 
 
 @triton.jit
 def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_in, H_out, W_out,
                  C_out, CG_IN, CG_OUT, TILES, CHUNKS, FROM_DY: tl.constexpr, STRIDE: tl.constexpr,
                  DETERMINISTIC: tl.constexpr, K_STEPS: tl.constexpr, PIECES: tl.constexpr,
-                 SUB_K: tl.constexpr, SUB_N: tl.constexpr, BW: tl.constexpr,
-                 ROWS: tl.constexpr, IMGS: tl.constexpr, ALIGNED: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 SUB_K: tl.constexpr, SUB_N: tl.constexpr, SPLIT: tl.constexpr,
+                 BW: tl.constexpr, ROWS: tl.constexpr, IMGS: tl.constexpr,
+                 ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
     """Program (channel slab, input-channel step ks, chunk): dw of the slab's output
     channels, all nine taps, summed over the row tiles chunk, chunk + CHUNKS, ... (a row
     tile: ``ROWS`` output rows x ``BW`` columns of one image, as in ``conv_rows_kernel``).
     Each output row's dc is loaded once and each input row's three column-shifted x tiles
     once per tile: they are carried to the next output rows that read them.
+    The nine sums dc(tap)ᵀ · x are split along their input channels into
+    [PIECES·SPLIT, SUB_N, SUB_K / SPLIT] (x parted, dc spread: ``_part``, ``_spread``),
+    so that each warp owns its batch entries of the 3-D dots (on fewer entries than
+    warps, warps would repeat each other's mma tiles), and joined as [PIECES, SUB_N,
+    SUB_K]: dw's input channels, contiguous in memory, last.
     ``FROM_DY``: ``dc_ptr`` is dy and dc = γ·invstd·dy·[y > 0] (va, vb = γ, var)."""
     c0 = tl.program_id(0) * (PIECES * SUB_N)
     ks = tl.program_id(1)
@@ -858,7 +874,7 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
     row_tiles = tl.cdiv(H_out, ROWS)
     col_tiles = tl.cdiv(W_out, width)
     lane = tl.arange(0, BW)
-    a00 = tl.zeros((PIECES, SUB_K, SUB_N), dtype=tl.float32)
+    a00 = tl.zeros((PIECES * SPLIT, SUB_N, SUB_K // SPLIT), dtype=tl.float32)
     a01 = a00
     a02 = a00
     a10 = a00
@@ -874,13 +890,11 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
         ow = (t % col_tiles) * width + lane % width
         # x rows oh·S − 1 (p*) and oh·S (q*, stride 1) carried from the previous row
         first = oh0 * STRIDE - 1
-        p0 = _x_row(x_ptr, n, lane_ok, first, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
-        p1 = _x_row(x_ptr, n, lane_ok, first, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
-        p2 = _x_row(x_ptr, n, lane_ok, first, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
+        p0, p1, p2 = _x_taps(x_ptr, n, lane_ok, first, ow, kglob, kmask, H, W, C_in, STRIDE,
+                             SPLIT)
         if STRIDE == 1:
-            q0 = _x_row(x_ptr, n, lane_ok, oh0, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
-            q1 = _x_row(x_ptr, n, lane_ok, oh0, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
-            q2 = _x_row(x_ptr, n, lane_ok, oh0, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
+            q0, q1, q2 = _x_taps(x_ptr, n, lane_ok, oh0, ow, kglob, kmask, H, W, C_in,
+                                 STRIDE, SPLIT)
         for j in range(ROWS):
             oh = oh0 + j
             if oh < H_out:
@@ -892,30 +906,24 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
                 if FROM_DY:
                     y = tl.load(ys_ptr + at, mask=mask, other=0.0)
                     dc = (tl.where(y > 0, dc.to(tl.float32), 0.0) * va[None, :, :]).to(dc.dtype)
-                dc = tl.permute(dc, (1, 0, 2))  # [PIECES, BW, SUB_N]
+                dc = _spread(tl.permute(dc, (1, 2, 0)), SPLIT)  # [PIECES·SPLIT, SUB_N, BW]
                 if STRIDE == 1:
-                    r0 = _x_row(x_ptr, n, lane_ok, oh + 1, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
-                    r1 = _x_row(x_ptr, n, lane_ok, oh + 1, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
-                    r2 = _x_row(x_ptr, n, lane_ok, oh + 1, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
+                    r0, r1, r2 = _x_taps(x_ptr, n, lane_ok, oh + 1, ow, kglob, kmask, H, W,
+                                         C_in, STRIDE, SPLIT)
                 else:
-                    q0 = _x_row(x_ptr, n, lane_ok, 2 * oh, ow, 0, kglob, kmask, H, W, C_in, STRIDE)
-                    q1 = _x_row(x_ptr, n, lane_ok, 2 * oh, ow, 1, kglob, kmask, H, W, C_in, STRIDE)
-                    q2 = _x_row(x_ptr, n, lane_ok, 2 * oh, ow, 2, kglob, kmask, H, W, C_in, STRIDE)
-                    r0 = _x_row(x_ptr, n, lane_ok, 2 * oh + 1, ow, 0, kglob, kmask, H, W, C_in,
-                                STRIDE)
-                    r1 = _x_row(x_ptr, n, lane_ok, 2 * oh + 1, ow, 1, kglob, kmask, H, W, C_in,
-                                STRIDE)
-                    r2 = _x_row(x_ptr, n, lane_ok, 2 * oh + 1, ow, 2, kglob, kmask, H, W, C_in,
-                                STRIDE)
-                a00 = tl.dot(p0, dc, a00, input_precision=PRECISION)
-                a01 = tl.dot(p1, dc, a01, input_precision=PRECISION)
-                a02 = tl.dot(p2, dc, a02, input_precision=PRECISION)
-                a10 = tl.dot(q0, dc, a10, input_precision=PRECISION)
-                a11 = tl.dot(q1, dc, a11, input_precision=PRECISION)
-                a12 = tl.dot(q2, dc, a12, input_precision=PRECISION)
-                a20 = tl.dot(r0, dc, a20, input_precision=PRECISION)
-                a21 = tl.dot(r1, dc, a21, input_precision=PRECISION)
-                a22 = tl.dot(r2, dc, a22, input_precision=PRECISION)
+                    q0, q1, q2 = _x_taps(x_ptr, n, lane_ok, 2 * oh, ow, kglob, kmask, H, W,
+                                         C_in, STRIDE, SPLIT)
+                    r0, r1, r2 = _x_taps(x_ptr, n, lane_ok, 2 * oh + 1, ow, kglob, kmask, H,
+                                         W, C_in, STRIDE, SPLIT)
+                a00 = tl.dot(dc, p0, a00, input_precision=PRECISION)
+                a01 = tl.dot(dc, p1, a01, input_precision=PRECISION)
+                a02 = tl.dot(dc, p2, a02, input_precision=PRECISION)
+                a10 = tl.dot(dc, q0, a10, input_precision=PRECISION)
+                a11 = tl.dot(dc, q1, a11, input_precision=PRECISION)
+                a12 = tl.dot(dc, q2, a12, input_precision=PRECISION)
+                a20 = tl.dot(dc, r0, a20, input_precision=PRECISION)
+                a21 = tl.dot(dc, r1, a21, input_precision=PRECISION)
+                a22 = tl.dot(dc, r2, a22, input_precision=PRECISION)
                 if STRIDE == 1:
                     p0, p1, p2 = q0, q1, q2
                     q0, q1, q2 = r0, r1, r2
@@ -923,22 +931,25 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
                     p0, p1, p2 = r0, r1, r2
     # Entry (co, tap, ci) of dw (OHWI) exists where ci is in co's group.
     group = nglob // CG_OUT
-    inside = ((kglob[:, :, None] // CG_IN) == group[:, None, :]) & kmask[:, :, None] \
-        & nmask[:, None, :]
-    entry = nglob[:, None, :] * (9 * CG_IN) + (kglob[:, :, None] - group[:, None, :] * CG_IN)
+    inside = ((kglob[:, None, :] // CG_IN) == group[:, :, None]) & kmask[:, None, :] \
+        & nmask[:, :, None]
+    entry = nglob[:, :, None] * (9 * CG_IN) + (kglob[:, None, :] - group[:, :, None] * CG_IN)
     if DETERMINISTIC:
         entry += chunk.to(tl.int64) * (C_out * 9 * CG_IN)
-    _store_dw(dw_ptr, entry, inside, a00, a01, a02, CG_IN, 0, DETERMINISTIC)
-    _store_dw(dw_ptr, entry, inside, a10, a11, a12, CG_IN, 1, DETERMINISTIC)
-    _store_dw(dw_ptr, entry, inside, a20, a21, a22, CG_IN, 2, DETERMINISTIC)
+    _store_dw(dw_ptr, entry, inside, a00, a01, a02, CG_IN, 0, SPLIT, DETERMINISTIC)
+    _store_dw(dw_ptr, entry, inside, a10, a11, a12, CG_IN, 1, SPLIT, DETERMINISTIC)
+    _store_dw(dw_ptr, entry, inside, a20, a21, a22, CG_IN, 2, SPLIT, DETERMINISTIC)
 
 
 @triton.jit
 def _store_dw(dw_ptr, entry, inside, d0, d1, d2, CG_IN, kh: tl.constexpr,
-              DETERMINISTIC: tl.constexpr):
-    """The taps (kh, 0..2) of the program's dw entries: stored (a per-chunk partial) or
-    added (float atomics)."""
+              SPLIT: tl.constexpr, DETERMINISTIC: tl.constexpr):
+    """The taps (kh, 0..2) of the program's dw entries, from their split sums
+    (``_join``): stored (a per-chunk partial) or added (float atomics)."""
     at = dw_ptr + entry + kh * 3 * CG_IN
+    d0 = _join(d0, SPLIT, 1)
+    d1 = _join(d1, SPLIT, 1)
+    d2 = _join(d2, SPLIT, 1)
     if DETERMINISTIC:
         tl.store(at, d0, mask=inside)
         tl.store(at + CG_IN, d1, mask=inside)

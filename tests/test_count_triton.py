@@ -395,6 +395,21 @@ def test_stride_2_dgrad_multiplies_no_dilation_zeros():
 
 
 @interpreted
+def test_wgrad_adds_dw_in_address_order():
+    """32 channels per group: the separate weight-gradient pass, one program a group
+    (one 32-wide input-channel step, its sums split in 4 along the input channels). It
+    adds each dw entry once with its input channels, contiguous in dw, along the lanes
+    (the order the compiled atomics take): every request whole 32-byte sectors."""
+    problem = Problem(1, 64, 64, 7, 7, 2, 1)
+    (wgrad,) = [r for r in ct.count_pass(problem, "train_bwd", torch.float16)
+                if r.kernel == "wgrad_kernel"]
+    assert "PIECES=1,SUB_K=32,SUB_N=32,SPLIT=4" in wgrad.symbol
+    assert wgrad.grid == (2, 1, 1)  # one program a group, each dc row read once
+    assert wgrad.atomics == 64 * 9 * 32  # every dw entry once
+    assert wgrad.coalescing == 1.0
+
+
+@interpreted
 def test_counted_variants_are_compiled_by_the_aot_report():
     """A ResNeXt-50 layer's launches are keys of the AOT/SASS reports (s5: 7 x 7, one
     image keeps the interpreter quick)."""

@@ -233,7 +233,7 @@ def test_triton_variants_cover_every_pass_of_every_layer():
                 f"{s2.replace('RUN=1', 'RUN=4')},SAVE=0,WGRAD=1,UNROLL=1,PRECISION=tf32,"
                 f"WARPS={tb.fixed_warps(4, True)},warps={tb.fixed_warps(4, True)})") in names
     assert ("wgrad_kernel(FROM_DY=0,STRIDE=1,DETERMINISTIC=0,K_STEPS=1,PIECES=4,SUB_K=16,"
-            f"SUB_N=16,BW=32,ROWS=14,IMGS=1,ALIGNED=1,PRECISION=tf32,warps={tb.WGRAD_WARPS})"
+            f"SUB_N=16,SPLIT=1,BW=32,ROWS=14,IMGS=1,ALIGNED=1,PRECISION=tf32,warps={tb.WGRAD_WARPS})"
             ) in names
     # s3-down's dgrad runs on the dilated grid
     assert any("MODE=4,STRIDE=1,DIL=2" in name for name in names)
@@ -274,6 +274,26 @@ def test_the_triton_conv_hot_loop_is_the_row_walk_not_the_non_finite_redo():
         assert k.loop_counts["LDG"] > 0 and k.loop_innermost, k.symbol
         if "MODE=0" in k.symbol:  # the write pass stores its rows
             assert k.loop_counts["STG"] > 0, k.symbol
+
+
+def test_wgrad_issues_each_mma_tile_once():
+    """wgrad's 3-D dots have a batch entry a warp (its sums split along their input
+    channels): at s5 one piece of 32 channels in 4 parts, s2's 4 pieces whole. With a
+    batch entry a piece, s5's 2 pieces had each tile issued by two of the 4 warps."""
+    pytest.importorskip("triton")
+    from resnext_kernels.bench.kernels import find_cuobjdump
+
+    if find_cuobjdump() is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton)")
+    wanted = [v for v in sass._default_variants()
+              if v[0] == "wgrad_kernel" and not v[1]["DETERMINISTIC"] and not v[1]["FROM_DY"]
+              and v[1]["STRIDE"] == 1 and (v[1]["PIECES"], v[1]["BW"]) in ((1, 16), (4, 32))]
+    assert sorted((v[1]["PIECES"], v[1]["SPLIT"]) for v in wanted) == [(1, 4), (4, 1)]
+    for k in sass.triton_sass(wanted).values():
+        assert k.mma_replication == 1.0, k.symbol
+        # an output row: 9 taps of [32 outputs, 16 pixels] x [16 pixels, 8 inputs] a warp
+        # (s5: 2 HMMA each), or of [16, 32 pixels] x [32 pixels, 16] (s2: 4)
+        assert k.loop_counts["HMMA"] == (18 if "PIECES=1" in k.symbol else 36), k.symbol
 
 
 def test_triton_specialisation_marks_pointers_and_channel_counts():

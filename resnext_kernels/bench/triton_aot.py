@@ -92,7 +92,7 @@ def compile_variant(name: str, constexprs: dict, warps: int, arch: int, dtype: s
     from .. import triton_backend
 
     options = {"num_warps": warps}
-    if name == "conv_rows_kernel":
+    if name in ("conv_rows_kernel", "wgrad_kernel"):
         options["maxnreg"] = triton_backend.MAXNREG
     target = GPUTarget("cuda", arch, 32)
 
@@ -164,8 +164,9 @@ def variants(quick: bool, major: int = 9):
                 add("wgrad_kernel", dict(FROM_DY=from_dy, STRIDE=stride,
                                          DETERMINISTIC=deterministic, K_STEPS=fwd.w_k_steps,
                                          PIECES=fwd.w_pieces, SUB_K=fwd.w_sub_k,
-                                         SUB_N=fwd.sub_n, BW=fwd.bw, ROWS=fwd.rows,
-                                         IMGS=fwd.imgs, ALIGNED=fwd.aligned, **common),
+                                         SUB_N=fwd.sub_n, SPLIT=fwd.w_split, BW=fwd.bw,
+                                         ROWS=fwd.rows, IMGS=fwd.imgs, ALIGNED=fwd.aligned,
+                                         **common),
                     tb.WGRAD_WARPS)
     return list(out.values())
 
