@@ -113,14 +113,19 @@ class Plan:
         divisors = [d for d in range(16, 7, -1) if h_out % d == 0]
         self.rows = divisors[0] if divisors else max(1, min(h_out, 8))
         # wgrad holds nine [PIECES, SUB_N, SUB_K] fp32 sums of at most 1,024 elements each
-        # (2 x 32 x 32 compiled to 2-4 KB of spills): a piece's input channels in one step
-        # where they fit (s5's 32), so that each dc row is read once, else steps of 16.
-        self.w_sub_k = min(max(16, _next_pow2(span)), max(16, 1024 // self.sub_n))
+        # (2 x 32 x 32 compiled to 2-4 KB of spills). Its input-channel steps are as wide
+        # as that allows (32 at s5: each dc row read by one program instead of two) where
+        # they do not pad a piece's channels past a multiple of 16 (24 a group: 3 x 16,
+        # not 2 x 32).
+        rounded = -(-span // 16) * 16
+        self.w_sub_k = max(w for w in (16, 32, 64)
+                           if w == 16 or (w * self.sub_n <= 1024 and rounded % w == 0))
         self.w_pieces = max(1, min(self.pieces, 1024 // (self.w_sub_k * self.sub_n)))
         self.w_k_steps = -(-span // self.w_sub_k)
         self.w_slabs = -(-nc // (self.w_pieces * self.sub_n))
         # Its sums split along their input channels (8 at least: mma's N) so that the 3-D
-        # dots have as many batch entries as wgrad has warps where they can.
+        # dots have as many batch entries as wgrad has warps where they can (not at 40
+        # or more channels a group: 1 piece of 64 in 2 parts, each tile issued twice).
         self.w_split = max(1, min(WGRAD_WARPS // self.w_pieces, self.w_sub_k // 8))
         self.aligned = all((n0 // ng) * kg % 16 == 0 for n0 in range(0, nc, self.sub_n))
         # The nine weight tiles are held in registers when there is one input-channel

@@ -57,7 +57,7 @@ Kernels (the glue is ``resnext_kernels/triton_backend.py``):
   (fp64, fixed order).
 * ``sums_kernel``: Σdz and Σdz·x̂ from the reduce pass's partials (fp64, fixed order).
 * ``wgrad_kernel``: the weight gradient where dgrad does not add it (deterministic
-  mode, no dx wanted, 12 or >= 32 channels per group): dw = Σ_pixels x_tap^T · dc per
+  mode, no dx wanted, 12 or >= 32 channels per group): dw = Σ_pixels dcᵀ · x_tap per
   (channel slab, input-channel step),
   all nine taps, over the row tiles chunk, chunk + CHUNKS, ... (rows walked as in the
   conv: each dc row and each x row loaded once per tile); added with ``tl.atomic_add``
@@ -158,8 +158,8 @@ def _weights(wp_ptr, wbase, tap, ks, K_STEPS: tl.constexpr, SUB_K: tl.constexpr,
 
 @triton.jit
 def _spread(a, SPLIT: tl.constexpr):
-    """A [PIECES, BW, K] operand as the split dots take it: [PIECES·SPLIT, BW, K], each
-    piece's rows once per part of its output channels."""
+    """A [PIECES, M, K] operand as the split dots take it: [PIECES·SPLIT, M, K], each
+    piece's rows once per part of the other operand (``_part``) or of the sums."""
     if SPLIT > 1:
         a = tl.reshape(tl.broadcast_to(a[:, None, :, :], (a.shape[0], SPLIT, a.shape[1],
                                                           a.shape[2])),

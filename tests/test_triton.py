@@ -127,6 +127,19 @@ def test_triton_programs_of_several_row_tiles(stride):
     assert_fp32_training_matches(problem, seed=5 + stride)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_triton_weight_gradient_in_16_wide_steps(stride):
+    """24 channels per group (the paper's 4 x 24d): a piece of 32 output channels spans
+    48 input channels, which wgrad_kernel takes in three 16-wide steps (two of 32 would
+    pad them to 64)."""
+    from resnext_kernels.triton_backend import Plan
+
+    problem = Problem(1, 48, 48, 6, 5, 2, stride)
+    plan = Plan(48, 48, 24, 24, *problem.output_shape[2:])
+    assert (plan.w_sub_k, plan.w_k_steps, plan.fuse_wgrad) == (16, 3, False)
+    assert_fp32_training_matches(problem, seed=24 + stride)
+
+
 def assert_fp32_training_matches(problem, seed):
     """Training forward and all gradients in float32 vs float64, NHWC."""
     gen = torch.Generator().manual_seed(seed)
@@ -260,6 +273,13 @@ def test_plan_covers_every_group_with_its_input_channels(width, groups):
     # row tiles a program walks with its held weight tiles (28 rows of 28: 1; wide
     # groups reload their tiles each row: 1)
     assert plan.run == 1 and plan.hold == (width <= 32)
+    # wgrad's steps: as wide as its sums of 1,024 entries allow without padding a
+    # piece's channels past a multiple of 16; parts of 8 channels at least
+    assert plan.w_k_steps * plan.w_sub_k == -(-plan.slots * width // 16) * 16
+    assert plan.w_pieces * plan.sub_n * plan.w_sub_k <= 1024
+    assert plan.w_sub_k // plan.w_split >= 8
+    if width == 32:  # s5: one step of one group, in 4 parts (a batch entry a warp)
+        assert (plan.w_sub_k, plan.w_pieces, plan.w_split) == (32, 1, 4)
 
 
 def test_autotune_setting_is_checked_at_each_call(monkeypatch):
