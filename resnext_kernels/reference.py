@@ -134,16 +134,25 @@ def backward_apply(grad_out, input, weight, bn_weight, bn_bias, out, mean, var, 
     """Input and weight gradients from the per-channel sums of ``backward_reduce``.
 
     dc = γ·rsqrt(var+eps)·(dz − Σdz/count − x̂·Σdz·x̂/count); d input = conv_transpose(dc, w),
-    d weight = Σ_{N,H,W} x ⋆ dc per group. With the sums of a whole batch and its count this
-    is the training gradient; with zero sums (count 1) the eval gradient, where the
-    statistics are constants. ``output_mask`` (2 bools) skips a gradient (returned ``[0]``).
+    d weight = Σ_{N,H,W} x ⋆ dc per group: the training gradient, given the sums of a whole
+    batch and its count. ``output_mask`` (2 bools) skips a gradient (returned ``[0]``).
     Returns ``(grad_input, grad_weight)`` in the dtypes (and input memory format) of the inputs.
     """
     dtype = compute_dtype(input.dtype)
     x_hat, dz = _normalized_and_masked(grad_out, input, weight, out, mean, var, stride, groups, eps)
-    g = _per_channel(bn_weight.to(dtype) * torch.rsqrt(var.to(dtype) + eps))
-    dc = g * (dz - _per_channel(sum_dz.to(dtype) / count)
-              - x_hat * _per_channel(sum_dz_xhat.to(dtype) / count))
+    dc = _gain(bn_weight, var, eps, dtype) * (dz - _per_channel(sum_dz.to(dtype) / count)
+                                              - x_hat * _per_channel(sum_dz_xhat.to(dtype) / count))
+    return _conv_gradients(input, weight, dc, stride, groups, output_mask)
+
+
+def _gain(bn_weight, var, eps, dtype):
+    """γ·rsqrt(var + eps) per channel, broadcast over [N, C, H, W]."""
+    return _per_channel(bn_weight.to(dtype) * torch.rsqrt(var.to(dtype) + eps))
+
+
+def _conv_gradients(input, weight, dc, stride, groups, output_mask):
+    """The conv's input and weight gradients given dc (``backward_apply``)."""
+    dtype = dc.dtype
     x, w = input.to(dtype), weight.to(dtype)
     grad_input = input.new_empty(0)
     if output_mask[0]:
@@ -168,9 +177,10 @@ def backward(grad_out, input, weight, bn_weight, bn_bias, out, mean, var,
         output_mask: four bools; a gradient whose flag is False is returned empty
         (``[0]``) and not computed.
 
-    ``backward_reduce`` then ``backward_apply``: dβ = Σ dz, dγ = Σ dz·x̂; in training the
-    input gradient subtracts their means (the statistics depend on the input), in eval
-    it does not.
+    ``backward_reduce`` gives dβ = Σ dz, dγ = Σ dz·x̂; in training ``backward_apply``
+    subtracts their means from the input gradient (the statistics depend on the input),
+    in eval dc = γ·rsqrt(var + eps)·dz (x̂ not involved: a non-finite conv output does not
+    reach dc, as in PyTorch).
 
     Returns:
         ``(grad_input, grad_weight, grad_bn_weight, grad_bn_bias)``, each in the dtype
@@ -178,11 +188,16 @@ def backward(grad_out, input, weight, bn_weight, bn_bias, out, mean, var,
     """
     d_bias, d_gamma = backward_reduce(grad_out, input, weight, bn_weight, bn_bias, out, mean,
                                       var, stride, groups, eps)
-    count = max(out.numel() // out.shape[1], 1) if training else 1
-    sums = (d_bias, d_gamma) if training else (torch.zeros_like(d_bias),) * 2
-    grad_input, grad_weight = backward_apply(grad_out, input, weight, bn_weight, bn_bias, out,
-                                             mean, var, *sums, count, stride, groups, eps,
-                                             output_mask[:2])
+    if training:
+        count = max(out.numel() // out.shape[1], 1)
+        grad_input, grad_weight = backward_apply(grad_out, input, weight, bn_weight, bn_bias,
+                                                 out, mean, var, d_bias, d_gamma, count, stride,
+                                                 groups, eps, output_mask[:2])
+    else:  # constant statistics: dc = γ·rsqrt(var + eps)·dz, x̂ not involved (as PyTorch's)
+        dtype = compute_dtype(input.dtype)
+        dz = torch.where(out > 0, grad_out.to(dtype), 0)
+        grad_input, grad_weight = _conv_gradients(input, weight, _gain(bn_weight, var, eps, dtype)
+                                                  * dz, stride, groups, output_mask[:2])
     grad_bn_weight = d_gamma.to(bn_weight.dtype) if output_mask[2] else bn_weight.new_empty(0)
     grad_bn_bias = d_bias.to(bn_bias.dtype) if output_mask[3] else bn_bias.new_empty(0)
     return grad_input, grad_weight, grad_bn_weight, grad_bn_bias

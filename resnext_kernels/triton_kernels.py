@@ -817,26 +817,15 @@ def _add_dw(dw_ptr, entry, inside, g, scale, NG):
 
 
 @triton.jit
-def _x_row(x_ptr, n, lane_ok, ir, ow, kw, kglob, kmask, H, W, C_in, STRIDE: tl.constexpr,
-           SPLIT: tl.constexpr):
-    """x of input row ``ir`` at tap ``kw`` for the lanes' images ``n`` and output columns
-    ``ow``, as the [PIECES·SPLIT, BW, SUB_K / SPLIT] operand of wgrad (``_part``; zeros
-    outside the image)."""
-    iw = ow * STRIDE - 1 + kw
-    ok = (iw >= 0) & (iw < W) & (ir >= 0) & (ir < H) & lane_ok
-    pix = ((n * H + ir) * W + iw).to(tl.int64) * C_in
-    x = tl.load(x_ptr + pix[:, None, None] + kglob[None, :, :],
-                mask=ok[:, None, None] & kmask[None, :, :], other=0.0)
-    return _part(tl.permute(x, (1, 0, 2)), SPLIT)
-
-
-@triton.jit
 def _x_taps(x_ptr, n, lane_ok, ir, ow, kglob, kmask, H, W, C_in, STRIDE: tl.constexpr,
             SPLIT: tl.constexpr):
-    """``_x_row`` of input row ``ir`` at the taps kw = 0, 1, 2."""
-    return (_x_row(x_ptr, n, lane_ok, ir, ow, 0, kglob, kmask, H, W, C_in, STRIDE, SPLIT),
-            _x_row(x_ptr, n, lane_ok, ir, ow, 1, kglob, kmask, H, W, C_in, STRIDE, SPLIT),
-            _x_row(x_ptr, n, lane_ok, ir, ow, 2, kglob, kmask, H, W, C_in, STRIDE, SPLIT))
+    """x of input row ``ir`` at the taps kw = 0, 1, 2 (the conv's operands, ``_taps``) for
+    the lanes' images ``n`` and output columns ``ow``, each as the [PIECES·SPLIT, BW,
+    SUB_K / SPLIT] operand of wgrad (``_part``); zeros outside the image and in the lanes
+    that are not ``lane_ok``."""
+    x0, x1, x2 = _taps(x_ptr, x_ptr, n, lane_ok & (ir >= 0) & (ir < H), ir, ow, kglob, kmask,
+                       H, W, C_in, STRIDE, 1, False, True, True)
+    return _part(x0, SPLIT), _part(x1, SPLIT), _part(x2, SPLIT)
 
 
 @triton.jit
@@ -885,9 +874,10 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
     a22 = a00
     for t in range(chunk, TILES, CHUNKS):
         n = t // (row_tiles * col_tiles) * IMGS + lane // width
-        lane_ok = n < N
         oh0 = (t // col_tiles) % row_tiles * ROWS
         ow = (t % col_tiles) * width + lane % width
+        # x zero in the lanes past the row too: there dc is zero, and 0·Inf would be NaN
+        lane_ok = (n < N) & (ow < W_out)
         # x rows oh·S − 1 (p*) and oh·S (q*, stride 1) carried from the previous row
         first = oh0 * STRIDE - 1
         p0, p1, p2 = _x_taps(x_ptr, n, lane_ok, first, ow, kglob, kmask, H, W, C_in, STRIDE,
@@ -898,10 +888,9 @@ def wgrad_kernel(x_ptr, dc_ptr, ys_ptr, va_ptr, vb_ptr, dw_ptr, eps, N, H, W, C_
         for j in range(ROWS):
             oh = oh0 + j
             if oh < H_out:
-                ok = (ow < W_out) & lane_ok
                 at = ((n * H_out + oh) * W_out + ow).to(tl.int64)[:, None, None] * C_out \
                     + nglob[None, :, :]
-                mask = ok[:, None, None] & nmask[None, :, :]
+                mask = lane_ok[:, None, None] & nmask[None, :, :]
                 dc = tl.load(dc_ptr + at, mask=mask, other=0.0)
                 if FROM_DY:
                     y = tl.load(ys_ptr + at, mask=mask, other=0.0)

@@ -108,6 +108,53 @@ def test_inf_in_the_gradient_at_an_edge_column(backend, stride, width, column):
     _assert_gradients_like_pytorch(module, seq, x, dy, False)
 
 
+def _inf_in_the_edge_columns(backend, stride, width, groups, input_grad):
+    """Eval-backward gradients of the module and of PyTorch's sequence with an infinity in
+    the input's last column (group 0) and one in its first (the last group)."""
+    module = FusedGroupConv(64, 64, groups=groups, stride=stride, backend=backend)
+    seq = nn.Sequential(*copy.deepcopy(module.to_modules()), nn.ReLU())
+    module.eval(), seq.eval()
+    x = torch.randn(2, 64, 8, width)
+    x[0, 3, 2, width - 1] = float("inf")
+    x[1, 60, 5, 0] = float("-inf")
+    dy = torch.randn(seq(x).shape)
+    grads = []
+    for m in (module, seq):
+        leaf = x.clone().requires_grad_(input_grad)
+        m(leaf).backward(dy)
+        grads.append((m.conv.weight if m is module else m[0].weight).grad)
+        if input_grad:
+            assert leaf.grad.isfinite().all()
+            grads.append(leaf.grad)
+    return grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("width", [7, 20])
+@pytest.mark.parametrize("groups,input_grad", [(2, True), (16, False)],
+                         ids=["32-per-group", "4-per-group-weight-only"])
+def test_inf_in_the_input_at_the_edge_columns(backend, stride, width, groups, input_grad):
+    """An infinity in the input's first or last column, eval: PyTorch's weight gradient
+    multiplies it by the dc pixels it meets, never by the place of a dc column past the
+    image (there 0 x Inf would be NaN), and its dc has no x̂ term (the conv output is
+    not finite there); the input gradient stays finite."""
+    got = _inf_in_the_edge_columns(backend, stride, width, groups, input_grad)
+    expected = got[len(got) // 2:]
+    for a, b in zip(got, expected):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        torch.testing.assert_close(a[b.isfinite()], b[b.isfinite()], atol=1e-4, rtol=1e-4)
+    assert (~got[0].isfinite()).any() and got[0].isfinite().any()
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend is not usable here")
+@pytest.mark.xfail(strict=True, reason="docs/robustness.md: the fused dgrad + wgrad pass "
+                   "pairs the edge columns with the zero dc past the image")
+def test_triton_fused_weight_gradient_with_inf_at_an_edge_column():
+    got = _inf_in_the_edge_columns("triton", 1, 7, 16, True)
+    assert torch.equal(got[0].isfinite(), got[2].isfinite())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic_mode_is_bit_identical(backend):
     problem = Problem(3, 32, 32, 9, 7, 4, 2)
