@@ -152,6 +152,12 @@ class Plan:
                     PIECES=self.pieces, SUB_K=self.sub_k, SUB_N=self.sub_n,
                     UNROLL=1 if wgrad else self.unroll)
 
+    def wgrad_bw(self, itemsize):
+        """``wgrad_kernel``'s row tile: the conv's, at most 16 pixels for 4-byte inputs
+        (fp32: its nine x tiles of 32 pixels beside the nine sums spill 100-232 bytes at
+        s2 and s3). Short rows keep their images a tile (``imgs``): they are 16 already."""
+        return min(self.bw, 16) if itemsize == 4 else self.bw
+
     def fused_run(self, n):
         """RUN of the fused dgrad + wgrad pass (this plan: dgrad's) at batch ``n``: enough
         row tiles a program for about ``FUSED_PROGRAMS`` programs, each adding its weight
@@ -200,7 +206,7 @@ if triton is not None:
         key=list(TUNE_KEYS))(K.conv_rows_kernel)
 
 
-def fixed_warps(mode, wgrad=False, unroll=3, bw=32, stride=1, major=9):
+def fixed_warps(mode, wgrad=False, unroll=3, bw=32, stride=1, major=9, itemsize=2):
     """The conv's warps where it is not autotuned: 8 for the reduce and dc passes (never
     autotuned) on rows of 32 pixels (``bw``; the forward's folded scale and shift held
     for the ReLU mask besides their own vectors: 4 warps spill 57-121 bytes at s2, s3
@@ -208,14 +214,15 @@ def fixed_warps(mode, wgrad=False, unroll=3, bw=32, stride=1, major=9):
     32 pixels (``unroll``, ``Plan.unroll``: 4 warps spill 48-112 bytes at s2 and s3; 8
     warps spill 8 bytes at s5, which takes 1), and for the fused dgrad + wgrad pass (its
     nine weight-gradient sums) on rows of 32 pixels below sm_90 (``major``: 4 warps
-    spill there); else FIXED_WARPS. At 8 warps on 4 pieces the split dots stage each
+    spill there) and for fp32 (``itemsize`` 4: 4 warps spill 200-440 bytes on sm_90);
+    else FIXED_WARPS. At 8 warps on 4 pieces the split dots stage each
     input row twice (L1), and the reduce, dc and fused passes issue 30-50 % more
     instructions an HMMA than at 4, with no more warps an SM (one program of ~200
     registers a thread instead of two)."""
     if mode == K.STATS:
         return 8 if unroll == 3 and bw == 32 and stride == 1 else FIXED_WARPS
     if wgrad:
-        return 8 if major < 9 and bw == 32 else FIXED_WARPS
+        return 8 if (major < 9 or itemsize == 4) and bw == 32 else FIXED_WARPS
     return 8 if mode in (K.REDUCE, K.DC) and bw == 32 else FIXED_WARPS
 
 
@@ -241,7 +248,8 @@ def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, 
             or torch.cuda.get_device_capability(a.device)[0] < TUNE_MIN_MAJOR):
         kernel = kernel.fn
     if not isinstance(kernel, triton.runtime.Autotuner):
-        warps = fixed_warps(mode, wgrad, meta["UNROLL"], plan.bw, stride, plan.major)
+        warps = fixed_warps(mode, wgrad, meta["UNROLL"], plan.bw, stride, plan.major,
+                            a.element_size())
         meta.update(WARPS=warps, num_warps=warps, maxnreg=MAXNREG)
     grid = (_row_programs(plan, n, run), plan.slabs)
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
@@ -253,10 +261,11 @@ def _row_programs(plan, n, run=None):
     return triton.cdiv(_row_tiles(plan, n), plan.run if run is None else run)
 
 
-def _row_tiles(plan, n):
-    """Row tiles of one launch (at stride-2 dgrad, each of both column phases)."""
+def _row_tiles(plan, n, bw=None):
+    """Row tiles of one launch (at stride-2 dgrad, each of both column phases) of ``bw``
+    lanes (the plan's)."""
     return (triton.cdiv(n, plan.imgs) * triton.cdiv(plan.h_out, plan.rows)
-            * triton.cdiv(plan.w_out, plan.bw // plan.imgs * plan.cols))
+            * triton.cdiv(plan.w_out, (bw or plan.bw) // plan.imgs * plan.cols))
 
 
 class _Layer:
@@ -433,7 +442,8 @@ class _Backward:
     def _chunks(self):
         """The wgrad pass's pixel chunks (its grid's third dimension)."""
         layer, plan = self.layer, self.layer.plan
-        return max(1, min(_row_tiles(plan, layer.n) // WGRAD_MIN_TILES,
+        tiles = _row_tiles(plan, layer.n, plan.wgrad_bw(layer.x.element_size()))
+        return max(1, min(tiles // WGRAD_MIN_TILES,
                           triton.cdiv(WGRAD_TARGET_PROGRAMS, plan.w_slabs * plan.w_k_steps),
                           WGRAD_PARTIAL_FLOATS // (layer.c_out * 9 * layer.cg_in)))
 
@@ -442,13 +452,14 @@ class _Backward:
         in deterministic mode)."""
         layer, plan = self.layer, self.layer.plan
         chunks = self._chunks()
+        bw = plan.wgrad_bw(layer.x.element_size())
         torch.library.wrap_triton(K.wgrad_kernel)[(plan.w_slabs, plan.w_k_steps, chunks)](
             layer.x, dc, ys, self.gamma, self.var, self.dw, self.eps, layer.n, layer.h,
             layer.w, layer.c_in, layer.h_out, layer.w_out, layer.c_out, layer.cg_in,
-            layer.cg_out, _row_tiles(plan, layer.n), chunks, FROM_DY=from_dy,
+            layer.cg_out, _row_tiles(plan, layer.n, bw), chunks, FROM_DY=from_dy,
             STRIDE=layer.stride, DETERMINISTIC=self.deterministic, K_STEPS=plan.w_k_steps,
             PIECES=plan.w_pieces, SUB_K=plan.w_sub_k, SUB_N=plan.sub_n, SPLIT=plan.w_split,
-            BW=plan.bw, ROWS=plan.rows, IMGS=plan.imgs, ALIGNED=plan.aligned,
+            BW=bw, ROWS=plan.rows, IMGS=plan.imgs, ALIGNED=plan.aligned,
             PRECISION=_precision(layer.x.dtype), num_warps=WGRAD_WARPS, maxnreg=MAXNREG)
 
 

@@ -108,6 +108,22 @@ def test_triton_rows_of_32_pixels(width):
     assert_fp32_training_matches(Problem(1, 64, 64, 3, 20, 64 // width, 1), seed=width)
 
 
+def test_triton_fp32_weight_gradient_in_16_pixel_tiles():
+    """fp32 on rows of 20 columns, deterministic (the separate weight-gradient pass): the
+    conv's row tiles are 32 pixels, the weight gradient's 16 (``Plan.wgrad_bw``: fp32's
+    32-pixel x tiles spill), two column tiles a row, the second partly past it."""
+    from resnext_kernels import triton_backend
+
+    plan = triton_backend.Plan(64, 64, 4, 4, 3, 20)
+    assert (plan.bw, plan.wgrad_bw(2), plan.wgrad_bw(4)) == (32, 32, 16)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert_fp32_training_matches(Problem(1, 64, 64, 3, 20, 16, 1), seed=21)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def test_triton_several_groups_of_64_channels():
     assert_fp32_training_matches(Problem(1, 128, 128, 5, 4, 2, 1), seed=3)
 

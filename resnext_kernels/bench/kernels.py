@@ -1,7 +1,8 @@
 """``resnext-bench kernels``: the static resource report of every compiled kernel —
 registers, shared memory, stack and local (spill) bytes per architecture — for the
 nvcc kernels in ``resnext_kernels._C`` and for every Triton kernel variant compiled
-ahead of time for sm_80 and sm_90 (``resnext_kernels/bench/triton_aot.py``), read
+ahead of time for sm_80 and sm_90, bf16 and fp32 inputs by default
+(``resnext_kernels/bench/triton_aot.py``), read
 with ``cuobjdump --dump-resource-usage`` (the toolkit's, or the copy Triton's wheel
 ships). Needs no GPU. ``--check`` exits 1 when any kernel uses stack or local memory
 (spills) or a kernel family could not be compiled.
@@ -20,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .._native import build_info
-from .common import Parser
+from .common import Parser, comma_list
+from .triton_aot import ALL_DTYPES, DTYPES, report
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="Triton: sm_90 and the fixed tiles only")
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
+    parser.add_argument("--dtypes", default=None,
+                        help="Triton: the input dtypes to compile, comma-separated, of "
+                             "bf16, fp16, fp32 (default: bf16,fp32)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     opts = parser.parse_args(argv)
+    dtypes = (comma_list("resnext-bench kernels", "--dtypes", opts.dtypes, ALL_DTYPES)
+              if opts.dtypes is not None else DTYPES)
     console = Console()
     if find_cuobjdump() is None:
         raise SystemExit("resnext-bench kernels: no cuobjdump found (CUDA toolkit or triton)")
@@ -117,10 +124,8 @@ def main(argv=None) -> int:
             missing.append("Triton")
             console.print("triton is not installed: no Triton kernels to compile")
         else:
-            from .triton_aot import report
-
             with console.status("compiling the Triton kernels ahead of time"):
-                kernels += report(opts.quick)
+                kernels += report(opts.quick, dtypes=dtypes)
     table = Table(title=f"{len(kernels)} compiled kernels: nvcc ({build_info()['cuda_archs']}) "
                         "and Triton AOT (no GPU needed)")
     for col in ("arch", "kernel", "regs", "shared B", "stack B", "local B"):

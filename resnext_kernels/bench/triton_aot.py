@@ -40,6 +40,12 @@ FLOATS = {"eps", "count"}
 # at s5, a variant not compiled here.
 DIVISIBLE_INTS = {"N", "N_BUCKET", "KC", "NC", "C_in", "C_out", "FWD_TOTAL",
                   "DGRAD_TOTAL", "ZERO_TOTAL", "C_IN", "C_OUT"}
+# The input dtypes the report compiles by default. fp32 gets tiles of its own where its
+# operands, twice the registers, would spill (``Plan.wgrad_bw``, ``fixed_warps``); fp16
+# has bf16's tiles and element size (compiled apart on 2026-12-07: 0 spills in 206
+# variants), left out of the default to keep the report, which CI runs, short.
+DTYPES = ("bf16", "fp32")
+ALL_DTYPES = ("bf16", "fp16", "fp32")
 
 
 def variant_name(name: str, constexprs: dict, warps: int) -> str:
@@ -112,10 +118,10 @@ def _ordered(name: str, constexprs: dict) -> dict:
     return {k: constexprs[k] for k in order if k in constexprs}
 
 
-def variants(quick: bool, major: int = 9):
+def variants(quick: bool, major: int = 9, dtype: str = "bf16"):
     """(kernel name, constexprs, num_warps) of every launch the backend makes on the
-    ResNeXt-50 32x4d layers on a GPU of compute capability ``major`` (their tiling is
-    per layer and GPU: ``triton_backend.Plan``): the
+    ResNeXt-50 32x4d layers on a GPU of compute capability ``major`` for ``dtype`` inputs
+    (their tiling is per layer, GPU and element size: ``triton_backend.Plan``): the
     fixed warps of every pass and, unless ``quick``, each autotuning config of the
     passes that autotune; wgrad for both flag pairs."""
     from .. import reference, testing
@@ -123,6 +129,7 @@ def variants(quick: bool, major: int = 9):
     from .. import triton_kernels as K
 
     out = {}
+    itemsize = 4 if dtype == "fp32" else 2
 
     def add(name, constexprs, warps):
         if name == "conv_rows_kernel":  # its dots are split by the launch's warps
@@ -159,12 +166,13 @@ def variants(quick: bool, major: int = 9):
             if dgrad.fuse_wgrad:  # dgrad + wgrad, at batch 256
                 add("conv_rows_kernel", dict(plain, WGRAD=True,
                                              **dgrad.constexprs(dgrad.fused_run(256), wgrad=True)),
-                    tb.fixed_warps(K.PLAIN, True, bw=dgrad.bw, major=major))
+                    tb.fixed_warps(K.PLAIN, True, bw=dgrad.bw, major=major, itemsize=itemsize))
             for deterministic in (False, True):
                 add("wgrad_kernel", dict(FROM_DY=from_dy, STRIDE=stride,
                                          DETERMINISTIC=deterministic, K_STEPS=fwd.w_k_steps,
                                          PIECES=fwd.w_pieces, SUB_K=fwd.w_sub_k,
-                                         SUB_N=fwd.sub_n, SPLIT=fwd.w_split, BW=fwd.bw,
+                                         SUB_N=fwd.sub_n, SPLIT=fwd.w_split,
+                                         BW=fwd.wgrad_bw(itemsize),
                                          ROWS=fwd.rows, IMGS=fwd.imgs, ALIGNED=fwd.aligned,
                                          **common),
                     tb.WGRAD_WARPS)
@@ -189,20 +197,23 @@ def _compile(job):
                            row.local)
 
 
-def report(quick: bool, archs=(80, 90), dtype: str = "bf16"):
-    """Resources of every Triton variant for ``archs`` (sm_90 only with ``quick``); the
-    autotuning configs only where they run (``triton_backend.TUNE_MIN_MAJOR``)."""
+def report(quick: bool, archs=(80, 90), dtypes=DTYPES):
+    """Resources of every Triton variant for ``archs`` (sm_90 only with ``quick``) and
+    ``dtypes``; the autotuning configs only where they run
+    (``triton_backend.TUNE_MIN_MAJOR``)."""
     from .. import triton_backend as tb
 
-    def fixed(name, constexprs, arch):
+    def fixed(name, constexprs, arch, dtype):
         if name == "conv_rows_kernel":
             return tb.fixed_warps(constexprs["MODE"], constexprs["WGRAD"], constexprs["UNROLL"],
-                                  constexprs["BW"], constexprs["STRIDE"], arch // 10)
+                                  constexprs["BW"], constexprs["STRIDE"], arch // 10,
+                                  4 if dtype == "fp32" else 2)
         return tb.WGRAD_WARPS if name == "wgrad_kernel" else tb.FIXED_WARPS
 
     jobs = [(name, constexprs, warps, arch, dtype)
+            for dtype in dtypes
             for arch in ((90,) if quick else archs)
-            for name, constexprs, warps in variants(quick, arch // 10)
-            if warps == fixed(name, constexprs, arch) or arch >= 10 * tb.TUNE_MIN_MAJOR]
+            for name, constexprs, warps in variants(quick, arch // 10, dtype)
+            if warps == fixed(name, constexprs, arch, dtype) or arch >= 10 * tb.TUNE_MIN_MAJOR]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return list(pool.map(_compile, jobs))
