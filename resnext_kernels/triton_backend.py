@@ -81,11 +81,13 @@ class Plan:
     ``kg``, ``nc`` output channels in groups of ``ng``, an output ``h_out`` x ``w_out``,
     on a GPU of compute capability ``major`` (9: the H200 the model counts). ``cols``:
     dgrad of a stride-2 conv (2), whose lanes take every other output column (a row tile
-    walked once a column phase: ``conv_rows_kernel``'s ``DIL``)."""
+    walked once a column phase: ``conv_rows_kernel``'s ``DIL``). ``itemsize``: of the
+    input dtype; fp32's (4) operands take twice the registers of 16-bit ones (the TF32
+    mma holds an element a register), and get smaller tiles where they would spill."""
 
-    def __init__(self, kc, nc, kg, ng, h_out, w_out, major=9, cols=1):
+    def __init__(self, kc, nc, kg, ng, h_out, w_out, major=9, cols=1, itemsize=2):
         self.kc, self.nc, self.kg, self.ng = kc, nc, kg, ng
-        self.major = major
+        self.major, self.itemsize = major, itemsize
         self.sub_n = 16 if ng < 16 else min(SLAB, _next_pow2(ng))
         self.pieces = max(1, min(SLAB, _next_pow2(nc)) // self.sub_n)
         slab = self.pieces * self.sub_n
@@ -97,7 +99,11 @@ class Plan:
             spans.append(last // ng - n0 // ng + 1)
         self.slots = max(spans)
         span = self.slots * kg
-        self.sub_k = min(SLAB, max(16, _next_pow2(span)))
+        # Input-channel steps of up to 64; 32 for fp32 and for pieces of 64 output channels
+        # (groups of 40 or more): [64, 64] weight tiles, not held, spilled 8-496 bytes there
+        # (fp32 at 64 channels a group: ResNeXt-101 32x8d's s5; 1x64d in both dtypes)
+        wide = itemsize == 4 or self.sub_n == SLAB
+        self.sub_k = min(32 if wide else SLAB, max(16, _next_pow2(span)))
         self.k_steps = -(-span // self.sub_k)
         self.w_out, self.cols = w_out, cols
         lanes = -(-w_out // cols)  # the columns of a row a walk computes
@@ -112,6 +118,11 @@ class Plan:
         # one (56, 28, 14 -> 14; 7 -> 7): each program re-reads 2 halo rows.
         divisors = [d for d in range(16, 7, -1) if h_out % d == 0]
         self.rows = divisors[0] if divisors else max(1, min(h_out, 8))
+        # ``wgrad_kernel``'s row tile: the conv's, at most 16 pixels for fp32 and pieces of
+        # 64 output channels (its nine x tiles of 32 pixels beside the nine sums spill
+        # 8-232 bytes: fp32 at s2 and s3, 1x64d). Short rows keep their images a tile
+        # (``imgs``): they are 16 already.
+        self.w_bw = min(self.bw, 16) if wide else self.bw
         # wgrad holds nine [PIECES, SUB_N, SUB_K] fp32 sums of at most 1,024 elements each
         # (2 x 32 x 32 compiled to 2-4 KB of spills). Its input-channel steps are as wide
         # as that allows (32 at s5: each dc row read by one program instead of two) where
@@ -151,12 +162,6 @@ class Plan:
                     SLOTS=self.slots, K_STEPS=self.k_steps,
                     PIECES=self.pieces, SUB_K=self.sub_k, SUB_N=self.sub_n,
                     UNROLL=1 if wgrad else self.unroll)
-
-    def wgrad_bw(self, itemsize):
-        """``wgrad_kernel``'s row tile: the conv's, at most 16 pixels for 4-byte inputs
-        (fp32: its nine x tiles of 32 pixels beside the nine sums spill 100-232 bytes at
-        s2 and s3). Short rows keep their images a tile (``imgs``): they are 16 already."""
-        return min(self.bw, 16) if itemsize == 4 else self.bw
 
     def fused_run(self, n):
         """RUN of the fused dgrad + wgrad pass (this plan: dgrad's) at batch ``n``: enough
@@ -249,7 +254,7 @@ def _conv_rows(plan, n, a, wp, out, partial, va, vb, vc, dy, ys, in_hw, out_hw, 
         kernel = kernel.fn
     if not isinstance(kernel, triton.runtime.Autotuner):
         warps = fixed_warps(mode, wgrad, meta["UNROLL"], plan.bw, stride, plan.major,
-                            a.element_size())
+                            plan.itemsize)
         meta.update(WARPS=warps, num_warps=warps, maxnreg=MAXNREG)
     grid = (_row_programs(plan, n, run), plan.slabs)
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
@@ -282,11 +287,12 @@ class _Layer:
         self.weight = weight
         self.pixels = self.n * self.h_out * self.w_out
         major = torch.cuda.get_device_capability(input.device)[0] if input.is_cuda else 9
+        itemsize = input.element_size()
         self.plan = Plan(self.c_in, self.c_out, self.cg_in, self.cg_out, self.h_out,
-                         self.w_out, major)
+                         self.w_out, major, itemsize=itemsize)
         # dgrad's: the conv on dc, input and output channels swapped, to the input's size
         self.dgrad = Plan(self.c_out, self.c_in, self.cg_out, self.cg_in, self.h, self.w, major,
-                          cols=stride)
+                          cols=stride, itemsize=itemsize)
 
     def empty(self, like, input_side=False):
         """An NHWC tensor shaped like the output (or, ``input_side``, like the input)."""
@@ -442,7 +448,7 @@ class _Backward:
     def _chunks(self):
         """The wgrad pass's pixel chunks (its grid's third dimension)."""
         layer, plan = self.layer, self.layer.plan
-        tiles = _row_tiles(plan, layer.n, plan.wgrad_bw(layer.x.element_size()))
+        tiles = _row_tiles(plan, layer.n, plan.w_bw)
         return max(1, min(tiles // WGRAD_MIN_TILES,
                           triton.cdiv(WGRAD_TARGET_PROGRAMS, plan.w_slabs * plan.w_k_steps),
                           WGRAD_PARTIAL_FLOATS // (layer.c_out * 9 * layer.cg_in)))
@@ -452,14 +458,13 @@ class _Backward:
         in deterministic mode)."""
         layer, plan = self.layer, self.layer.plan
         chunks = self._chunks()
-        bw = plan.wgrad_bw(layer.x.element_size())
         torch.library.wrap_triton(K.wgrad_kernel)[(plan.w_slabs, plan.w_k_steps, chunks)](
             layer.x, dc, ys, self.gamma, self.var, self.dw, self.eps, layer.n, layer.h,
             layer.w, layer.c_in, layer.h_out, layer.w_out, layer.c_out, layer.cg_in,
-            layer.cg_out, _row_tiles(plan, layer.n, bw), chunks, FROM_DY=from_dy,
+            layer.cg_out, _row_tiles(plan, layer.n, plan.w_bw), chunks, FROM_DY=from_dy,
             STRIDE=layer.stride, DETERMINISTIC=self.deterministic, K_STEPS=plan.w_k_steps,
             PIECES=plan.w_pieces, SUB_K=plan.w_sub_k, SUB_N=plan.sub_n, SPLIT=plan.w_split,
-            BW=bw, ROWS=plan.rows, IMGS=plan.imgs, ALIGNED=plan.aligned,
+            BW=plan.w_bw, ROWS=plan.rows, IMGS=plan.imgs, ALIGNED=plan.aligned,
             PRECISION=_precision(layer.x.dtype), num_warps=WGRAD_WARPS, maxnreg=MAXNREG)
 
 

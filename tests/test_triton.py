@@ -110,12 +110,12 @@ def test_triton_rows_of_32_pixels(width):
 
 def test_triton_fp32_weight_gradient_in_16_pixel_tiles():
     """fp32 on rows of 20 columns, deterministic (the separate weight-gradient pass): the
-    conv's row tiles are 32 pixels, the weight gradient's 16 (``Plan.wgrad_bw``: fp32's
+    conv's row tiles are 32 pixels, the weight gradient's 16 (``Plan.w_bw``: fp32's
     32-pixel x tiles spill), two column tiles a row, the second partly past it."""
     from resnext_kernels import triton_backend
 
-    plan = triton_backend.Plan(64, 64, 4, 4, 3, 20)
-    assert (plan.bw, plan.wgrad_bw(2), plan.wgrad_bw(4)) == (32, 32, 16)
+    bf16, fp32 = (triton_backend.Plan(64, 64, 4, 4, 3, 20, itemsize=i) for i in (2, 4))
+    assert (bf16.bw, bf16.w_bw, fp32.bw, fp32.w_bw) == (32, 32, 32, 16)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -272,7 +272,8 @@ def test_triton_autotune_key_is_the_whole_shape():
                                           (40, 2), (64, 1), (512, 1)])
 def test_plan_covers_every_group_with_its_input_channels(width, groups):
     """A piece's input-channel range holds every group of its output channels; 4 and 8
-    channels per group pack 4 and 2 groups into 16; wide groups take K steps."""
+    channels per group pack 4 and 2 groups into 16; wide groups take K steps of 32 (a
+    piece of 64 output channels: [64, 64] tiles spill)."""
     from resnext_kernels.triton_backend import Plan
 
     c = width * groups
@@ -284,8 +285,9 @@ def test_plan_covers_every_group_with_its_input_channels(width, groups):
     if width in (16, 32):
         assert (plan.sub_n, plan.sub_k, plan.slots, plan.constexprs()["GUARD"]) == \
             (width, width, 1, False)
-    if width == 512:
-        assert (plan.sub_n, plan.sub_k, plan.k_steps) == (64, 64, 8)
+    if width >= 40:
+        assert (plan.sub_n, plan.sub_k, plan.k_steps) == (64, 32, -(-plan.slots * width // 32))
+        assert plan.w_bw == 16  # its 32-pixel rows spill in wgrad_kernel
     # row tiles a program walks with its held weight tiles (28 rows of 28: 1; wide
     # groups reload their tiles each row: 1)
     assert plan.run == 1 and plan.hold == (width <= 32)
@@ -296,6 +298,12 @@ def test_plan_covers_every_group_with_its_input_channels(width, groups):
     assert plan.w_sub_k // plan.w_split >= 8
     if width == 32:  # s5: one step of one group, in 4 parts (a batch entry a warp)
         assert (plan.w_sub_k, plan.w_pieces, plan.w_split) == (32, 1, 4)
+    # fp32: input-channel steps of 32 at most (64-wide steps spill from 24 channels a
+    # group), wgrad's rows of 16 pixels; the rest as above
+    fp32 = Plan(c, c, width, width, 28, 28, itemsize=4)
+    assert fp32.k_steps * fp32.sub_k >= fp32.slots * width and fp32.sub_k <= 32
+    assert (fp32.sub_n, fp32.pieces, fp32.slots) == (plan.sub_n, plan.pieces, plan.slots)
+    assert fp32.w_bw == 16
 
 
 def test_autotune_setting_is_checked_at_each_call(monkeypatch):

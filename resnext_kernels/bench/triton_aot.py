@@ -41,7 +41,7 @@ FLOATS = {"eps", "count"}
 DIVISIBLE_INTS = {"N", "N_BUCKET", "KC", "NC", "C_in", "C_out", "FWD_TOTAL",
                   "DGRAD_TOTAL", "ZERO_TOTAL", "C_IN", "C_OUT"}
 # The input dtypes the report compiles by default. fp32 gets tiles of its own where its
-# operands, twice the registers, would spill (``Plan.wgrad_bw``, ``fixed_warps``); fp16
+# operands, twice the registers, would spill (``Plan``'s ``itemsize``, ``fixed_warps``); fp16
 # has bf16's tiles and element size (compiled apart on 2026-12-07: 0 spills in 206
 # variants), left out of the default to keep the report, which CI runs, short.
 DTYPES = ("bf16", "fp32")
@@ -142,8 +142,9 @@ def variants(quick: bool, major: int = 9, dtype: str = "bf16"):
         add(merge, dict(BLOCK_R=tb.STATS_R, BLOCK_C=tb.STATS_C), tb.FIXED_WARPS)
     for channels, size, stride in testing.resnext_layers(32, 4).values():
         cg, out_size = channels // 32, reference.output_size(size, stride)
-        fwd = tb.Plan(channels, channels, cg, cg, out_size, out_size, major)
-        dgrad = tb.Plan(channels, channels, cg, cg, size, size, major, cols=stride)
+        fwd = tb.Plan(channels, channels, cg, cg, out_size, out_size, major, itemsize=itemsize)
+        dgrad = tb.Plan(channels, channels, cg, cg, size, size, major, cols=stride,
+                        itemsize=itemsize)
         common = dict(PRECISION="tf32")
         for fold in (False, True):
             add("pack_kernel", dict(F_K_STEPS=fwd.k_steps, F_SUB_K=fwd.sub_k,
@@ -171,8 +172,7 @@ def variants(quick: bool, major: int = 9, dtype: str = "bf16"):
                 add("wgrad_kernel", dict(FROM_DY=from_dy, STRIDE=stride,
                                          DETERMINISTIC=deterministic, K_STEPS=fwd.w_k_steps,
                                          PIECES=fwd.w_pieces, SUB_K=fwd.w_sub_k,
-                                         SUB_N=fwd.sub_n, SPLIT=fwd.w_split,
-                                         BW=fwd.wgrad_bw(itemsize),
+                                         SUB_N=fwd.sub_n, SPLIT=fwd.w_split, BW=fwd.w_bw,
                                          ROWS=fwd.rows, IMGS=fwd.imgs, ALIGNED=fwd.aligned,
                                          **common),
                     tb.WGRAD_WARPS)
