@@ -117,7 +117,12 @@ def _normalized_and_masked(grad_out, input, weight, out, mean, var, stride, grou
     dtype = compute_dtype(input.dtype)
     c = conv(input, weight, stride, groups)
     x_hat = (c - _per_channel(mean.to(dtype))) * _per_channel(torch.rsqrt(var.to(dtype) + eps))
-    return x_hat, torch.where(out > 0, grad_out.to(dtype), 0)
+    return x_hat, _masked(grad_out, out, dtype)
+
+
+def _masked(grad_out, out, dtype):
+    """dz = grad_out·[out > 0] in ``dtype``."""
+    return torch.where(out > 0, grad_out.to(dtype), 0)
 
 
 def backward_reduce(grad_out, input, weight, bn_weight, bn_bias, out, mean, var,
@@ -195,9 +200,9 @@ def backward(grad_out, input, weight, bn_weight, bn_bias, out, mean, var,
                                                  groups, eps, output_mask[:2])
     else:  # constant statistics: dc = γ·rsqrt(var + eps)·dz, x̂ not involved (as PyTorch's)
         dtype = compute_dtype(input.dtype)
-        dz = torch.where(out > 0, grad_out.to(dtype), 0)
-        grad_input, grad_weight = _conv_gradients(input, weight, _gain(bn_weight, var, eps, dtype)
-                                                  * dz, stride, groups, output_mask[:2])
+        dc = _gain(bn_weight, var, eps, dtype) * _masked(grad_out, out, dtype)
+        grad_input, grad_weight = _conv_gradients(input, weight, dc, stride, groups,
+                                                  output_mask[:2])
     grad_bn_weight = d_gamma.to(bn_weight.dtype) if output_mask[2] else bn_weight.new_empty(0)
     grad_bn_bias = d_bias.to(bn_bias.dtype) if output_mask[3] else bn_bias.new_empty(0)
     return grad_input, grad_weight, grad_bn_weight, grad_bn_bias

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from .._native import build_info
 from .common import Parser, comma_list
-from .triton_aot import ALL_DTYPES, DTYPES, report
+from .triton_aot import DTYPES, ITEMSIZE, report
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                              "bf16, fp16, fp32 (default: bf16,fp32)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     opts = parser.parse_args(argv)
-    dtypes = (comma_list("resnext-bench kernels", "--dtypes", opts.dtypes, ALL_DTYPES)
+    dtypes = (comma_list("resnext-bench kernels", "--dtypes", opts.dtypes, list(ITEMSIZE))
               if opts.dtypes is not None else DTYPES)
     console = Console()
     if find_cuobjdump() is None:

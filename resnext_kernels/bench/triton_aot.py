@@ -45,7 +45,7 @@ DIVISIBLE_INTS = {"N", "N_BUCKET", "KC", "NC", "C_in", "C_out", "FWD_TOTAL",
 # has bf16's tiles and element size (compiled apart on 2026-12-07: 0 spills in 206
 # variants), left out of the default to keep the report, which CI runs, short.
 DTYPES = ("bf16", "fp32")
-ALL_DTYPES = ("bf16", "fp16", "fp32")
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}  # the dtypes it can compile
 
 
 def variant_name(name: str, constexprs: dict, warps: int) -> str:
@@ -129,7 +129,7 @@ def variants(quick: bool, major: int = 9, dtype: str = "bf16"):
     from .. import triton_kernels as K
 
     out = {}
-    itemsize = 4 if dtype == "fp32" else 2
+    itemsize = ITEMSIZE[dtype]
 
     def add(name, constexprs, warps):
         if name == "conv_rows_kernel":  # its dots are split by the launch's warps
@@ -207,7 +207,7 @@ def report(quick: bool, archs=(80, 90), dtypes=DTYPES):
         if name == "conv_rows_kernel":
             return tb.fixed_warps(constexprs["MODE"], constexprs["WGRAD"], constexprs["UNROLL"],
                                   constexprs["BW"], constexprs["STRIDE"], arch // 10,
-                                  4 if dtype == "fp32" else 2)
+                                  ITEMSIZE[dtype])
         return tb.WGRAD_WARPS if name == "wgrad_kernel" else tb.FIXED_WARPS
 
     jobs = [(name, constexprs, warps, arch, dtype)
