@@ -12,5 +12,5 @@ mkdir -p build
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
       -DPython3_EXECUTABLE="$PWD/$VENV/bin/python" -DRESNEXT_SANITIZE="$SANITIZE" >"$BUILD.log" 2>&1 \
   || { cat "$BUILD.log"; exit 1; }
-cmake --build "$BUILD" --target emu_tests count_tests conv_fwd_tests conv_bwd_tests
+cmake --build "$BUILD" --target emu_tests async_tests count_tests conv_fwd_tests conv_bwd_tests
 ctest --test-dir "$BUILD" --output-on-failure

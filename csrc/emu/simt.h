@@ -33,9 +33,11 @@
 //     __any_sync, __all_sync, __syncwarp) exchanging values between
 //     two warp barriers; a mask that does not cover every live lane of the warp aborts;
 //   * atomicAdd/Sub/Max/Min/Exch/CAS on 32/64-bit integers, float and double, and
-//     atomicAdd on __half and __nv_bfloat16 (16-bit CAS loop).
-// Not emulated: inline PTX, mma/wmma, ldmatrix, cp.async/TMA, cooperative groups;
-// kernels put such code behind a helper with an `#ifdef __CUDA_ARCH__` host branch.
+//     atomicAdd on __half and __nv_bfloat16 (16-bit CAS loop);
+//   * cp.async (commit and wait groups, landing at the wait or at the issue) and
+//     ldmatrix, behind the helpers of csrc/kernels/access.cuh.
+// Not emulated: other inline PTX, wmma, TMA, cooperative groups; kernels put such
+// code behind a helper with an `#ifdef __CUDA_ARCH__` host branch (as mma.sync).
 #pragma once
 
 #include <cstddef>
@@ -537,6 +539,116 @@ inline void declare_static_shared(void* var, size_t bytes, long block, const cha
   l.poisoned.push_back(var);
 }
 
+// Whether [p, p + bytes) lies in the launch's shared memory (dynamic or static).
+inline bool is_shared(const void* p, size_t bytes) {
+  const auto* b = static_cast<const unsigned char*>(p);
+  LaunchShared& l = launch_shared;
+  if (b >= dynamic_smem && b + bytes <= dynamic_smem + l.dynamic_bytes) return true;
+  std::lock_guard<std::mutex> lock(l.mutex);
+  for (const auto& [v, size] : l.vars) {
+    const auto* base = static_cast<const unsigned char*>(v);
+    if (b >= base && b + bytes <= base + size) return true;
+  }
+  return false;
+}
+
+// ------------------------------------------------------------ async copies ---
+// cp.async (cp_async / cp_async_commit / cp_async_wait in csrc/kernels/access.cuh).
+// Each CUDA thread keeps its copies in flight until a wait retires their group.
+// RK_EMU_CP_ASYNC says when the bytes reach shared memory:
+//   wait  (default) the destination is poisoned (0xFF) at issue and the bytes land
+//         at the wait that retires the copy: the latest moment a GPU may write
+//         them. A missing or too-loose wait reads poison, and so does a thread
+//         still reading the destination's old contents after the issue;
+//   issue the bytes land at issue, the earliest moment: a thread still reading the
+//         old contents (the barrier before the next tile's copies missing) reads
+//         the new ones.
+// A thread that ends with copies no wait retired aborts, as do a destination
+// outside the block's shared memory and addresses not aligned to the copy's size.
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+  int size;
+  long group;  // the commit that closes it: the thread's commit count at issue
+};
+struct AsyncThread {
+  std::vector<AsyncCopy> copies;
+  long committed = 0;
+};
+inline std::vector<AsyncThread> async_threads;  // one per CUDA thread of a block
+inline bool async_lands_at_issue = false;
+
+inline bool cp_async_lands_at_issue() {
+  const char* v = std::getenv("RK_EMU_CP_ASYNC");
+  if (v == nullptr || std::strcmp(v, "wait") == 0) return false;
+  if (std::strcmp(v, "issue") == 0) return true;
+  fail("RK_EMU_CP_ASYNC must be wait or issue", v);
+}
+
+// One lane's copy of `size` bytes; `pred` false writes zeros and reads nothing.
+inline void cp_async(void* dst, const void* src, int size, bool pred, const char* site) {
+  if (reinterpret_cast<uintptr_t>(dst) % size != 0 ||
+      (pred && reinterpret_cast<uintptr_t>(src) % size != 0))
+    fail("cp.async address not aligned to the copy's size", site);
+  if (!is_shared(dst, size)) fail("cp.async destination outside the block's shared memory", site);
+  AsyncCopy c{static_cast<unsigned char*>(dst), {}, size, async_threads[linear_tid].committed};
+  if (pred) std::memcpy(c.bytes, src, size);
+  if (async_lands_at_issue) {
+    std::memcpy(c.dst, c.bytes, size);
+    c.size = 0;  // landed: only the bookkeeping stays
+  } else {
+    std::memset(c.dst, 0xFF, size);
+  }
+  async_threads[linear_tid].copies.push_back(c);
+}
+
+inline void cp_async_commit() { ++async_threads[linear_tid].committed; }
+
+// cp.async.wait_group n: every copy but those of the newest n commits (and those
+// not committed yet) has landed.
+inline void cp_async_wait(int n) {
+  AsyncThread& t = async_threads[linear_tid];
+  size_t kept = 0;
+  for (AsyncCopy& c : t.copies) {
+    if (c.group < t.committed - n) std::memcpy(c.dst, c.bytes, c.size);
+    else t.copies[kept++] = c;
+  }
+  t.copies.resize(kept);
+}
+
+inline void async_thread_end() {
+  if (!async_threads[linear_tid].copies.empty())
+    fail("thread ended with cp.async copies no cp_async_wait retired", "cp_async");
+  async_threads[linear_tid].committed = 0;
+}
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].b16 for the calling lane: lanes
+// 8m..8m+7 give the 16-byte rows of matrix m (the other lanes' addresses are
+// ignored). Lane l receives, per matrix, row l/4's 16-bit elements 2(l%4) and
+// 2(l%4)+1 (.trans: column l/4's), the lower in the low half.
+inline void ldmatrix(uint32_t* out, int matrices, bool trans, const void* row, const char* site) {
+  const int lane = linear_tid % 32;
+  if (lane < 8 * matrices) {
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0)
+      fail("ldmatrix row address not 16-byte aligned", site);
+    if (!is_shared(row, 16)) fail("ldmatrix row outside the block's shared memory", site);
+  }
+  unsigned char all[32][16];
+  if (current_block->warp_gather(0xffffffffu, &row, sizeof(row), all, site) != 0xffffffffu)
+    fail("ldmatrix needs every lane of the warp", site);
+  auto element = [&](int m, int r, int c) {
+    const unsigned char* base;
+    std::memcpy(&base, all[8 * m + r], sizeof(base));
+    uint16_t v;
+    std::memcpy(&v, base + 2 * c, 2);
+    return static_cast<uint32_t>(v);
+  };
+  const int g = lane / 4, t = lane % 4;
+  for (int m = 0; m < matrices; ++m)
+    out[m] = trans ? element(m, 2 * t, g) | element(m, 2 * t + 1, g) << 16
+                   : element(m, g, 2 * t) | element(m, g, 2 * t + 1) << 16;
+}
+
 inline bool use_threads() {
   const char* v = std::getenv("RK_EMU_BACKEND");
   if (v == nullptr || std::strcmp(v, "fibers") == 0) return false;
@@ -563,7 +675,12 @@ void launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(Params...), Args&
                                          &launch_shared.opt_in);
   check_shared_rules("launch");
   std::vector<unsigned char> smem_bytes(smem + 16);
-  auto body = [&] { kernel(static_cast<Params>(args)...); };
+  async_threads.assign(n, AsyncThread());
+  async_lands_at_issue = cp_async_lands_at_issue();
+  auto body = [&] {
+    kernel(static_cast<Params>(args)...);
+    async_thread_end();
+  };
   auto set_block = [&](long b) {
     blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y));
     blockDim = block;

@@ -1,6 +1,7 @@
 // Known-answer tests of the emulator's access counting (csrc/emu/count.h) and of the
 // access helpers (csrc/kernels/access.cuh): the shared-memory bank rules, and small
-// kernels whose requests, sectors, coalescing, wavefronts and mma work are known.
+// kernels whose requests, sectors, coalescing, wavefronts and mma work are known
+// (among them a cp.async + ldmatrix + mma product, swizzled and not).
 // Fibers back-end only (counting needs it). Built and run by CMake/ctest
 // (target count_tests). Exit status 0 when all pass.
 #include "emu/count_types.h"
@@ -11,6 +12,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <random>
 #include <string>
 
 namespace {
@@ -147,6 +149,41 @@ __global__ void skipped_before_barrier_kernel(const float* in, float* out) {
   out[threadIdx.x] = v;
 }
 
+// One warp stages a 16 x 64 bf16 A tile (rows of 128 B) and a 64 x 8 B tile with
+// 16-byte cp.async copies, builds the fragments with ldmatrix (A: .x4 per 16-deep k
+// step; B: .x2.trans) and multiplies them with mma.sync into D (16 x 8, fp32).
+// kSwizzled puts A's 16-byte chunk c of row r at chunk c ^ (r % 8); kPlain leaves it
+// at c (8-way conflicts: a matrix's 8 rows share one chunk column); kWrongSwizzle
+// stages swizzled and reads plain (the planted bug: a wrong product).
+enum class Layout { kSwizzled, kPlain, kWrongSwizzle };
+
+template <Layout L>
+__global__ void ldmatrix_gemm_kernel(const __nv_bfloat16* a, const __nv_bfloat16* b, float* d) {
+  STATIC_SHARED(__nv_bfloat16, sa, [16 * 64]);
+  STATIC_SHARED(__nv_bfloat16, sb, [64 * 8]);
+  const int lane = rk::emu::lane_id();
+  auto chunk = [](int row, int c, bool swizzled) {  // element offset of a 16-byte chunk
+    return 8 * (8 * row + (swizzled ? c ^ (row % 8) : c));
+  };
+  for (int i = lane; i < 16 * 8; i += 32)
+    rk::cp_async<16>(sa + chunk(i / 8, i % 8, L != Layout::kPlain), a + 8 * i);
+  for (int i = lane; i < 64; i += 32) rk::cp_async<16>(sb + 8 * i, b + 8 * i);
+  rk::cp_async_commit();
+  rk::cp_async_wait<0>();
+  __syncthreads();
+  float acc[4] = {0, 0, 0, 0};
+  for (int ks = 0; ks < 4; ++ks) {
+    // Matrices 0-3: rows 0-7 / 8-15 at k 0-7, then the same at k 8-15 (a[0..3]).
+    const int row = lane % 8 + 8 * (lane / 8 % 2), c = 2 * ks + lane / 16;
+    uint32_t fa[4], fb[2];
+    rk::ldmatrix<4>(fa, sa + chunk(row, c, L == Layout::kSwizzled));
+    rk::ldmatrix<2, true>(fb, sb + 8 * (16 * ks + lane % 16));
+    rk::detail::mma_m16n8k16<__nv_bfloat16>(acc, fa, fb);
+  }
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) rk::store_global(d + 8 * (g + 8 * (i / 2)) + 2 * t + i % 2, acc[i]);
+}
+
 rk::emu::LaunchCounts count_one(const std::function<void()>& launch, long window = 1 << 20,
                                 long warmup = 0, long iterations = 0) {
   rk::emu::CountConfig config;
@@ -161,6 +198,43 @@ rk::emu::LaunchCounts count_one(const std::function<void()>& launch, long window
     std::abort();
   }
   return launches[0];
+}
+
+template <Layout L>
+bool gemm_right(rk::emu::LaunchCounts* counts) {
+  alignas(128) static __nv_bfloat16 a[16 * 64], b[64 * 8];
+  alignas(128) static float d[16 * 8];
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int> small(-8, 8);  // exact in bf16 and in the fp32 sums
+  float fa[16 * 64], fb[64 * 8];
+  for (int i = 0; i < 16 * 64; ++i) a[i] = __float2bfloat16_rn(fa[i] = small(rng));
+  for (int i = 0; i < 64 * 8; ++i) b[i] = __float2bfloat16_rn(fb[i] = small(rng));
+  for (float& v : d) v = NAN;
+  *counts =
+      count_one([&] { RK_LAUNCH(ldmatrix_gemm_kernel<L>, dim3(1), dim3(32), 0, 0)(a, b, d); });
+  bool right = true;
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 8; ++n) {
+      double want = 0;
+      for (int k = 0; k < 64; ++k) want += static_cast<double>(fa[64 * m + k]) * fb[8 * k + n];
+      right &= d[8 * m + n] == want;
+    }
+  return right;
+}
+
+void test_ldmatrix_gemm() {
+  rk::emu::LaunchCounts l;
+  CHECK(gemm_right<Layout::kSwizzled>(&l));
+  CHECK_EQ(l.mma, 4);
+  CHECK_EQ(l.global_requests, 4 + 2 + 4);  // A and B copies, D stores
+  CHECK_EQ(l.global_bytes, 16 * 64 * 2 + 64 * 8 * 2 + 16 * 8 * 4);
+  // Copies' shared writes: 6 x 4 quarter warps; ldmatrix: 4 x (4 + 2) matrices.
+  CHECK_EQ(l.smem_wavefronts, 24 + 24);
+  CHECK_EQ(l.smem_ideal_wavefronts, 24 + 24);
+  CHECK(gemm_right<Layout::kPlain>(&l));
+  CHECK_EQ(l.smem_wavefronts, 24 + 4 * (4 * 8 + 2));  // A's matrices 8-way
+  CHECK_EQ(l.smem_ideal_wavefronts, 24 + 24);
+  CHECK(!gemm_right<Layout::kWrongSwizzle>(&l));
 }
 
 void test_coalesced_copy() {
@@ -263,6 +337,7 @@ int main() {
   test_predicated_tail();
   test_bank_conflict();
   test_padded_mma();
+  test_ldmatrix_gemm();
   test_window();
   test_persistent_loop();
   test_persistent_loop_with_barrier();
