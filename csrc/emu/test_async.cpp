@@ -1,9 +1,9 @@
 // Tests of the emulated cp.async and ldmatrix (csrc/emu/simt.h, behind the helpers of
 // csrc/kernels/access.cuh), for both back-ends and both cp.async landing modes
 // (RK_EMU_CP_ASYNC=wait|issue): the PTX fragment layout of every ldmatrix variant,
-// zero fill, commit and wait groups, and the bugs they must show: a wait after the
-// read, a missing wait, and a tile's copies issued while other threads still read
-// the buffer (write-after-read). Built and run by CMake/ctest (target async_tests).
+// zero fill, inactive copies, commit and wait groups, and the bugs they must show: a
+// wait after the read, a missing wait, and a tile's copies issued while other
+// threads still read the buffer (write-after-read). Built and run by CMake/ctest (target async_tests).
 #include "kernels/access.cuh"
 #include "emu/abort_test.h"
 
@@ -138,6 +138,32 @@ void check_stage() {
   for (int t = 0; t < 64; ++t) {
     const int from = (t + 17) % 64;
     for (int j = 0; j < 4; ++j) ok &= out[4 * t + j] == (from < valid ? src[4 * from + j] : 0.0f);
+  }
+  CHECK(ok);
+}
+
+// A copy issued with `active` false touches nothing: odd threads' slots keep their
+// older value (-7), neither poisoned nor zero-filled.
+__global__ void inactive_kernel(const float* src, float* out) {
+  STATIC_SHARED(float, s, [64]);
+  const int t = threadIdx.x;
+  rk::store_shared(s + t, -7.0f);
+  __syncthreads();
+  rk::cp_async<4>(s + t, src + t, true, t % 2 == 0);
+  rk::cp_async_commit();
+  rk::cp_async_wait<0>();
+  __syncthreads();
+  out[t] = rk::load_shared(s + (t + 1) % 64);
+}
+
+void check_inactive() {
+  std::vector<float> src(64), out(64, 0.0f);
+  for (int i = 0; i < 64; ++i) src[i] = 1.5f + i;
+  RK_LAUNCH(inactive_kernel, dim3(1), dim3(64), 0, 0)(src.data(), out.data());
+  bool ok = true;
+  for (int t = 0; t < 64; ++t) {
+    const int from = (t + 1) % 64;
+    ok &= out[t] == (from % 2 == 0 ? src[from] : -7.0f);
   }
   CHECK(ok);
 }
@@ -293,6 +319,7 @@ void run_all(const char* name, bool planted_races) {
     mode = m;
     setenv("RK_EMU_CP_ASYNC", m, 1);
     check_stage();
+    check_inactive();
     check_groups();
     CHECK(pipeline_right<true>() == std::vector<bool>({true, true}));
     if (planted_races) {  // real data races: only the deterministic back-end runs them

@@ -65,10 +65,13 @@ __device__ __forceinline__ float fma_count(float a, float b, float c) { return f
 // cp.async: BYTES (4, 8 or 16) from global `src` to shared `dst`, in flight until a
 // cp_async_wait<N>() retires the group cp_async_commit() closed after it (then a
 // __syncthreads before other threads read it). `pred` false reads nothing and
-// writes zeros (src-size 0): the zero fill of a padding tap.
+// writes zeros (src-size 0): the zero fill of a padding tap. `active` false issues
+// the copy predicated off: nothing read or written (a loop's tail lanes).
 template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, bool pred = true) {
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool pred = true,
+                                         bool active = true) {
   static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+  if (!active) return;
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   if constexpr (BYTES == 16) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
@@ -162,12 +165,12 @@ inline float fma_count(float a, float b, float c) {
 // cp.async: the global read (none when `pred` is false) and the shared write, as
 // LDGSTS moves them; the copy itself is emulated in csrc/emu/simt.h.
 template <int BYTES>
-inline void cp_async(void* dst, const void* src, bool pred = true,
+inline void cp_async(void* dst, const void* src, bool pred = true, bool active = true,
                      const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
-  emu::access(emu::Space::kGlobal, emu::kLoad, src, BYTES, pred, file, line);
-  emu::access(emu::Space::kShared, emu::kStore, dst, BYTES, true, file, line);
-  emu::cp_async(dst, src, BYTES, pred, file);
+  emu::access(emu::Space::kGlobal, emu::kLoad, src, BYTES, pred && active, file, line);
+  emu::access(emu::Space::kShared, emu::kStore, dst, BYTES, active, file, line);
+  if (active) emu::cp_async(dst, src, BYTES, pred, file);
 }
 inline void cp_async_commit() { emu::cp_async_commit(); }
 template <int N>
