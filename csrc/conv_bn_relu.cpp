@@ -157,6 +157,11 @@ struct Conv {
 #endif
     x = input.contiguous(at::MemoryFormat::ChannelsLast);
     w_ohwi = weight.permute({0, 2, 3, 1}).contiguous();
+    // The tensor-core loops copy 16-byte chunks (cp.async): a view that starts off a
+    // 16-byte boundary is copied first.
+    if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0)
+      x = x.clone(at::MemoryFormat::ChannelsLast);
+    if (reinterpret_cast<uintptr_t>(w_ohwi.data_ptr()) % 16 != 0) w_ohwi = w_ohwi.clone();
     p.x = x.data_ptr();
     p.wt = w_ohwi.data_ptr();
     p.n = static_cast<int>(n);
@@ -228,14 +233,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   } else {
     check_vector("running_mean", *running_mean, c_out, input);
     check_vector("running_var", *running_var, c_out, input);
-    mean = running_mean->to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
-    var = running_var->to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
-    scale = (gamma * (var + eps).rsqrt()).contiguous();
-    shift = (beta - mean * scale).contiguous();
+    mean = running_mean->to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    var = running_var->to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    // The kWrite pass folds scale and shift from these itself: no torch ops between.
+    p.bn_gamma = gamma.data_ptr<float>();
+    p.bn_beta = beta.data_ptr<float>();
+    p.bn_mean = mean.data_ptr<float>();
+    p.bn_var = var.data_ptr<float>();
+    p.eps = static_cast<float>(eps);
   }
   if (!conv.empty() && !written) {
-    p.scale = scale.data_ptr<float>();
-    p.shift = shift.data_ptr<float>();
+    p.scale = training ? scale.data_ptr<float>() : nullptr;
+    p.shift = training ? shift.data_ptr<float>() : nullptr;
     rk::launch_conv_fwd(p, rk::Pass::kWrite, conv.stream);
     check_launch();
   }

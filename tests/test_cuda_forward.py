@@ -92,3 +92,28 @@ def test_emulated_forward_with_empty_batch():
     empty = fused_group_conv_bn_relu(x[:0], w, g, b, rm, rv, groups=4, training=True,
                                      backend="cuda_emulated")
     assert empty.shape == (0, 16, 5, 5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_emulated_forward_with_views_off_a_16_byte_boundary(channels_last):
+    """The tensor-core loop copies 16-byte chunks: inputs and weights that start 2 bytes
+    past a boundary (views into a larger buffer) still give the right result."""
+    problem = problem_for(16, 1)
+    gen = torch.Generator().manual_seed(11)
+    x, w, g, b, rm, rv = make_arguments(problem, torch.bfloat16, channels_last=channels_last,
+                                        generator=gen)
+
+    def shifted(t):
+        memory_format = (torch.channels_last if t.dim() == 4 and channels_last
+                         else torch.contiguous_format)
+        dense = t.contiguous(memory_format=memory_format)
+        flat = torch.empty(dense.numel() + 1, dtype=t.dtype)
+        view = flat[1:].as_strided(dense.shape, dense.stride())
+        view.copy_(dense)
+        assert view.data_ptr() % 16 != 0
+        return view
+
+    args = [shifted(x), shifted(w), g, b, rm, rv]
+    out, _, _ = run("cuda_emulated", args, problem, False)
+    ref, _, _ = run("reference", [t.double() for t in args], problem, False)
+    assert rel_error(out, ref) <= REL_TOLERANCE[torch.bfloat16]

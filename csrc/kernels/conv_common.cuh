@@ -52,6 +52,15 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// 1/sqrt(v): the MUFU.RSQ-based rsqrtf on a GPU (as torch.rsqrt on CUDA), exact on the host.
+__device__ __forceinline__ float inv_sqrt(float v) {
+#if defined(__CUDA_ARCH__)
+  return rsqrtf(v);
+#else
+  return 1.0f / std::sqrt(v);
+#endif
+}
+
 // ReLU that propagates NaN as torch.relu does (fmaxf(NaN, 0) would return 0).
 __device__ __forceinline__ float relu(float v) { return v > 0.0f || v != v ? v : 0.0f; }
 
@@ -221,58 +230,133 @@ __device__ __forceinline__ void fma_mainloop(const ConvFwdParams& p, int g, int 
   for (int co = 0; co < TILE; ++co) store_shared(&vals[co][threadIdx.x], acc[co]);
 }
 
+// The tensor-core main loop's staged input: every padded input row its block's
+// pixels read, whole (columns iw = -1 .. W, so the taps need no bounds checks), for
+// the block's group. Padded input row r of image i (ih = r - 1) is "virtual row"
+// i·rows_per_image + r, so that output row oh of image i reads virtual rows
+// i·rows_per_image + oh·S + kh, and consecutive images' rows follow one another: a
+// block stages one contiguous range of virtual rows.
+struct Staging {
+  int rows_per_image;  // (H_out - 1)·S + 3 padded input rows
+  int width;           // W + 2 staged columns
+  int half;            // stride 2: odd columns start here (even ones first)
+};
+
+__host__ __device__ inline Staging staging(const ConvFwdParams& p) {
+  return {(p.h_out - 1) * p.stride + 3, p.w + 2, (p.w + 3) / 2};
+}
+
+// Where a block's pixels start: the image, output row and column of its first pixel
+// (the only 64-bit divisions; the rest of the block's indexing is 32-bit).
+struct BlockStart {
+  long img;
+  int oh, ow;
+};
+
+__host__ __device__ inline BlockStart block_start(const ConvFwdParams& p, long block) {
+  const long p0 = block * kPixels, r = p0 / p.w_out, img = r / p.h_out;
+  return {img, static_cast<int>(r - img * p.h_out), static_cast<int>(p0 - r * p.w_out)};
+}
+
+// Staged row of tap row kh = 0 for the pixel `i` pixels into the block, and its
+// output column. The block's first staged row is virtual row
+// img·rows_per_image + oh·S of its first pixel.
+__host__ __device__ inline int staged_row(const ConvFwdParams& p, const Staging& st,
+                                          const BlockStart& b, int i, int* ow) {
+  const int off = b.ow + i, dr = off / p.w_out;
+  *ow = off - dr * p.w_out;
+  const int oh = b.oh + dr, dimg = oh / p.h_out;
+  return dimg * st.rows_per_image + (oh - dimg * p.h_out - b.oh) * p.stride;
+}
+
+// The number of staged rows of a block: through tap row 2 of its last pixel.
+__host__ __device__ inline int block_rows(const ConvFwdParams& p, const Staging& st,
+                                          const BlockStart& b, long block) {
+  const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
+  const long left = pixels - block * kPixels;
+  int ow;
+  return staged_row(p, st, b, static_cast<int>(left < kPixels ? left : kPixels) - 1, &ow) + 3;
+}
+
+// Element offset of channels [8c, 8c + 8) of staged column `col` in staged row
+// `row`. At stride 2 the even columns come first, then the odd ones, so that
+// neighbouring output pixels read neighbouring 16-byte chunks; the chunk index is
+// XOR-swizzled with the column so that the 8 rows of an ldmatrix matrix (8
+// neighbouring pixels, one tap, one chunk) fall in 8 different bank groups.
+template <int CG, int STRIDE>
+__device__ __forceinline__ int staged_at(const Staging& st, int row, int col, int c) {
+  constexpr int kChunks = CG / 8;  // 16-byte chunks per staged pixel
+  const int pos = STRIDE == 1 ? col : (col % 2) * st.half + col / 2;
+  return ((row * st.width + pos) * kChunks + (c ^ (pos / (8 / kChunks) % kChunks))) * 8;
+}
+
+// Weight rows in shared memory: K rounded up to 16, plus 8 so that a row is an odd
+// number of 16-byte chunks and ldmatrix's 8 rows hit 8 different bank groups.
+template <int CG>
+__host__ __device__ constexpr int weight_row() {
+  return (9 * CG + 15) / 16 * 16 + 8;
+}
+
 // Main loop on tensor cores: an implicit GEMM per group, M = pixels, N = channels of
-// the tile, K = 9·cg_in (tap-major, zero-padded to a multiple of 16). Warp w owns
-// pixels [32w, 32w + 32) of the block: two m16 tiles x TILE/8 n8 tiles.
+// the tile, K = 9·cg_in (tap-major, zero-padded to a multiple of 16). The block
+// copies its weights ([TILE][weight_row]) and its input rows (staging(), swizzled,
+// zeros at the padding) into shared memory with 16-byte cp.async, then each warp
+// builds its fragments with ldmatrix (A: the 16 pixels' tap-shifted rows; B: the
+// weight rows) for two m16 tiles (its 32 pixels) x TILE/8 n8 tiles.
 template <typename T, int CG, int STRIDE, int TILE>
 __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int co0, int co_count,
                                              float (&vals)[TILE][kPixels]) {
-  static_assert(TILE % 8 == 0 && CG >= 8, "the tensor-core path takes 8k channels per group");
-  constexpr int K = 9 * CG;
-  constexpr int KPAD = (K + 15) / 16 * 16;
-  constexpr int NT = TILE / 8;
-  // Weights as T, [TILE][KPAD] (K = tap-major, channel-minor), zero padded.
-  DYNAMIC_SHARED(T, w_s);
+  static_assert(TILE % 8 == 0 && CG % 8 == 0 && CG >= 8 && CG <= 64,
+                "the tensor-core path takes 8, 16, 32 or 64 channels per group");
+  constexpr int K = 9 * CG, KPAD = (K + 15) / 16 * 16, KS = weight_row<CG>();
+  constexpr int NT = TILE / 8, CHUNKS = CG / 8;
+  const Staging st = staging(p);
+  const BlockStart start = block_start(p, blockIdx.x);
+  const int rows = block_rows(p, st, start, blockIdx.x);
+  DYNAMIC_SHARED(T, smem);
+  T* const w_s = smem;                     // [TILE][KS]
+  T* const x_s = smem + TILE * KS;         // [rows][width][CG], swizzled
+  T* const zero = x_s + static_cast<long>(rows) * st.width * CG;  // 8 zeros
+
   const T* w = static_cast<const T*>(p.wt) + static_cast<long>(co0) * K;
-  for (int i0 = 0; i0 < TILE * KPAD; i0 += kPixels) {
+  for (int i0 = 0; i0 < TILE * (KPAD / 8); i0 += kPixels) {
     const int i = i0 + threadIdx.x;
-    const int n = i / KPAD, k = i % KPAD;
-    const bool in_tile = i < TILE * KPAD && n < co_count && k < K;
-    store_shared(w_s + i, load_global(w + (in_tile ? n * K + k : 0), in_tile), i < TILE * KPAD);
+    const int n = i / (KPAD / 8), k = i % (KPAD / 8) * 8;
+    const bool active = i < TILE * (KPAD / 8), real = active && n < co_count && k < K;
+    cp_async<16>(w_s + (active ? n * KS + k : 0), w + (real ? n * K + k : 0), real, active);
   }
+  const T* x = static_cast<const T*>(p.x) + g * CG;
+  const int staged = rows * st.width * CHUNKS;
+  for (int i0 = 0; i0 < staged; i0 += kPixels) {
+    const int i = i0 + threadIdx.x;
+    const int row = i / (st.width * CHUNKS), col = i / CHUNKS % st.width, c = i % CHUNKS;
+    const int r = start.oh * p.stride + row;  // padded row of the block's first image, onwards
+    const long img = start.img + r / st.rows_per_image;
+    const int ih = r % st.rows_per_image - 1, iw = col - 1;
+    const bool inside = i < staged && img < p.n && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w;
+    const long at = inside ? ((img * p.h + ih) * p.w + iw) * p.c_in + 8 * c : 0;
+    cp_async<16>(x_s + (i < staged ? staged_at<CG, STRIDE>(st, row, col, c) : 0), x + at, inside,
+                 i < staged);
+  }
+  cp_async<16>(zero, x, false, threadIdx.x == 0);
+  cp_async_commit();
+  cp_async_wait<0>();
   __syncthreads();
 
+  // ldmatrix rows of this lane: matrix q = lane / 8 of the x4 A load is rows
+  // 8·(q % 2) .. + 7 of the m16 tile at k + 8·(q / 2); of the B load, weight row
+  // lane % 8 (+ 8 for the second n8 tile) at k + 8·(lane / 8 % 2).
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int lg = lane / 4, lt = lane % 4;
-  const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
-  const T* x = static_cast<const T*>(p.x);
-  // The two rows (pixels) of each m16 tile this lane loads: lg and lg + 8.
-  long base[2][2];  // offset of input pixel (img, oh*S - 1, ow*S - 1), or -1 when out of range
-  int oh0[2][2], ow0[2][2];
-  for (int mt = 0; mt < 2; ++mt)
-    for (int r = 0; r < 2; ++r) {
-      const long pix = static_cast<long>(blockIdx.x) * kPixels + warp * 32 + mt * 16 + lg + 8 * r;
-      if (pix < pixels) {
-        const int ow = static_cast<int>(pix % p.w_out);
-        const int oh = static_cast<int>(pix / p.w_out % p.h_out);
-        const long img = pix / (static_cast<long>(p.w_out) * p.h_out);
-        oh0[mt][r] = oh * STRIDE - 1;
-        ow0[mt][r] = ow * STRIDE - 1;
-        base[mt][r] = img * p.h * p.w;
-      } else {
-        base[mt][r] = -1;
-        oh0[mt][r] = ow0[mt][r] = 0;
-      }
-    }
-  auto load = [&](int mt, int r, int k) -> uint32_t {  // A[row][k] as 16 bits, 0 off the image
-    const int tap = k / CG, ci = k % CG;
-    const int ih = oh0[mt][r] + tap / 3, iw = ow0[mt][r] + tap % 3;
-    const bool inside =
-        k < K && base[mt][r] >= 0 && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w;
-    const long at = inside ? (base[mt][r] + static_cast<long>(ih) * p.w + iw) * p.c_in + g * CG + ci
-                           : 0;
-    return bits16(load_global(x + at, inside));
-  };
+  const long left = static_cast<long>(p.n) * p.h_out * p.w_out - blockIdx.x * kPixels;
+  int row0[2], col0[2];  // staged row and column of tap (0, 0), or -1 past the last pixel
+  for (int mt = 0; mt < 2; ++mt) {
+    const int i = warp * 32 + mt * 16 + lane % 8 + 8 * (lane / 8 % 2);
+    int ow;
+    const int row = staged_row(p, st, start, i, &ow);
+    row0[mt] = i < left ? row : -1;
+    col0[mt] = ow * STRIDE;
+  }
+  const T* w_row = w_s + (lane % 8 + 8 * (lane / 16 % 2)) * KS + 8 * (lane / 8 % 2);
 
   float acc[2][NT][4];
 #pragma unroll
@@ -284,21 +368,22 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
 
   for (int k0 = 0; k0 < KPAD; k0 += 16) {
     uint32_t b[NT][2];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const T* col = w_s + (nt * 8 + lg) * KPAD + k0 + 2 * lt + 8 * h;
-        b[nt][h] = bits16(load_shared(col)) | bits16(load_shared(col + 1)) << 16;
-      }
+    if constexpr (NT == 2) {
+      uint32_t r[4];
+      ldmatrix<4>(r, w_row + k0);
+      b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+    } else {
+      ldmatrix<2>(b[0], w_row + k0);
+    }
+    const int k = k0 + 8 * (lane / 16), tap = k / CG, c = k % CG / 8;
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
+      const bool real = k < K && row0[mt] >= 0;
+      const T* a_row = real ? x_s + staged_at<CG, STRIDE>(st, row0[mt] + tap / 3,
+                                                            col0[mt] + tap % 3, c)
+                            : zero;
       uint32_t a[4];
-#pragma unroll
-      for (int reg = 0; reg < 4; ++reg) {
-        const int r = reg % 2, k = k0 + 2 * lt + 8 * (reg / 2);
-        a[reg] = load(mt, r, k) | load(mt, r, k + 1) << 16;
-      }
+      ldmatrix<4>(a, a_row);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) mma_m16n8k16<T>(acc[mt][nt], a, b[nt]);
     }
@@ -309,8 +394,9 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        store_shared(&vals[nt * 8 + 2 * lt + i % 2][warp * 32 + mt * 16 + lg + 8 * (i / 2)],
-                     acc[mt][nt][i]);
+        store_shared(
+            &vals[nt * 8 + 2 * (lane % 4) + i % 2][warp * 32 + mt * 16 + lane / 4 + 8 * (i / 2)],
+            acc[mt][nt][i]);
 }
 
 // conv(x) for the tile's channels [co0, co0 + co_count) of group g and the block's
@@ -325,13 +411,30 @@ __device__ __forceinline__ void conv_mainloop(const ConvFwdParams& p, int g, int
   }
 }
 
-// Dynamic shared memory of conv_mainloop: the tile's weights (one channel chunk).
+// The most rows any block of the launch stages (block_rows). Blocks start 128 pixels
+// apart, so their offsets in the image repeat after H_out·W_out blocks; the last block
+// may be cut short, never longer.
+inline int staged_rows(const ConvFwdParams& p) {
+  const Staging st = staging(p);
+  const long blocks = conv_fwd_blocks_x(p);
+  const long period = static_cast<long>(p.h_out) * p.w_out;
+  int most = 0;
+  for (long b = 0; b < blocks && b <= period; ++b) {
+    const int rows = block_rows(p, st, block_start(p, b), b);
+    most = rows > most ? rows : most;
+  }
+  return most;
+}
+
+// Dynamic shared memory of conv_mainloop: tensor cores, the tile's weights, the
+// staged input rows and 16 zero bytes; CUDA cores, the tile's weights (one channel
+// chunk).
 template <typename T, int CG>
 inline size_t mainloop_smem(const ConvFwdParams& p) {
-  const int k = 9 * (p.c_in / p.groups);
-  return use_mma<T, CG>() ? sizeof(T) * co_tile<CG>() * ((k + 15) / 16 * 16)
-                          : sizeof(float) * co_tile<CG>() * 9 *
-                                imin(p.c_in / p.groups, channel_chunk<CG>());
+  if constexpr (use_mma<T, CG>())
+    return sizeof(T) * (co_tile<CG>() * weight_row<CG>() +
+                        static_cast<size_t>(staged_rows(p)) * staging(p).width * CG + 8);
+  return sizeof(float) * co_tile<CG>() * 9 * imin(p.c_in / p.groups, channel_chunk<CG>());
 }
 
 #if defined(__CUDACC__)

@@ -18,14 +18,15 @@
 //                recomputes the conv and writes relu(conv * scale + shift) once.
 //                Reads the input twice, writes the output once, never rounds the
 //                raw conv output to fp16/bf16.
-// Eval folds the running statistics into scale/shift and runs only kWrite.
+// Eval runs only kWrite, which folds the running statistics into scale/shift itself.
 //
 // Work split: a block of kPixels threads covers kPixels output pixels (one per
 // thread) and a tile of min(channels per group, kCoTile) output channels of one
 // group (grid.y = groups x channel tiles). Main loop: fp16/bf16 from 8 channels per
-// group up on tensor cores (mma.sync m16n8k16, fp32 accumulate, weights staged as
-// T), everything else on CUDA cores (fp32 FMA, weights staged as fp32). Both leave
-// the tile's conv results in shared memory for one epilogue (statistics or write).
+// group up on tensor cores (input rows and weights staged with cp.async, fragments
+// by ldmatrix, mma.sync m16n8k16 with fp32 accumulation), everything else on CUDA
+// cores (fp32 FMA, weights staged as fp32). Both leave the tile's conv results in
+// shared memory for one epilogue (statistics or write).
 #pragma once
 
 #include "kernels/conv_common.cuh"
@@ -33,6 +34,13 @@
 
 namespace rk {
 namespace detail {
+
+// A conv pass's static shared memory: the conv results and eval's folded BatchNorm.
+template <int TILE>
+struct FwdShared {
+  Tile<TILE> tile;
+  float fold[2][TILE];  // scale, shift
+};
 
 // CG: channels per group (in = out), 0 for any other width; STRIDE: 1 or 2.
 template <typename T, int CG, int STRIDE, Pass PASS>
@@ -44,8 +52,33 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
   const int co0 = g * cg_out + (blockIdx.y % tiles) * TILE;  // first output channel
   const int co_count = imin(TILE, g * cg_out + cg_out - co0);
 
+  // Eval folds BatchNorm here (scale = γ·rsqrt(var + ε), fp32, as torch.rsqrt did in
+  // the glue before), published by the main loop's barriers: lane c < TILE of warp 0
+  // computes channel c's scale and shift. The second pass of training takes finalize's.
+  STATIC_SHARED(FwdShared<TILE>, shared);
+  float(&fold)[2][TILE] = shared.fold;
+  if constexpr (PASS == Pass::kWrite) {
+    if (threadIdx.x < 32) {
+      static_assert(TILE <= 32, "a lane of warp 0 per channel of the tile");
+      const int c = imin(static_cast<int>(threadIdx.x), TILE - 1);
+      const int at = co0 + imin(c, co_count - 1);
+      const bool mine = static_cast<int>(threadIdx.x) < TILE && c < co_count;
+      float scale, shift;
+      if (p.scale != nullptr) {
+        scale = load_global(p.scale + at, mine);
+        shift = load_global(p.shift + at, mine);
+      } else {
+        const float var = load_global(p.bn_var + at, mine);
+        scale = load_global(p.bn_gamma + at, mine) * inv_sqrt(var + p.eps);
+        shift = load_global(p.bn_beta + at, mine) - load_global(p.bn_mean + at, mine) * scale;
+      }
+      store_shared(&fold[0][c], scale, mine);
+      store_shared(&fold[1][c], shift, mine);
+    }
+  }
+
   // The main loop leaves conv(x) for (channel, pixel) of the tile in shared memory.
-  STATIC_SHARED(Tile<TILE>, tile);
+  Tile<TILE>& tile = shared.tile;
   conv_mainloop<T, CG, STRIDE, TILE>(p, g, co0, co_count, tile.vals);
   __syncthreads();
 
@@ -54,35 +87,59 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
     const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
     const bool valid = pix < pixels;
     T* y = static_cast<T*>(p.y) + (valid ? pix * p.c_out + co0 : 0);
-    for (int co = 0; co < co_count; ++co) {
-      float v = load_shared(&tile.vals[co][threadIdx.x]);
+    auto value = [&](int co) {
+      const float v = load_shared(&tile.vals[co][threadIdx.x]);
       if constexpr (PASS == Pass::kWrite)
-        v = relu(fmaf(v, load_global(p.scale + co0 + co), load_global(p.shift + co0 + co)));
-      store_global(y + co, from_float<T>(v), valid);
+        return from_float<T>(relu(fmaf(v, load_shared(&fold[0][co]), load_shared(&fold[1][co]))));
+      return from_float<T>(v);
+    };
+    if constexpr (CG != 0) {
+      // The pixel's TILE channels are contiguous (and TILE·sizeof(T)-aligned: C_out and
+      // co0 are multiples of TILE): one 16-byte store per 16 bytes (8 at 4 channels of
+      // fp16/bf16) instead of one per channel.
+      constexpr int kBytes = TILE * static_cast<int>(sizeof(T)) < 16 ? 8 : 16;
+      constexpr int kPer = kBytes / static_cast<int>(sizeof(T));
+      using Vec = std::conditional_t<kBytes == 16, uint4, uint2>;
+      for (int c0 = 0; c0 < TILE; c0 += kPer) {
+        T out[kPer];
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) out[j] = value(c0 + j);
+        Vec packed;
+        std::memcpy(&packed, out, kBytes);
+        store_global(reinterpret_cast<Vec*>(y + c0), packed, valid);
+      }
+    } else {
+      for (int co = 0; co < co_count; ++co) store_global(y + co, value(co), valid);
     }
   }
   if constexpr (PASS != Pass::kWrite) {
-    // Per-channel (count, mean, M2) of this block's pixels, two-pass: lane co of
-    // warp 0 owns channel co (the other lanes run along predicated off).
-    static_assert(TILE <= 32, "one lane of warp 0 per channel of the tile");
-    if (threadIdx.x < 32) {
-      const int co = threadIdx.x;
+    // Per-channel (count, mean, M2) of this block's pixels, two-pass: warp w owns
+    // channels w, w + 4, ...; lane l reads pixels l, l + 32, l + 64, l + 96 (a
+    // conflict-free row of the tile) and the warp sums by shuffles, in a fixed order.
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int count = static_cast<int>(
+        imin(static_cast<long>(kPixels), pixels - static_cast<long>(blockIdx.x) * kPixels));
+    auto warp_sum = [](float v) {
+      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+      return v;
+    };
+    for (int co = warp; co < TILE; co += kPixels / 32) {
       const bool mine = co < co_count;
       const float* vals = tile.vals[mine ? co : 0];
-      const int count = static_cast<int>(
-          imin(static_cast<long>(kPixels), pixels - static_cast<long>(blockIdx.x) * kPixels));
       float sum = 0.0f;
-      for (int i = 0; i < count; ++i) sum += load_shared(vals + i, mine);
-      const float mean = sum / count;
+      for (int i = lane; i < kPixels; i += 32) sum += load_shared(vals + i, mine && i < count);
+      const float mean = warp_sum(sum) / count;
       float m2 = 0.0f;
-      for (int i = 0; i < count; ++i) {
-        const float d = load_shared(vals + i, mine) - mean;
-        m2 = fmaf(d, d, m2);
+      for (int i = lane; i < kPixels; i += 32) {
+        const float d = load_shared(vals + i, mine && i < count) - mean;
+        m2 += i < count ? d * d : 0.0f;
       }
+      m2 = warp_sum(m2);
+      const bool first = mine && lane == 0;
       float* out = p.partial + (static_cast<long>(blockIdx.x) * p.c_out + co0 + (mine ? co : 0)) * 3;
-      store_global(out, static_cast<float>(count), mine);
-      store_global(out + 1, mean, mine);
-      store_global(out + 2, m2, mine);
+      store_global(out, static_cast<float>(count), first);
+      store_global(out + 1, mean, first);
+      store_global(out + 2, m2, first);
     }
   }
 }
@@ -174,7 +231,7 @@ void launch_typed(const ConvFwdParams& p, Pass pass, void* stream) {
                                   : pass == Pass::kStatsRaw
                                       ? conv_fwd_kernel<T, CG, STRIDE, Pass::kStatsRaw>
                                       : conv_fwd_kernel<T, CG, STRIDE, Pass::kWrite>;
-  prepare_shared_memory(kernel, sizeof(Tile<TILE>), smem);
+  prepare_shared_memory(kernel, sizeof(FwdShared<TILE>), smem);
   RK_LAUNCH(kernel, grid, dim3(kPixels), smem, as_stream(stream))(p);
 }
 

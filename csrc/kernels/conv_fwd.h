@@ -10,8 +10,13 @@ struct ConvFwdParams {
   const void* x;        // input [N, H, W, C_in] (NHWC), dtype
   const void* wt;       // weight [C_out, 3, 3, C_in / groups], dtype
   void* y;              // output [N, H_out, W_out, C_out] (NHWC), dtype
-  const float* scale;   // [C_out]: y = relu(conv * scale + shift)
-  const float* shift;   // [C_out]
+  const float* scale;   // [C_out]: y = relu(conv * scale + shift); or nullptr (eval):
+  const float* shift;   // [C_out]   the kWrite pass folds them from the four below
+  const float* bn_gamma;  // [C_out] scale = gamma / sqrt(var + eps), shift =
+  const float* bn_beta;   // [C_out]   beta - mean * scale, once per block and channel
+  const float* bn_mean;   // [C_out] running statistics, fp32
+  const float* bn_var;    // [C_out]
+  float eps;
   float* partial;       // [blocks_x, C_out, 3]: per pixel block (count, mean, M2) (training)
   int n, h, w, c_in, c_out, groups, stride, h_out, w_out;
   DType dtype;
