@@ -1,6 +1,6 @@
 // Shared by the torch-free kernel tests (test_conv_fwd.cpp, test_conv_bwd.cpp): the
 // test case, NHWC indexing, the naive convolution's index walk and the emulator
-// back-end loop.
+// back-end loop (which test_async.cpp uses too).
 #pragma once
 
 #include <cstdio>

@@ -6,6 +6,7 @@
 // threads still read the buffer (write-after-read). Built and run by CMake/ctest (target async_tests).
 #include "kernels/access.cuh"
 #include "emu/abort_test.h"
+#include "emu/conv_test_util.h"
 
 #include <cmath>
 #include <cstdint>
@@ -308,7 +309,6 @@ void check_aborts() {
 
 void run_all(const char* name, bool planted_races) {
   backend = name;
-  setenv("RK_EMU_BACKEND", name, 1);
   check_ldmatrix<1, false>();
   check_ldmatrix<1, true>();
   check_ldmatrix<2, false>();
@@ -336,13 +336,8 @@ void run_all(const char* name, bool planted_races) {
 
 // Usage: async_tests [fibers] [threads]   (default: both; ThreadSanitizer runs `threads`)
 int main(int argc, char** argv) {
-  bool fibers = argc == 1, threads = argc == 1;
-  for (int i = 1; i < argc; ++i) {
-    fibers |= std::strcmp(argv[i], "fibers") == 0;
-    threads |= std::strcmp(argv[i], "threads") == 0;
-  }
-  if (fibers) run_all("fibers", true);
-  if (threads) run_all("threads", false);
-  std::printf("cp.async / ldmatrix tests: %s\n", failures ? "FAILED" : "all passed");
-  return failures ? 1 : 0;
+  return rk_test::run_backends(argc, argv, "cp.async / ldmatrix", &failures,
+                               [](const char* name) {
+                                 run_all(name, std::strcmp(name, "fibers") == 0);
+                               });
 }
