@@ -151,6 +151,8 @@ struct Conv {
              ") for one grid");
     RK_CHECK(n * h * w < (int64_t{1} << 31) * rk::kPixels / 2,
              "input too large: N * H * W = ", n * h * w);
+    RK_CHECK(h < (int64_t{1} << 24) && w < (int64_t{1} << 24),
+             "input height and width must each be below 2^24; got ", h, " x ", w);
 #ifndef RESNEXT_EMULATED
     guard.emplace(input.device());
     stream = c10::cuda::getCurrentCUDAStream().stream();

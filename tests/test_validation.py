@@ -223,6 +223,18 @@ def test_too_large_for_the_kernels_grid_is_refused_before_launch():
                                  backend="cuda_emulated")
 
 
+@pytest.mark.skipif("cuda_emulated" not in BACKENDS, reason="needs the emulated kernels")
+def test_an_image_side_of_2_to_the_24_is_refused_before_launch():
+    """The kernels index a block's pixels with 32-bit divisions by H_out and W_out:
+    a side of 2²⁴ is refused with a clear error (a zero-stride view)."""
+    x = torch.zeros(1, 8, 1, 1).expand(1, 8, 1, 2**24)
+    w = torch.zeros(8, 2, 3, 3)
+    rm, rv = torch.zeros(8), torch.ones(8)
+    with pytest.raises(ValueError, match=r"height and width must each be below 2\^24; got 1 x 16777216"):
+        fused_group_conv_bn_relu(x, w, None, None, rm, rv, groups=4, training=False,
+                                 backend="cuda_emulated")
+
+
 @pytest.mark.parametrize("backend,width", [(b, 300 if b == "cuda_emulated" else 96)
                                            for b in BACKENDS if b != "reference"])
 def test_groups_of_any_width_run(backend, width):

@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_reduce_kernel(ConvBwdParams b)
   }
   __syncthreads();
   if (load_shared(&recompute)) {  // block-uniform
-    conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, xhat_dz.vals);
+    conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, xhat_dz);
     __syncthreads();
   }
   const bool recomputed = load_shared(&recompute);
@@ -106,13 +106,13 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_reduce_kernel(ConvBwdParams b)
     const float dz = y > 0.0f ? dy : 0.0f;
     float xhat;
     if (recomputed) {  // block-uniform
-      xhat = (load_shared(&xhat_dz.vals[co][threadIdx.x]) - load_global(b.mean + c)) *
+      xhat = (load_shared(xhat_dz.at(co, threadIdx.x)) - load_global(b.mean + c)) *
              load_global(b.invstd + c);
     } else {
       xhat = (y - load_global(b.beta + c)) / load_global(b.gamma + c);
     }
-    store_shared(&dz_s.vals[co][threadIdx.x], valid ? dz : 0.0f);
-    store_shared(&xhat_dz.vals[co][threadIdx.x], valid ? dz * xhat : 0.0f);
+    store_shared(dz_s.at(co, threadIdx.x), valid ? dz : 0.0f);
+    store_shared(xhat_dz.at(co, threadIdx.x), valid ? dz * xhat : 0.0f);
   }
   __syncthreads();
   if (threadIdx.x < 32) {  // lane co of warp 0 sums channel co
@@ -122,8 +122,8 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_reduce_kernel(ConvBwdParams b)
         imin(static_cast<long>(kPixels), pixels - static_cast<long>(blockIdx.x) * kPixels));
     float sum_dz = 0.0f, sum_dz_xhat = 0.0f;
     for (int i = 0; i < count; ++i) {
-      sum_dz += load_shared(&dz_s.vals[mine ? co : 0][i], mine);
-      sum_dz_xhat += load_shared(&xhat_dz.vals[mine ? co : 0][i], mine);
+      sum_dz += load_shared(dz_s.at(mine ? co : 0, i), mine);
+      sum_dz_xhat += load_shared(xhat_dz.at(mine ? co : 0, i), mine);
     }
     float* out = b.partial + (static_cast<long>(blockIdx.x) * p.c_out + t.c0 + (mine ? co : 0)) * 2;
     store_global(out, sum_dz, mine);
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_dc_kernel(ConvBwdParams b) {
   const ConvFwdParams& p = b.conv;
   const ChannelTile t = channel_tile<CG>(p.c_out, p.groups);
   STATIC_SHARED(Tile<TILE>, tile);
-  conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, tile.vals);
+  conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, tile);
   __syncthreads();
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
   const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_dc_kernel(ConvBwdParams b) {
   for (int co = 0; co < t.count; ++co) {
     const int c = t.c0 + co;
     const long i = valid ? pix * p.c_out + c : 0;
-    const float xhat = (load_shared(&tile.vals[co][threadIdx.x]) - load_global(b.mean + c)) *
+    const float xhat = (load_shared(tile.at(co, threadIdx.x)) - load_global(b.mean + c)) *
                        load_global(b.invstd + c);
     const bool on = to_float(load_global(static_cast<const T*>(b.y) + i, valid)) > 0.0f;
     const float dy = to_float(load_global(static_cast<const T*>(b.dy) + i, on));
@@ -383,11 +383,15 @@ void dispatch(const ConvFwdParams& p, Fn&& fn) {
 
 }  // namespace detail
 
-void launch_bwd_reduce(const ConvBwdParams& b, void* stream) {
+void launch_bwd_reduce(const ConvBwdParams& params, void* stream) {
+  ConvBwdParams b = params;
+  b.conv = set_divisors(b.conv);
   detail::dispatch(b.conv, [&](auto launcher) { launcher.reduce(b, stream); });
 }
 
-void launch_bwd_dc(const ConvBwdParams& b, void* stream) {
+void launch_bwd_dc(const ConvBwdParams& params, void* stream) {
+  ConvBwdParams b = params;
+  b.conv = set_divisors(b.conv);
   detail::dispatch(b.conv, [&](auto launcher) { launcher.dc(b, stream); });
 }
 

@@ -161,9 +161,19 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 }
 
 // Shared layout of one block: [TILE] x [kPixels] fp32 results, the epilogue's input.
+// Channel c's row is XOR-swizzled in pixel bits 3 and 4 by swizzle(c), so that the
+// warp instructions that touch several channels at once are conflict-free: the mma
+// accumulator stores (channels 2t and 2t + 1 for t = lane % 4) and the epilogue's
+// vector reads (channels k·TILE/V + j for the V vectors k of a pixel). A warp
+// reading one channel's row, as the other readers do, reads a permutation of it.
 template <int TILE>
 struct Tile {
   float vals[TILE][kPixels];
+
+  __host__ __device__ static constexpr int swizzle(int c) {
+    return 8 * (((c >> 1 ^ c >> 2) & 1) | ((c >> 2 ^ c >> 3) & 1) << 1);
+  }
+  __device__ __forceinline__ float* at(int c, int i) { return &vals[c][i ^ swizzle(c)]; }
 };
 
 // Channels staged in shared memory per step where a loop runs over a group's
@@ -174,23 +184,86 @@ __host__ __device__ constexpr int channel_chunk() {
   return CG ? CG : 64;
 }
 
+// The tensor-core main loop's staged input: every padded input row its block's
+// pixels read, whole (columns iw = -1 .. W, so the taps need no bounds checks), for
+// the block's group. Padded input row r of image i (ih = r - 1) is "virtual row"
+// i·rows_per_image + r, so that output row oh of image i reads virtual rows
+// i·rows_per_image + oh·S + kh, and consecutive images' rows follow one another: a
+// block stages one contiguous range of virtual rows.
+struct Staging {
+  int rows_per_image;  // (H_out - 1)·S + 3 padded input rows
+  int width;           // W + 2 staged columns
+  int half;            // stride 2: odd columns start here (even ones first)
+  int w_out;           // the swizzle's key: (row / S)·W_out + position (staged_at)
+};
+
+__host__ __device__ inline Staging staging(const ConvFwdParams& p) {
+  return {(p.h_out - 1) * p.stride + 3, p.w + 2, (p.w + 3) / 2, p.w_out};
+}
+
+// Where a block's pixels start: the image, output row and column of its first pixel
+// p0 = 128·block, without a 64-bit division: with block = bq·W_out + br,
+// p0 = 128·bq·W_out + 128·br, so its row is 128·bq + ⌊128·br / W_out⌋; the image
+// likewise from bq = cq·H_out + cr (the glue keeps H_out, W_out < 2^24).
+struct BlockStart {
+  long img;
+  int oh, ow;
+};
+
+__host__ __device__ inline BlockStart block_start(const ConvFwdParams& p, long block) {
+  const int bq = p.div.w_out(static_cast<int>(block)), t = (static_cast<int>(block) - bq * p.w_out) * kPixels;
+  const int tq = p.div.w_out(t), cq = p.div.h_out(bq);
+  const int u = (bq - cq * p.h_out) * kPixels + tq, uq = p.div.h_out(u);
+  return {static_cast<long>(cq) * kPixels + uq, u - uq * p.h_out, t - tq * p.w_out};
+}
+
+// Pixel `i` (0 <= i < kPixels) of the block starting at `b`.
+struct Pixel {
+  long img;
+  int oh, ow;
+};
+
+__host__ __device__ inline Pixel block_pixel(const ConvFwdParams& p, const BlockStart& b, int i) {
+  const int off = b.ow + i, dr = p.div.w_out(off);
+  const int oh = b.oh + dr, dimg = p.div.h_out(oh);
+  return {b.img + dimg, oh - dimg * p.h_out, off - dr * p.w_out};
+}
+
+// Staged row of tap row kh = 0 for the pixel `i` pixels into the block, and its
+// output column. The block's first staged row is virtual row
+// img·rows_per_image + oh·S of its first pixel.
+__host__ __device__ inline int staged_row(const ConvFwdParams& p, const Staging& st,
+                                          const BlockStart& b, int i, int* ow) {
+  const Pixel q = block_pixel(p, b, i);
+  *ow = q.ow;
+  return static_cast<int>(q.img - b.img) * st.rows_per_image + (q.oh - b.oh) * p.stride;
+}
+
+// The number of staged rows of a block: through tap row 2 of its last pixel.
+__host__ __device__ inline int block_rows(const ConvFwdParams& p, const Staging& st,
+                                          const BlockStart& b, long block) {
+  const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
+  const long left = pixels - block * kPixels;
+  int ow;
+  return staged_row(p, st, b, static_cast<int>(left < kPixels ? left : kPixels) - 1, &ow) + 3;
+}
+
 // Main loop on CUDA cores: thread t computes pixel t of the block for every channel
 // of the tile. The weights are staged as fp32, [TILE][3][3][chunk], one chunk of the
 // group's input channels at a time.
 template <typename T, int CG, int STRIDE, int TILE>
 __device__ __forceinline__ void fma_mainloop(const ConvFwdParams& p, int g, int co0, int co_count,
-                                             float (&vals)[TILE][kPixels]) {
+                                             Tile<TILE>& tile) {
   const int cg_in = CG ? CG : p.c_in / p.groups;
   const int taps = 9 * cg_in;
   DYNAMIC_SHARED(float, w_s);
   const T* w = static_cast<const T*>(p.wt) + static_cast<long>(co0) * taps;
 
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
-  const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
-  const bool valid = pix < pixels;
-  const int ow = static_cast<int>(pix % p.w_out);
-  const int oh = static_cast<int>(pix / p.w_out % p.h_out);
-  const long img = pix / (static_cast<long>(p.w_out) * p.h_out);
+  const bool valid = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x < pixels;
+  const Pixel q = block_pixel(p, block_start(p, blockIdx.x), threadIdx.x);
+  const int ow = q.ow, oh = q.oh;
+  const long img = q.img;
   const T* x = static_cast<const T*>(p.x) + g * cg_in;
   float acc[TILE];
 #pragma unroll
@@ -227,67 +300,28 @@ __device__ __forceinline__ void fma_mainloop(const ConvFwdParams& p, int g, int 
     }
   }
 #pragma unroll  // constant indices keep acc[] in registers
-  for (int co = 0; co < TILE; ++co) store_shared(&vals[co][threadIdx.x], acc[co]);
-}
-
-// The tensor-core main loop's staged input: every padded input row its block's
-// pixels read, whole (columns iw = -1 .. W, so the taps need no bounds checks), for
-// the block's group. Padded input row r of image i (ih = r - 1) is "virtual row"
-// i·rows_per_image + r, so that output row oh of image i reads virtual rows
-// i·rows_per_image + oh·S + kh, and consecutive images' rows follow one another: a
-// block stages one contiguous range of virtual rows.
-struct Staging {
-  int rows_per_image;  // (H_out - 1)·S + 3 padded input rows
-  int width;           // W + 2 staged columns
-  int half;            // stride 2: odd columns start here (even ones first)
-};
-
-__host__ __device__ inline Staging staging(const ConvFwdParams& p) {
-  return {(p.h_out - 1) * p.stride + 3, p.w + 2, (p.w + 3) / 2};
-}
-
-// Where a block's pixels start: the image, output row and column of its first pixel
-// (the only 64-bit divisions; the rest of the block's indexing is 32-bit).
-struct BlockStart {
-  long img;
-  int oh, ow;
-};
-
-__host__ __device__ inline BlockStart block_start(const ConvFwdParams& p, long block) {
-  const long p0 = block * kPixels, r = p0 / p.w_out, img = r / p.h_out;
-  return {img, static_cast<int>(r - img * p.h_out), static_cast<int>(p0 - r * p.w_out)};
-}
-
-// Staged row of tap row kh = 0 for the pixel `i` pixels into the block, and its
-// output column. The block's first staged row is virtual row
-// img·rows_per_image + oh·S of its first pixel.
-__host__ __device__ inline int staged_row(const ConvFwdParams& p, const Staging& st,
-                                          const BlockStart& b, int i, int* ow) {
-  const int off = b.ow + i, dr = off / p.w_out;
-  *ow = off - dr * p.w_out;
-  const int oh = b.oh + dr, dimg = oh / p.h_out;
-  return dimg * st.rows_per_image + (oh - dimg * p.h_out - b.oh) * p.stride;
-}
-
-// The number of staged rows of a block: through tap row 2 of its last pixel.
-__host__ __device__ inline int block_rows(const ConvFwdParams& p, const Staging& st,
-                                          const BlockStart& b, long block) {
-  const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
-  const long left = pixels - block * kPixels;
-  int ow;
-  return staged_row(p, st, b, static_cast<int>(left < kPixels ? left : kPixels) - 1, &ow) + 3;
+  for (int co = 0; co < TILE; ++co) store_shared(tile.at(co, threadIdx.x), acc[co]);
 }
 
 // Element offset of channels [8c, 8c + 8) of staged column `col` in staged row
 // `row`. At stride 2 the even columns come first, then the odd ones, so that
-// neighbouring output pixels read neighbouring 16-byte chunks; the chunk index is
-// XOR-swizzled with the column so that the 8 rows of an ldmatrix matrix (8
-// neighbouring pixels, one tap, one chunk) fall in 8 different bank groups.
+// neighbouring output pixels read neighbouring 16-byte chunks. The chunk index is
+// XOR-swizzled with a key, (row / S)·W_out + position, that grows by one from an
+// output pixel to the next one, across the end of an output row too (where the
+// position falls back by W_out − 1 and the row moves on by S), so that the 8 rows of
+// an ldmatrix matrix (8 neighbouring pixels, one tap, one chunk) fall in 8 different
+// bank groups where a pixel is 64 or 128 bytes, wrapping rows included (at stride 1;
+// at 32 and 16 bytes a wrapped matrix may take two wavefronts).
+template <int CG>
+__device__ __forceinline__ int swizzled(int line, int key, int c) {
+  constexpr int kChunks = CG / 8;  // 16-byte chunks per staged pixel
+  return (line * kChunks + (c ^ (key / (8 / kChunks) % kChunks))) * 8;
+}
+
 template <int CG, int STRIDE>
 __device__ __forceinline__ int staged_at(const Staging& st, int row, int col, int c) {
-  constexpr int kChunks = CG / 8;  // 16-byte chunks per staged pixel
   const int pos = STRIDE == 1 ? col : (col % 2) * st.half + col / 2;
-  return ((row * st.width + pos) * kChunks + (c ^ (pos / (8 / kChunks) % kChunks))) * 8;
+  return swizzled<CG>(row * st.width + pos, row / STRIDE * st.w_out + pos, c);
 }
 
 // Weight rows in shared memory: K rounded up to 16, plus 8 so that a row is an odd
@@ -305,7 +339,7 @@ __host__ __device__ constexpr int weight_row() {
 // weight rows) for two m16 tiles (its 32 pixels) x TILE/8 n8 tiles.
 template <typename T, int CG, int STRIDE, int TILE>
 __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int co0, int co_count,
-                                             float (&vals)[TILE][kPixels]) {
+                                             Tile<TILE>& tile) {
   static_assert(TILE % 8 == 0 && CG % 8 == 0 && CG >= 8 && CG <= 64,
                 "the tensor-core path takes 8, 16, 32 or 64 channels per group");
   constexpr int K = 9 * CG, KPAD = (K + 15) / 16 * 16, KS = weight_row<CG>();
@@ -329,10 +363,11 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
   const int staged = rows * st.width * CHUNKS;
   for (int i0 = 0; i0 < staged; i0 += kPixels) {
     const int i = i0 + threadIdx.x;
-    const int row = i / (st.width * CHUNKS), col = i / CHUNKS % st.width, c = i % CHUNKS;
+    const int q = i / CHUNKS, row = p.div.width(q), col = q - row * st.width, c = i % CHUNKS;
     const int r = start.oh * p.stride + row;  // padded row of the block's first image, onwards
-    const long img = start.img + r / st.rows_per_image;
-    const int ih = r % st.rows_per_image - 1, iw = col - 1;
+    const int dimg = p.div.rows(r);
+    const long img = start.img + dimg;
+    const int ih = r - dimg * st.rows_per_image - 1, iw = col - 1;
     const bool inside = i < staged && img < p.n && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w;
     const long at = inside ? ((img * p.h + ih) * p.w + iw) * p.c_in + 8 * c : 0;
     cp_async<16>(x_s + (i < staged ? staged_at<CG, STRIDE>(st, row, col, c) : 0), x + at, inside,
@@ -345,17 +380,30 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
 
   // ldmatrix rows of this lane: matrix q = lane / 8 of the x4 A load is rows
   // 8·(q % 2) .. + 7 of the m16 tile at k + 8·(q / 2); of the B load, weight row
-  // lane % 8 (+ 8 for the second n8 tile) at k + 8·(lane / 8 % 2).
+  // lane % 8 (+ 8 for the second n8 tile) at k + 8·(lane / 8 % 2). Per m16 tile, the
+  // lane's pixel's staged row offsets (times the width, and as the swizzle key's row)
+  // for the three tap rows and its position at tap (kh, 0); a pixel past the last
+  // one reads the last one's rows (its accumulators are never stored).
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long left = static_cast<long>(p.n) * p.h_out * p.w_out - blockIdx.x * kPixels;
-  int row0[2], col0[2];  // staged row and column of tap (0, 0), or -1 past the last pixel
+  const int last = static_cast<int>(left < kPixels ? left : kPixels) - 1;
+  int line[2][3], key[2][3], pos0[2];
+#pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
-    const int i = warp * 32 + mt * 16 + lane % 8 + 8 * (lane / 8 % 2);
-    int ow;
-    const int row = staged_row(p, st, start, i, &ow);
-    row0[mt] = i < left ? row : -1;
-    col0[mt] = ow * STRIDE;
+    const int i = imin(warp * 32 + mt * 16 + lane % 8 + 8 * (lane / 8 % 2), last);
+    const int row = staged_row(p, st, start, i, &pos0[mt]);  // stride 2: even columns first
+#pragma unroll
+    for (int kh = 0; kh < 3; ++kh) {
+      line[mt][kh] = (row + kh) * st.width;
+      key[mt][kh] = (row + kh) / STRIDE * st.w_out;
+    }
   }
+  // The A row of tap `tap` (constant once unrolled), channels [8c, 8c + 8).
+  auto a_row = [&](int mt, int tap, int c) {
+    const int kh = tap / 3, kw = tap % 3;
+    const int pos = pos0[mt] + (STRIDE == 1 ? kw : kw % 2 * st.half + kw / 2);
+    return x_s + swizzled<CG>(line[mt][kh] + pos, key[mt][kh] + pos, c);
+  };
   const T* w_row = w_s + (lane % 8 + 8 * (lane / 16 % 2)) * KS + 8 * (lane / 8 % 2);
 
   float acc[2][NT][4];
@@ -366,7 +414,8 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
 
-  for (int k0 = 0; k0 < KPAD; k0 += 16) {
+  // One k16 step at k0 from the two m16 tiles' A rows.
+  auto step = [&](int k0, const T* const (&rows)[2]) {
     uint32_t b[NT][2];
     if constexpr (NT == 2) {
       uint32_t r[4];
@@ -375,17 +424,33 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
     } else {
       ldmatrix<2>(b[0], w_row + k0);
     }
-    const int k = k0 + 8 * (lane / 16), tap = k / CG, c = k % CG / 8;
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
-      const bool real = k < K && row0[mt] >= 0;
-      const T* a_row = real ? x_s + staged_at<CG, STRIDE>(st, row0[mt] + tap / 3,
-                                                            col0[mt] + tap % 3, c)
-                            : zero;
       uint32_t a[4];
-      ldmatrix<4>(a, a_row);
+      ldmatrix<4>(a, rows[mt]);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) mma_m16n8k16<T>(acc[mt][nt], a, b[nt]);
+    }
+  };
+  if constexpr (CG == 8) {
+    // A k16 step spans taps t (lanes 0-15) and t + 1 (lanes 16-31); the last one's
+    // second half is K padding and reads the zeros.
+#pragma unroll
+    for (int t = 0; t < 9; t += 2) {
+      const T* rows[2];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+        rows[mt] = lane < 16 ? a_row(mt, t, 0) : t + 1 < 9 ? a_row(mt, t + 1, 0) : zero;
+      step(8 * t, rows);
+    }
+  } else {
+#pragma unroll
+    for (int tap = 0; tap < 9; ++tap) {
+#pragma unroll
+      for (int c = 0; c < CHUNKS; c += 2) {
+        const T* rows[2] = {a_row(0, tap, c + lane / 16), a_row(1, tap, c + lane / 16)};
+        step(tap * CG + 8 * c, rows);
+      }
     }
   }
 #pragma unroll
@@ -395,19 +460,19 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         store_shared(
-            &vals[nt * 8 + 2 * (lane % 4) + i % 2][warp * 32 + mt * 16 + lane / 4 + 8 * (i / 2)],
+            tile.at(nt * 8 + 2 * (lane % 4) + i % 2, warp * 32 + mt * 16 + lane / 4 + 8 * (i / 2)),
             acc[mt][nt][i]);
 }
 
 // conv(x) for the tile's channels [co0, co0 + co_count) of group g and the block's
-// kPixels pixels, into vals (shared); the caller synchronises before reading it.
+// kPixels pixels, into the tile (shared); the caller synchronises before reading it.
 template <typename T, int CG, int STRIDE, int TILE>
 __device__ __forceinline__ void conv_mainloop(const ConvFwdParams& p, int g, int co0,
-                                              int co_count, float (&vals)[TILE][kPixels]) {
+                                              int co_count, Tile<TILE>& tile) {
   if constexpr (use_mma<T, CG>()) {
-    mma_mainloop<T, CG, STRIDE, TILE>(p, g, co0, co_count, vals);
+    mma_mainloop<T, CG, STRIDE, TILE>(p, g, co0, co_count, tile);
   } else {
-    fma_mainloop<T, CG, STRIDE, TILE>(p, g, co0, co_count, vals);
+    fma_mainloop<T, CG, STRIDE, TILE>(p, g, co0, co_count, tile);
   }
 }
 

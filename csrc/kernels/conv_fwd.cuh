@@ -79,44 +79,51 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
 
   // The main loop leaves conv(x) for (channel, pixel) of the tile in shared memory.
   Tile<TILE>& tile = shared.tile;
-  conv_mainloop<T, CG, STRIDE, TILE>(p, g, co0, co_count, tile.vals);
+  conv_mainloop<T, CG, STRIDE, TILE>(p, g, co0, co_count, tile);
   __syncthreads();
 
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if constexpr (PASS != Pass::kStats) {
-    const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
-    const bool valid = pix < pixels;
-    T* y = static_cast<T*>(p.y) + (valid ? pix * p.c_out + co0 : 0);
-    auto value = [&](int co) {
-      const float v = load_shared(&tile.vals[co][threadIdx.x]);
+    // Pixel i of the block, channel co, as stored: relu(conv·scale + shift) or raw.
+    auto value = [&](int co, int i) {
+      const float v = load_shared(tile.at(co, i));
       if constexpr (PASS == Pass::kWrite)
         return from_float<T>(relu(fmaf(v, load_shared(&fold[0][co]), load_shared(&fold[1][co]))));
       return from_float<T>(v);
     };
     if constexpr (CG != 0) {
-      // The pixel's TILE channels are contiguous (and TILE·sizeof(T)-aligned: C_out and
-      // co0 are multiples of TILE): one 16-byte store per 16 bytes (8 at 4 channels of
-      // fp16/bf16) instead of one per channel.
+      // A pixel's TILE channels are contiguous (and TILE·sizeof(T)-aligned: C_out and
+      // co0 are multiples of TILE): V vectors of 16 bytes (one of 8 at 4 channels of
+      // fp16/bf16). The V lanes of a pixel store its vectors side by side, so a warp
+      // store writes 32/V whole pixels, one 128-byte line each.
       constexpr int kBytes = TILE * static_cast<int>(sizeof(T)) < 16 ? 8 : 16;
       constexpr int kPer = kBytes / static_cast<int>(sizeof(T));
+      constexpr int V = TILE / kPer;
       using Vec = std::conditional_t<kBytes == 16, uint4, uint2>;
-      for (int c0 = 0; c0 < TILE; c0 += kPer) {
+      for (int s = 0; s < V; ++s) {
+        const int i = warp * 32 + s * (32 / V) + lane / V, c0 = lane % V * kPer;
+        const long pix = static_cast<long>(blockIdx.x) * kPixels + i;
+        const bool valid = pix < pixels;
         T out[kPer];
 #pragma unroll
-        for (int j = 0; j < kPer; ++j) out[j] = value(c0 + j);
+        for (int j = 0; j < kPer; ++j) out[j] = value(c0 + j, i);
         Vec packed;
         std::memcpy(&packed, out, kBytes);
-        store_global(reinterpret_cast<Vec*>(y + c0), packed, valid);
+        T* y = static_cast<T*>(p.y) + (valid ? pix * p.c_out + co0 + c0 : 0);
+        store_global(reinterpret_cast<Vec*>(y), packed, valid);
       }
     } else {
-      for (int co = 0; co < co_count; ++co) store_global(y + co, value(co), valid);
+      const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
+      const bool valid = pix < pixels;
+      T* y = static_cast<T*>(p.y) + (valid ? pix * p.c_out + co0 : 0);
+      for (int co = 0; co < co_count; ++co) store_global(y + co, value(co, threadIdx.x), valid);
     }
   }
   if constexpr (PASS != Pass::kWrite) {
     // Per-channel (count, mean, M2) of this block's pixels, two-pass: warp w owns
     // channels w, w + 4, ...; lane l reads pixels l, l + 32, l + 64, l + 96 (a
     // conflict-free row of the tile) and the warp sums by shuffles, in a fixed order.
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int count = static_cast<int>(
         imin(static_cast<long>(kPixels), pixels - static_cast<long>(blockIdx.x) * kPixels));
     auto warp_sum = [](float v) {
@@ -125,13 +132,13 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
     };
     for (int co = warp; co < TILE; co += kPixels / 32) {
       const bool mine = co < co_count;
-      const float* vals = tile.vals[mine ? co : 0];
+      const int row = mine ? co : 0;
       float sum = 0.0f;
-      for (int i = lane; i < kPixels; i += 32) sum += load_shared(vals + i, mine && i < count);
+      for (int i = lane; i < kPixels; i += 32) sum += load_shared(tile.at(row, i), mine && i < count);
       const float mean = warp_sum(sum) / count;
       float m2 = 0.0f;
       for (int i = lane; i < kPixels; i += 32) {
-        const float d = load_shared(vals + i, mine && i < count) - mean;
+        const float d = load_shared(tile.at(row, i), mine && i < count) - mean;
         m2 += i < count ? d * d : 0.0f;
       }
       m2 = warp_sum(m2);
@@ -257,7 +264,8 @@ void launch_stride(const ConvFwdParams& p, Pass pass, void* stream) {
 
 }  // namespace detail
 
-void launch_conv_fwd(const ConvFwdParams& p, Pass pass, void* stream) {
+void launch_conv_fwd(const ConvFwdParams& params, Pass pass, void* stream) {
+  const ConvFwdParams p = set_divisors(params);
   switch (p.dtype) {
     case DType::kFloat32: return detail::launch_stride<float>(p, pass, stream);
     case DType::kFloat16: return detail::launch_stride<__half>(p, pass, stream);

@@ -6,6 +6,38 @@ namespace rk {
 
 enum class DType { kFloat32, kFloat16, kBFloat16 };
 
+// Division by a divisor fixed for a launch as a multiply-high, an add and a shift
+// (Granlund and Montgomery's method for invariant divisors): for 0 <= n < 2^31,
+// n / d == (umulhi(n, mul) + n) >> shift. A run-time `/` costs a ~20-instruction
+// sequence (and a 64-bit one a call); the launchers set these on the host.
+struct FastDiv {
+  unsigned d = 1, mul = 1, shift = 0;
+
+  static FastDiv of(unsigned d) {
+    FastDiv f;
+    if (d == 0) return f;  // an empty shape: nothing is launched
+    f.d = d;
+    while ((1ull << f.shift) < d) ++f.shift;  // ceil(log2 d)
+    f.mul = static_cast<unsigned>((((1ull << f.shift) - d) << 32) / d + 1);
+    return f;
+  }
+#if defined(__CUDACC__)
+  __host__ __device__
+#endif
+  int operator()(int n) const {
+    const unsigned u = static_cast<unsigned>(n);
+    return static_cast<int>((static_cast<unsigned>((static_cast<unsigned long long>(u) * mul) >> 32) + u) >>
+                            shift);
+  }
+};
+
+// The run-time divisors of the conv kernels' pixel indexing (see set_divisors).
+struct Divisors {
+  FastDiv w_out, h_out;
+  FastDiv width;  // staged columns, W + 2
+  FastDiv rows;   // staged rows per image, (H_out - 1)·stride + 3
+};
+
 struct ConvFwdParams {
   const void* x;        // input [N, H, W, C_in] (NHWC), dtype
   const void* wt;       // weight [C_out, 3, 3, C_in / groups], dtype
@@ -20,7 +52,15 @@ struct ConvFwdParams {
   float* partial;       // [blocks_x, C_out, 3]: per pixel block (count, mean, M2) (training)
   int n, h, w, c_in, c_out, groups, stride, h_out, w_out;
   DType dtype;
+  Divisors div;  // set by the launchers from the shape above
 };
+
+// `p` with its divisors set from its shape.
+inline ConvFwdParams set_divisors(ConvFwdParams p) {
+  p.div = {FastDiv::of(p.w_out), FastDiv::of(p.h_out), FastDiv::of(p.w + 2),
+           FastDiv::of((p.h_out - 1) * p.stride + 3)};
+  return p;
+}
 
 struct FinalizeParams {
   const float* partial;  // [blocks, C_out, 3] from the statistics pass
