@@ -63,6 +63,23 @@ def test_emulated_forward_matches_reference(width, stride, dtype, training, stra
     torch.testing.assert_close(rv.double(), rv64, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("width,groups", [(8, 5), (16, 3), (8, 9)])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_emulated_forward_tiles_of_whole_groups(width, groups, stride, training):
+    """At 8 and 16 channels per group a tensor-core block owns 32 channels, whole
+    groups: full tiles, and a last tile that ends after 1, 2 or 3 of its groups."""
+    problem = Problem(2, groups * width, groups * width, 6, 5, groups, stride)
+    gen = torch.Generator().manual_seed(groups * 10 + width + stride)
+    args = make_arguments(problem, torch.bfloat16, channels_last=True, generator=gen)
+    out, rm, rv = run("cuda_emulated", args, problem, training)
+    ref, rm64, rv64 = run("reference", [t.double() for t in args], problem, training)
+    assert not out.isnan().any(), "unwritten (poisoned) output elements"
+    assert rel_error(out, ref) <= REL_TOLERANCE[torch.bfloat16]
+    torch.testing.assert_close(rm.double(), rm64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rv.double(), rv64, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("offset", [100.0, 1000.0])
 @pytest.mark.parametrize("strategy", ["raw", "recompute"])
 def test_training_statistics_are_stable_for_large_means(offset, strategy, monkeypatch):

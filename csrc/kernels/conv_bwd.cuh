@@ -31,21 +31,6 @@
 namespace rk {
 namespace detail {
 
-// Output-channel tile of one block, as in the forward kernels.
-struct ChannelTile {
-  int g, c0, count;  // group, first channel (global), channels in the tile
-};
-
-template <int CG>
-__device__ __forceinline__ ChannelTile channel_tile(int channels, int groups) {
-  constexpr int TILE = co_tile<CG>();
-  const int per_group = CG ? CG : channels / groups;
-  const int tiles = (per_group + TILE - 1) / TILE;
-  const int g = blockIdx.y / tiles;
-  const int c0 = g * per_group + (blockIdx.y % tiles) * TILE;
-  return {g, c0, imin(TILE, g * per_group + per_group - c0)};
-}
-
 __device__ __forceinline__ bool recoverable(float gamma, float beta) {
   return fabsf(gamma) >= kRecoverMinGamma && fabsf(beta) <= kRecoverMaxRatio * fabsf(gamma);
 }
@@ -74,9 +59,9 @@ struct ReduceShared {
 
 template <typename T, int CG, int STRIDE>
 __global__ void __launch_bounds__(kPixels, 4) bwd_reduce_kernel(ConvBwdParams b) {
-  constexpr int TILE = co_tile<CG>();
+  constexpr int TILE = conv_tile<T, CG>();
   const ConvFwdParams& p = b.conv;
-  const ChannelTile t = channel_tile<CG>(p.c_out, p.groups);
+  const ChannelTile t = channel_tile<CG, TILE>(p.c_out, p.groups);
   STATIC_SHARED(ReduceShared<TILE>, s);
   Tile<TILE>& xhat_dz = s.xhat_dz;
   Tile<TILE>& dz_s = s.dz;
@@ -133,9 +118,9 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_reduce_kernel(ConvBwdParams b)
 
 template <typename T, int CG, int STRIDE>
 __global__ void __launch_bounds__(kPixels, 4) bwd_dc_kernel(ConvBwdParams b) {
-  constexpr int TILE = co_tile<CG>();
+  constexpr int TILE = conv_tile<T, CG>();
   const ConvFwdParams& p = b.conv;
-  const ChannelTile t = channel_tile<CG>(p.c_out, p.groups);
+  const ChannelTile t = channel_tile<CG, TILE>(p.c_out, p.groups);
   STATIC_SHARED(Tile<TILE>, tile);
   conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, tile);
   __syncthreads();
@@ -167,7 +152,7 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_dgrad_kernel(ConvBwdParams b) 
   const ConvFwdParams& p = b.conv;
   const int cg_in = CG ? CG : p.c_in / p.groups;
   const int cg_out = CG ? CG : p.c_out / p.groups;
-  const ChannelTile t = channel_tile<CG>(p.c_in, p.groups);
+  const ChannelTile t = channel_tile<CG, TILE>(p.c_in, p.groups);
   const int ci0 = t.c0 - t.g * cg_in;  // within the group
 
   DYNAMIC_SHARED(float, w_s);
@@ -239,7 +224,7 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_wgrad_kernel(ConvBwdParams b) 
   const ConvFwdParams& p = b.conv;
   const int cg_in = CG ? CG : p.c_in / p.groups;
   const int k_size = 9 * cg_in;
-  const ChannelTile t = channel_tile<CG>(p.c_out, p.groups);
+  const ChannelTile t = channel_tile<CG, TILE>(p.c_out, p.groups);
   const int ci0 = blockIdx.z * channel_chunk<CG>();
   const int cn = imin(channel_chunk<CG>(), cg_in - ci0);
   const int entries = t.count * 9 * cn;
@@ -306,24 +291,26 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_wgrad_kernel(ConvBwdParams b) 
 
 template <typename T, int CG, int STRIDE>
 struct BwdLauncher {
-  static constexpr int TILE = co_tile<CG>();
+  static constexpr int TILE = co_tile<CG>();            // dgrad, wgrad
+  static constexpr int CONV_TILE = conv_tile<T, CG>();  // reduce, dc (the forward's loop)
 
+  template <int TILE_>
   static dim3 conv_grid(const ConvFwdParams& p) {
-    return dim3(conv_fwd_blocks_x(p), p.groups * ((p.c_out / p.groups + TILE - 1) / TILE));
+    return dim3(conv_fwd_blocks_x(p), channel_tiles<CG, TILE_>(p.c_out, p.groups));
   }
 
   static void reduce(const ConvBwdParams& b, void* stream) {
     void (*kernel)(ConvBwdParams) = bwd_reduce_kernel<T, CG, STRIDE>;
     const size_t smem = mainloop_smem<T, CG>(b.conv);
-    prepare_shared_memory(kernel, sizeof(ReduceShared<TILE>), smem);
-    RK_LAUNCH(kernel, conv_grid(b.conv), dim3(kPixels), smem, as_stream(stream))(b);
+    prepare_shared_memory(kernel, sizeof(ReduceShared<CONV_TILE>), smem);
+    RK_LAUNCH(kernel, conv_grid<CONV_TILE>(b.conv), dim3(kPixels), smem, as_stream(stream))(b);
   }
 
   static void dc(const ConvBwdParams& b, void* stream) {
     void (*kernel)(ConvBwdParams) = bwd_dc_kernel<T, CG, STRIDE>;
     const size_t smem = mainloop_smem<T, CG>(b.conv);
-    prepare_shared_memory(kernel, sizeof(Tile<TILE>), smem);
-    RK_LAUNCH(kernel, conv_grid(b.conv), dim3(kPixels), smem, as_stream(stream))(b);
+    prepare_shared_memory(kernel, sizeof(Tile<CONV_TILE>), smem);
+    RK_LAUNCH(kernel, conv_grid<CONV_TILE>(b.conv), dim3(kPixels), smem, as_stream(stream))(b);
   }
 
   static void dgrad(const ConvBwdParams& b, GradSource source, void* stream) {
@@ -345,7 +332,7 @@ struct BwdLauncher {
                                         ? bwd_wgrad_kernel<T, CG, STRIDE, GradSource::kConvGrad>
                                         : bwd_wgrad_kernel<T, CG, STRIDE, GradSource::kMaskedGrad>;
     const int cg_in = p.c_in / p.groups;
-    const dim3 grid(b.wgrad_chunks, conv_grid(p).y,
+    const dim3 grid(b.wgrad_chunks, conv_grid<TILE>(p).y,
                     (cg_in + channel_chunk<CG>() - 1) / channel_chunk<CG>());
     const size_t smem = sizeof(float) * TILE * 9 * imin(cg_in, channel_chunk<CG>());
     prepare_shared_memory(kernel, sizeof(WgradShared<TILE>), smem);

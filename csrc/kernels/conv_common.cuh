@@ -77,6 +77,44 @@ __host__ __device__ constexpr bool use_mma() {
   return !std::is_same_v<T, float> && CG >= 8;
 }
 
+// Output channels per block of the conv passes (forward, and the backward passes
+// that recompute the conv): 32 on tensor cores (a warp: two m16 x four n8 tiles),
+// whole groups at 8 and 16 channels per group, so that a block stages 64 bytes of
+// each pixel and stores 64; otherwise co_tile (its fp32 accumulators are registers
+// per thread and channel).
+template <typename T, int CG>
+__host__ __device__ constexpr int conv_tile() {
+  return use_mma<T, CG>() ? 32 : co_tile<CG>();
+}
+
+// The output channels of a block: tile blockIdx.y of TILE channels. A tile is a
+// part of one group where a group is at least TILE wide, and whole consecutive
+// groups where it is narrower (TILE / CG of them; the last tile may hold fewer).
+struct ChannelTile {
+  int g, c0, count;  // (first) group, first channel, channels in the tile
+};
+
+template <int CG, int TILE>
+__host__ __device__ inline int channel_tiles(int channels, int groups) {
+  const int per_group = CG ? CG : channels / groups;
+  if (CG != 0 && TILE > CG) return (channels + TILE - 1) / TILE;
+  return groups * ((per_group + TILE - 1) / TILE);
+}
+
+template <int CG, int TILE>
+__device__ __forceinline__ ChannelTile channel_tile(int channels, int groups) {
+  if constexpr (CG != 0 && TILE > CG) {
+    const int c0 = blockIdx.y * TILE;
+    return {c0 / CG, c0, imin(TILE, channels - c0)};
+  } else {
+    const int per_group = CG ? CG : channels / groups;
+    const int tiles = (per_group + TILE - 1) / TILE;
+    const int g = blockIdx.y / tiles;
+    const int c0 = g * per_group + (blockIdx.y % tiles) * TILE;
+    return {g, c0, imin(TILE, g * per_group + per_group - c0)};
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ uint32_t bits16(T v) {
   if constexpr (std::is_same_v<T, __half>) {
@@ -163,15 +201,16 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 // Shared layout of one block: [TILE] x [kPixels] fp32 results, the epilogue's input.
 // Channel c's row is XOR-swizzled in pixel bits 3 and 4 by swizzle(c), so that the
 // warp instructions that touch several channels at once are conflict-free: the mma
-// accumulator stores (channels 2t and 2t + 1 for t = lane % 4) and the epilogue's
-// vector reads (channels k·TILE/V + j for the V vectors k of a pixel). A warp
-// reading one channel's row, as the other readers do, reads a permutation of it.
+// accumulator stores (channels 2t and 2t + 1 for t = lane % 4, of one n8 tile) and
+// the epilogue's vector reads (channels k·TILE/V + j for the V vectors k of a pixel:
+// 2 or 4 vectors of 8 channels, 2 or 4 of 4). A warp reading one channel's row, as
+// the other readers do, reads a permutation of it.
 template <int TILE>
 struct Tile {
   float vals[TILE][kPixels];
 
   __host__ __device__ static constexpr int swizzle(int c) {
-    return 8 * (((c >> 1 ^ c >> 2) & 1) | ((c >> 2 ^ c >> 3) & 1) << 1);
+    return 8 * (((c >> 1 ^ c >> 2 ^ c >> 4) & 1) | ((c >> 2 ^ c >> 3) & 1) << 1);
   }
   __device__ __forceinline__ float* at(int c, int i) { return &vals[c][i ^ swizzle(c)]; }
 };
@@ -310,18 +349,17 @@ __device__ __forceinline__ void fma_mainloop(const ConvFwdParams& p, int g, int 
 // output pixel to the next one, across the end of an output row too (where the
 // position falls back by W_out − 1 and the row moves on by S), so that the 8 rows of
 // an ldmatrix matrix (8 neighbouring pixels, one tap, one chunk) fall in 8 different
-// bank groups where a pixel is 64 or 128 bytes, wrapping rows included (at stride 1;
-// at 32 and 16 bytes a wrapped matrix may take two wavefronts).
-template <int CG>
+// bank groups, wrapping rows included at stride 1 (a staged pixel is 64 or 128
+// bytes: CHUNKS 4 or 8; at stride 2 a wrapped matrix may take two wavefronts).
+template <int CHUNKS>
 __device__ __forceinline__ int swizzled(int line, int key, int c) {
-  constexpr int kChunks = CG / 8;  // 16-byte chunks per staged pixel
-  return (line * kChunks + (c ^ (key / (8 / kChunks) % kChunks))) * 8;
+  return (line * CHUNKS + (c ^ (key / (8 / CHUNKS) % CHUNKS))) * 8;
 }
 
-template <int CG, int STRIDE>
+template <int CHUNKS, int STRIDE>
 __device__ __forceinline__ int staged_at(const Staging& st, int row, int col, int c) {
   const int pos = STRIDE == 1 ? col : (col % 2) * st.half + col / 2;
-  return swizzled<CG>(row * st.width + pos, row / STRIDE * st.w_out + pos, c);
+  return swizzled<CHUNKS>(row * st.width + pos, row / STRIDE * st.w_out + pos, c);
 }
 
 // Weight rows in shared memory: K rounded up to 16, plus 8 so that a row is an odd
@@ -331,26 +369,30 @@ __host__ __device__ constexpr int weight_row() {
   return (9 * CG + 15) / 16 * 16 + 8;
 }
 
-// Main loop on tensor cores: an implicit GEMM per group, M = pixels, N = channels of
-// the tile, K = 9·cg_in (tap-major, zero-padded to a multiple of 16). The block
-// copies its weights ([TILE][weight_row]) and its input rows (staging(), swizzled,
-// zeros at the padding) into shared memory with 16-byte cp.async, then each warp
-// builds its fragments with ldmatrix (A: the 16 pixels' tap-shifted rows; B: the
-// weight rows) for two m16 tiles (its 32 pixels) x TILE/8 n8 tiles.
+// Main loop on tensor cores: an implicit GEMM per group, M = pixels, N = the group's
+// channels in the tile, K = 9·cg_in (tap-major, zero-padded to a multiple of 16),
+// for each of the tile's TILE / CG groups at 8 and 16 channels per group (one
+// otherwise). The block copies its weights ([TILE][weight_row]) and its input rows
+// (staging(), the tile's groups' channels, swizzled, zeros at the padding) into
+// shared memory with 16-byte cp.async, then each warp builds its fragments with
+// ldmatrix (A: the 16 pixels' tap-shifted rows; B: the weight rows) for two m16
+// tiles (its 32 pixels) x TILE/8 n8 tiles.
 template <typename T, int CG, int STRIDE, int TILE>
 __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int co0, int co_count,
                                              Tile<TILE>& tile) {
   static_assert(TILE % 8 == 0 && CG % 8 == 0 && CG >= 8 && CG <= 64,
                 "the tensor-core path takes 8, 16, 32 or 64 channels per group");
   constexpr int K = 9 * CG, KPAD = (K + 15) / 16 * 16, KS = weight_row<CG>();
-  constexpr int NT = TILE / 8, CHUNKS = CG / 8;
+  constexpr int GT = TILE > CG ? TILE / CG : 1;  // groups in the tile
+  constexpr int NT = TILE / 8, NG = NT / GT;     // n8 tiles: all, and a group's
+  constexpr int SC = (TILE > CG ? TILE : CG) / 8;  // 16-byte chunks a staged pixel
   const Staging st = staging(p);
   const BlockStart start = block_start(p, blockIdx.x);
   const int rows = block_rows(p, st, start, blockIdx.x);
   DYNAMIC_SHARED(T, smem);
   T* const w_s = smem;                     // [TILE][KS]
-  T* const x_s = smem + TILE * KS;         // [rows][width][CG], swizzled
-  T* const zero = x_s + static_cast<long>(rows) * st.width * CG;  // 8 zeros
+  T* const x_s = smem + TILE * KS;         // [rows][width][8·SC], swizzled
+  T* const zero = x_s + static_cast<long>(rows) * st.width * SC * 8;  // 8 zeros
 
   const T* w = static_cast<const T*>(p.wt) + static_cast<long>(co0) * K;
   for (int i0 = 0; i0 < TILE * (KPAD / 8); i0 += kPixels) {
@@ -360,17 +402,18 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
     cp_async<16>(w_s + (active ? n * KS + k : 0), w + (real ? n * K + k : 0), real, active);
   }
   const T* x = static_cast<const T*>(p.x) + g * CG;
-  const int staged = rows * st.width * CHUNKS;
+  const int staged = rows * st.width * SC;
   for (int i0 = 0; i0 < staged; i0 += kPixels) {
     const int i = i0 + threadIdx.x;
-    const int q = i / CHUNKS, row = p.div.width(q), col = q - row * st.width, c = i % CHUNKS;
+    const int q = i / SC, row = p.div.width(q), col = q - row * st.width, c = i % SC;
     const int r = start.oh * p.stride + row;  // padded row of the block's first image, onwards
     const int dimg = p.div.rows(r);
     const long img = start.img + dimg;
     const int ih = r - dimg * st.rows_per_image - 1, iw = col - 1;
-    const bool inside = i < staged && img < p.n && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w;
+    const bool inside = i < staged && img < p.n && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w &&
+                        g * CG + 8 * c < p.c_in;  // the last tile's groups may end early
     const long at = inside ? ((img * p.h + ih) * p.w + iw) * p.c_in + 8 * c : 0;
-    cp_async<16>(x_s + (i < staged ? staged_at<CG, STRIDE>(st, row, col, c) : 0), x + at, inside,
+    cp_async<16>(x_s + (i < staged ? staged_at<SC, STRIDE>(st, row, col, c) : 0), x + at, inside,
                  i < staged);
   }
   cp_async<16>(zero, x, false, threadIdx.x == 0);
@@ -398,11 +441,11 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
       key[mt][kh] = (row + kh) / STRIDE * st.w_out;
     }
   }
-  // The A row of tap `tap` (constant once unrolled), channels [8c, 8c + 8).
+  // The A row of tap `tap` (constant once unrolled), staged channels [8c, 8c + 8).
   auto a_row = [&](int mt, int tap, int c) {
     const int kh = tap / 3, kw = tap % 3;
     const int pos = pos0[mt] + (STRIDE == 1 ? kw : kw % 2 * st.half + kw / 2);
-    return x_s + swizzled<CG>(line[mt][kh] + pos, key[mt][kh] + pos, c);
+    return x_s + swizzled<SC>(line[mt][kh] + pos, key[mt][kh] + pos, c);
   };
   const T* w_row = w_s + (lane % 8 + 8 * (lane / 16 % 2)) * KS + 8 * (lane / 8 % 2);
 
@@ -414,42 +457,52 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
 
-  // One k16 step at k0 from the two m16 tiles' A rows.
-  auto step = [&](int k0, const T* const (&rows)[2]) {
-    uint32_t b[NT][2];
-    if constexpr (NT == 2) {
-      uint32_t r[4];
-      ldmatrix<4>(r, w_row + k0);
-      b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+  // One k16 step at k0 of group gi of the tile, from the two m16 tiles' A rows.
+  auto step = [&](int gi, int k0, const T* const (&rows)[2]) {
+    uint32_t b[NG][2];
+    if constexpr (NG == 1) {
+      ldmatrix<2>(b[0], w_row + 8 * gi * KS + k0);
     } else {
-      ldmatrix<2>(b[0], w_row + k0);
+#pragma unroll
+      for (int q = 0; q < NG; q += 2) {  // n8 tiles q and q + 1: weight rows 8q .. 8q + 15
+        uint32_t r[4];
+        ldmatrix<4>(r, w_row + 8 * (gi * NG + q) * KS + k0);
+        b[q][0] = r[0], b[q][1] = r[1], b[q + 1][0] = r[2], b[q + 1][1] = r[3];
+      }
     }
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
       uint32_t a[4];
       ldmatrix<4>(a, rows[mt]);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) mma_m16n8k16<T>(acc[mt][nt], a, b[nt]);
+      for (int q = 0; q < NG; ++q) mma_m16n8k16<T>(acc[mt][gi * NG + q], a, b[q]);
     }
   };
   if constexpr (CG == 8) {
-    // A k16 step spans taps t (lanes 0-15) and t + 1 (lanes 16-31); the last one's
-    // second half is K padding and reads the zeros.
+    // A k16 step spans taps t (lanes 0-15) and t + 1 (lanes 16-31) of a group (staged
+    // chunk gi); the last one's second half is K padding and reads the zeros.
 #pragma unroll
     for (int t = 0; t < 9; t += 2) {
-      const T* rows[2];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-        rows[mt] = lane < 16 ? a_row(mt, t, 0) : t + 1 < 9 ? a_row(mt, t + 1, 0) : zero;
-      step(8 * t, rows);
+      for (int gi = 0; gi < GT; ++gi) {
+        const T* rows[2];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+          rows[mt] = lane < 16 ? a_row(mt, t, gi) : t + 1 < 9 ? a_row(mt, t + 1, gi) : zero;
+        step(gi, 8 * t, rows);
+      }
     }
   } else {
 #pragma unroll
     for (int tap = 0; tap < 9; ++tap) {
 #pragma unroll
-      for (int c = 0; c < CHUNKS; c += 2) {
-        const T* rows[2] = {a_row(0, tap, c + lane / 16), a_row(1, tap, c + lane / 16)};
-        step(tap * CG + 8 * c, rows);
+      for (int c = 0; c < CG / 8; c += 2) {
+#pragma unroll
+        for (int gi = 0; gi < GT; ++gi) {
+          const int chunk = gi * (CG / 8) + c + lane / 16;
+          const T* rows[2] = {a_row(0, tap, chunk), a_row(1, tap, chunk)};
+          step(gi, tap * CG + 8 * c, rows);
+        }
       }
     }
   }
@@ -497,8 +550,10 @@ inline int staged_rows(const ConvFwdParams& p) {
 template <typename T, int CG>
 inline size_t mainloop_smem(const ConvFwdParams& p) {
   if constexpr (use_mma<T, CG>())
-    return sizeof(T) * (co_tile<CG>() * weight_row<CG>() +
-                        static_cast<size_t>(staged_rows(p)) * staging(p).width * CG + 8);
+    return sizeof(T) * (conv_tile<T, CG>() * weight_row<CG>() +
+                        static_cast<size_t>(staged_rows(p)) * staging(p).width *
+                            (conv_tile<T, CG>() > CG ? conv_tile<T, CG>() : CG) +
+                        8);
   return sizeof(float) * co_tile<CG>() * 9 * imin(p.c_in / p.groups, channel_chunk<CG>());
 }
 

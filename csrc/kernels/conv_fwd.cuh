@@ -21,8 +21,9 @@
 // Eval runs only kWrite, which folds the running statistics into scale/shift itself.
 //
 // Work split: a block of kPixels threads covers kPixels output pixels (one per
-// thread) and a tile of min(channels per group, kCoTile) output channels of one
-// group (grid.y = groups x channel tiles). Main loop: fp16/bf16 from 8 channels per
+// thread) and a tile of conv_tile() output channels (channel_tile: 32 on tensor
+// cores, whole groups at 8 and 16 channels per group; on CUDA cores up to 16 of one
+// group; grid.y = the tiles). Main loop: fp16/bf16 from 8 channels per
 // group up on tensor cores (input rows and weights staged with cp.async, fragments
 // by ldmatrix, mma.sync m16n8k16 with fp32 accumulation), everything else on CUDA
 // cores (fp32 FMA, weights staged as fp32). Both leave the tile's conv results in
@@ -45,12 +46,9 @@ struct FwdShared {
 // CG: channels per group (in = out), 0 for any other width; STRIDE: 1 or 2.
 template <typename T, int CG, int STRIDE, Pass PASS>
 __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
-  constexpr int TILE = co_tile<CG>();
-  const int cg_out = CG ? CG : p.c_out / p.groups;
-  const int tiles = (cg_out + TILE - 1) / TILE;
-  const int g = blockIdx.y / tiles;
-  const int co0 = g * cg_out + (blockIdx.y % tiles) * TILE;  // first output channel
-  const int co_count = imin(TILE, g * cg_out + cg_out - co0);
+  constexpr int TILE = conv_tile<T, CG>();
+  const ChannelTile t = channel_tile<CG, TILE>(p.c_out, p.groups);
+  const int g = t.g, co0 = t.c0, co_count = t.count;
 
   // Eval folds BatchNorm here (scale = γ·rsqrt(var + ε), fp32, as torch.rsqrt did in
   // the glue before), published by the main loop's barriers: lane c < TILE of warp 0
@@ -85,18 +83,21 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if constexpr (PASS != Pass::kStats) {
-    // Pixel i of the block, channel co, as stored: relu(conv·scale + shift) or raw.
-    auto value = [&](int co, int i) {
-      const float v = load_shared(tile.at(co, i));
+    // Pixel i of the block, channel co, as stored: relu(conv·scale + shift) or raw
+    // (`live` false: a channel past the tile's end, read predicated off).
+    auto value = [&](int co, int i, bool live) {
+      const float v = load_shared(tile.at(co, i), live);
       if constexpr (PASS == Pass::kWrite)
-        return from_float<T>(relu(fmaf(v, load_shared(&fold[0][co]), load_shared(&fold[1][co]))));
+        return from_float<T>(
+            relu(fmaf(v, load_shared(&fold[0][co], live), load_shared(&fold[1][co], live))));
       return from_float<T>(v);
     };
     if constexpr (CG != 0) {
-      // A pixel's TILE channels are contiguous (and TILE·sizeof(T)-aligned: C_out and
-      // co0 are multiples of TILE): V vectors of 16 bytes (one of 8 at 4 channels of
+      // A pixel's tile of channels is contiguous and aligned to the vectors' size
+      // (C_out and co0 are multiples of their channel count): V vectors of 16 bytes (one of 8 at 4 channels of
       // fp16/bf16). The V lanes of a pixel store its vectors side by side, so a warp
-      // store writes 32/V whole pixels, one 128-byte line each.
+      // store writes 32/V whole pixels, one 128-byte line each. A tile of whole groups
+      // may end early (co_count < TILE, at a multiple of 8 channels: whole vectors).
       constexpr int kBytes = TILE * static_cast<int>(sizeof(T)) < 16 ? 8 : 16;
       constexpr int kPer = kBytes / static_cast<int>(sizeof(T));
       constexpr int V = TILE / kPer;
@@ -104,10 +105,10 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
       for (int s = 0; s < V; ++s) {
         const int i = warp * 32 + s * (32 / V) + lane / V, c0 = lane % V * kPer;
         const long pix = static_cast<long>(blockIdx.x) * kPixels + i;
-        const bool valid = pix < pixels;
+        const bool live = c0 < co_count, valid = pix < pixels && live;
         T out[kPer];
 #pragma unroll
-        for (int j = 0; j < kPer; ++j) out[j] = value(c0 + j, i);
+        for (int j = 0; j < kPer; ++j) out[j] = value(c0 + j, i, live);
         Vec packed;
         std::memcpy(&packed, out, kBytes);
         T* y = static_cast<T*>(p.y) + (valid ? pix * p.c_out + co0 + c0 : 0);
@@ -117,7 +118,7 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
       const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
       const bool valid = pix < pixels;
       T* y = static_cast<T*>(p.y) + (valid ? pix * p.c_out + co0 : 0);
-      for (int co = 0; co < co_count; ++co) store_global(y + co, value(co, threadIdx.x), valid);
+      for (int co = 0; co < co_count; ++co) store_global(y + co, value(co, threadIdx.x, true), valid);
     }
   }
   if constexpr (PASS != Pass::kWrite) {
@@ -230,9 +231,8 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(FinalizePara
 
 template <typename T, int CG, int STRIDE>
 void launch_typed(const ConvFwdParams& p, Pass pass, void* stream) {
-  constexpr int TILE = co_tile<CG>();
-  const int cg_out = p.c_out / p.groups;
-  const dim3 grid(conv_fwd_blocks_x(p), p.groups * ((cg_out + TILE - 1) / TILE));
+  constexpr int TILE = conv_tile<T, CG>();
+  const dim3 grid(conv_fwd_blocks_x(p), channel_tiles<CG, TILE>(p.c_out, p.groups));
   const size_t smem = mainloop_smem<T, CG>(p);
   void (*kernel)(ConvFwdParams) = pass == Pass::kStats ? conv_fwd_kernel<T, CG, STRIDE, Pass::kStats>
                                   : pass == Pass::kStatsRaw
