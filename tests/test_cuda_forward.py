@@ -63,12 +63,13 @@ def test_emulated_forward_matches_reference(width, stride, dtype, training, stra
     torch.testing.assert_close(rv.double(), rv64, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("width,groups", [(8, 5), (16, 3), (8, 9)])
+@pytest.mark.parametrize("width,groups", [(8, 5), (8, 6), (8, 7), (16, 3)])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_emulated_forward_tiles_of_whole_groups(width, groups, stride, training):
     """At 8 and 16 channels per group a tensor-core block owns 32 channels, whole
-    groups: full tiles, and a last tile that ends after 1, 2 or 3 of its groups."""
+    groups: full tiles, and a last tile that ends after 1, 2 or 3 of its groups (of
+    8 channels; after 1 of 16)."""
     problem = Problem(2, groups * width, groups * width, 6, 5, groups, stride)
     gen = torch.Generator().manual_seed(groups * 10 + width + stride)
     args = make_arguments(problem, torch.bfloat16, channels_last=True, generator=gen)

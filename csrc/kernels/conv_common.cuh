@@ -203,8 +203,9 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 // warp instructions that touch several channels at once are conflict-free: the mma
 // accumulator stores (channels 2t and 2t + 1 for t = lane % 4, of one n8 tile) and
 // the epilogue's vector reads (channels k·TILE/V + j for the V vectors k of a pixel:
-// 2 or 4 vectors of 8 channels, 2 or 4 of 4). A warp reading one channel's row, as
-// the other readers do, reads a permutation of it.
+// 2 or 4 vectors of 8 channels, 2 or 4 of 4). A warp reading one channel's row (the
+// statistics, the CUDA-core loop) reads a permutation of it; the backward reduce's
+// lanes, one channel each at one pixel, take 4 banks (8-way where 32 channels).
 template <int TILE>
 struct Tile {
   float vals[TILE][kPixels];
@@ -428,7 +429,8 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
   // for the three tap rows and its position at tap (kh, 0); a pixel past the last
   // one reads the last one's rows (its accumulators are never stored).
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const long left = static_cast<long>(p.n) * p.h_out * p.w_out - blockIdx.x * kPixels;
+  const long left =
+      static_cast<long>(p.n) * p.h_out * p.w_out - static_cast<long>(blockIdx.x) * kPixels;
   const int last = static_cast<int>(left < kPixels ? left : kPixels) - 1;
   int line[2][3], key[2][3], pos0[2];
 #pragma unroll
