@@ -225,11 +225,11 @@ __host__ __device__ constexpr int channel_chunk() {
 }
 
 // The tensor-core main loop's staged input: every padded input row its block's
-// pixels read, whole (columns iw = -1 .. W, so the taps need no bounds checks), for
-// the block's group. Padded input row r of image i (ih = r - 1) is "virtual row"
-// i·rows_per_image + r, so that output row oh of image i reads virtual rows
-// i·rows_per_image + oh·S + kh, and consecutive images' rows follow one another: a
-// block stages one contiguous range of virtual rows.
+// pixels read, whole (columns iw = -1 .. W, so the taps need no bounds checks), in
+// the channels of the block's groups. Padded input row r of image i (ih = r - 1) is
+// "virtual row" i·rows_per_image + r, so that output row oh of image i reads
+// virtual rows i·rows_per_image + oh·S + kh, and consecutive images' rows follow one
+// another: a block stages one contiguous range of virtual rows.
 struct Staging {
   int rows_per_image;  // (H_out - 1)·S + 3 padded input rows
   int width;           // W + 2 staged columns
