@@ -208,11 +208,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   const auto f32 = input.options().dtype(at::kFloat);
   const at::Tensor gamma = fp32(bn_weight), beta = fp32(bn_bias);
 
-  at::Tensor mean, var, scale, shift;
+  at::Tensor mean, var, scale, shift, running_m, running_v;
   bool written = false;  // out already holds the final values
   if (training) {
-    mean = at::zeros({c_out}, f32);
-    var = at::ones({c_out}, f32);
+    // finalize writes every channel's statistics; with no pixels they stay (0, 1).
+    mean = conv.empty() ? at::zeros({c_out}, f32) : at::empty({c_out}, f32);
+    var = conv.empty() ? at::ones({c_out}, f32) : at::empty({c_out}, f32);
+    poison(mean);
+    poison(var);
     scale = at::empty({c_out}, f32);
     shift = at::empty({c_out}, f32);
     if (!conv.empty()) {
@@ -241,13 +244,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   } else {
     check_vector("running_mean", *running_mean, c_out, input);
     check_vector("running_var", *running_var, c_out, input);
-    mean = running_mean->to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
-    var = running_var->to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
-    // The kWrite pass folds scale and shift from these itself: no torch ops between.
+    // The kWrite pass folds scale and shift from the running statistics itself and
+    // copies them to the returned mean and var (fresh tensors: an op's outputs never
+    // alias its inputs): no torch ops between, none at all for fp32 statistics.
+    running_m = fp32(*running_mean);  // live until the launch reads them
+    running_v = fp32(*running_var);
+    if (conv.empty()) {
+      mean = running_m.clone();
+      var = running_v.clone();
+    } else {
+      mean = at::empty({c_out}, f32);
+      var = at::empty({c_out}, f32);
+      poison(mean);
+      poison(var);
+      p.mean_out = mean.data_ptr<float>();
+      p.var_out = var.data_ptr<float>();
+    }
     p.bn_gamma = gamma.data_ptr<float>();
     p.bn_beta = beta.data_ptr<float>();
-    p.bn_mean = mean.data_ptr<float>();
-    p.bn_var = var.data_ptr<float>();
+    p.bn_mean = running_m.data_ptr<float>();
+    p.bn_var = running_v.data_ptr<float>();
     p.eps = static_cast<float>(eps);
   }
   if (!conv.empty() && !written) {

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from resnext_kernels import available_backends, fused_group_conv_bn_relu
+from resnext_kernels.backends import resolve
 from resnext_kernels.testing import (REL_TOLERANCE, Problem, make_arguments, pytorch_same_dtype,
                                      rel_error)
 
@@ -79,6 +80,25 @@ def test_emulated_forward_tiles_of_whole_groups(width, groups, stride, training)
     assert rel_error(out, ref) <= REL_TOLERANCE[torch.bfloat16]
     torch.testing.assert_close(rm.double(), rm64, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rv.double(), rv64, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,stats_dtype,n", [
+    (torch.bfloat16, torch.float32, 3), (torch.float16, torch.float16, 3),
+    (torch.float32, torch.float32, 3), (torch.bfloat16, torch.float32, 0)],
+    ids=["bf16-fp32-stats", "fp16-fp16-stats", "fp32", "empty"])
+def test_emulated_eval_returns_the_running_statistics(dtype, stats_dtype, n):
+    """Eval's returned (mean, var) are fresh fp32 copies of the running statistics,
+    exact: the conv pass's pixel block 0 writes them for every channel tile (three
+    tiles of 32 channels and several pixel blocks here), the glue where no block runs."""
+    problem = Problem(max(n, 1), 96, 96, 12, 11, 12, 1)
+    gen = torch.Generator().manual_seed(n + 7)
+    x, w, g, b, rm, rv = make_arguments(problem, dtype, channels_last=True, generator=gen)
+    rm, rv = rm.to(stats_dtype), rv.to(stats_dtype)
+    ops = resolve("cuda_emulated", x).ops
+    _, mean, var = ops.forward(x[:n], w, g, b, rm, rv, 1, 12, 1e-5, False)
+    for got, running in ((mean, rm), (var, rv)):
+        assert got.dtype == torch.float32 and got.data_ptr() != running.data_ptr()
+        assert torch.equal(got, running.float())
 
 
 @pytest.mark.parametrize("offset", [100.0, 1000.0])

@@ -363,6 +363,13 @@ __device__ __forceinline__ int staged_at(const Staging& st, int row, int col, in
   return swizzled<CHUNKS>(row * st.width + pos, row / STRIDE * st.w_out + pos, c);
 }
 
+// Channels of a staged input pixel on tensor cores: the tile's groups' (TILE) where
+// a tile holds whole groups, the whole group's (CG) where a tile is part of one.
+template <int CG, int TILE>
+__host__ __device__ constexpr int staged_channels() {
+  return TILE > CG ? TILE : CG;
+}
+
 // Weight rows in shared memory: K rounded up to 16, plus 8 so that a row is an odd
 // number of 16-byte chunks and ldmatrix's 8 rows hit 8 different bank groups.
 template <int CG>
@@ -386,7 +393,7 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
   constexpr int K = 9 * CG, KPAD = (K + 15) / 16 * 16, KS = weight_row<CG>();
   constexpr int GT = TILE > CG ? TILE / CG : 1;  // groups in the tile
   constexpr int NT = TILE / 8, NG = NT / GT;     // n8 tiles: all, and a group's
-  constexpr int SC = (TILE > CG ? TILE : CG) / 8;  // 16-byte chunks a staged pixel
+  constexpr int SC = staged_channels<CG, TILE>() / 8;  // 16-byte chunks a staged pixel
   const Staging st = staging(p);
   const BlockStart start = block_start(p, blockIdx.x);
   const int rows = block_rows(p, st, start, blockIdx.x);
@@ -554,7 +561,7 @@ inline size_t mainloop_smem(const ConvFwdParams& p) {
   if constexpr (use_mma<T, CG>())
     return sizeof(T) * (conv_tile<T, CG>() * weight_row<CG>() +
                         static_cast<size_t>(staged_rows(p)) * staging(p).width *
-                            (conv_tile<T, CG>() > CG ? conv_tile<T, CG>() : CG) +
+                            staged_channels<CG, conv_tile<T, CG>()>() +
                         8);
   return sizeof(float) * co_tile<CG>() * 9 * imin(p.c_in / p.groups, channel_chunk<CG>());
 }

@@ -52,7 +52,9 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
 
   // Eval folds BatchNorm here (scale = γ·rsqrt(var + ε), fp32, as torch.rsqrt did in
   // the glue before), published by the main loop's barriers: lane c < TILE of warp 0
-  // computes channel c's scale and shift. The second pass of training takes finalize's.
+  // computes channel c's scale and shift, and in pixel block 0 copies the channel's
+  // running statistics to the op's returned ones (no copy launches in the glue). The
+  // second pass of training takes finalize's.
   STATIC_SHARED(FwdShared<TILE>, shared);
   float(&fold)[2][TILE] = shared.fold;
   if constexpr (PASS == Pass::kWrite) {
@@ -66,9 +68,12 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
         scale = load_global(p.scale + at, mine);
         shift = load_global(p.shift + at, mine);
       } else {
-        const float var = load_global(p.bn_var + at, mine);
+        const float mean = load_global(p.bn_mean + at, mine), var = load_global(p.bn_var + at, mine);
         scale = load_global(p.bn_gamma + at, mine) * inv_sqrt(var + p.eps);
-        shift = load_global(p.bn_beta + at, mine) - load_global(p.bn_mean + at, mine) * scale;
+        shift = load_global(p.bn_beta + at, mine) - mean * scale;
+        const bool copy = mine && blockIdx.x == 0 && p.mean_out != nullptr;
+        store_global(p.mean_out + (copy ? at : 0), mean, copy);
+        store_global(p.var_out + (copy ? at : 0), var, copy);
       }
       store_shared(&fold[0][c], scale, mine);
       store_shared(&fold[1][c], shift, mine);

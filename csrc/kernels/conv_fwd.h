@@ -48,6 +48,8 @@ struct ConvFwdParams {
   const float* bn_beta;   // [C_out]   beta - mean * scale, once per block and channel
   const float* bn_mean;   // [C_out] running statistics, fp32
   const float* bn_var;    // [C_out]
+  float* mean_out;        // [C_out] eval: the blocks of pixel block 0 copy bn_mean and
+  float* var_out;         //   bn_var here (the statistics the op returns); or nullptr
   float eps;
   float* partial;       // [blocks_x, C_out, 3]: per pixel block (count, mean, M2) (training)
   int n, h, w, c_in, c_out, groups, stride, h_out, w_out;
