@@ -21,7 +21,9 @@ NAMES = ("input", "weight", "bn_weight", "bn_bias")
 
 
 def problem_for(width, stride, even=False):
-    groups = 3 if width <= 16 else 2
+    # 6 groups of 4: packed pairs on tensor cores, a tile with 24 of its 32 channels (an
+    # odd number of 4-channel groups runs the generic kernels)
+    groups = 6 if width == 4 else 3 if width <= 16 else 2
     if stride == 2:
         n, h, w = (2, 8, 6) if even else (1, 9, 7)
     else:
@@ -92,6 +94,26 @@ def test_emulated_gradients_match_reference(width, stride, dtype, xhat, training
     assert got[0].is_contiguous(memory_format=torch.channels_last) == channels_last
     baseline = None if dtype == torch.float32 else pytorch_gradients(args, problem, training, grad)
     check_gradients(got, want, dtype, baseline)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_packed_groups_keep_a_non_finite_input_in_its_group(training):
+    """At 4 channels per group the passes that recompute the conv multiply pairs of
+    groups block-diagonally: an infinity in one group's input gives non-finite
+    gradients where the float64 reference does, and nowhere else."""
+    problem = Problem(2, 64, 64, 6, 9, 16, 1)
+    gen = torch.Generator().manual_seed(17)
+    x, *rest = make_arguments(problem, torch.bfloat16, channels_last=True, generator=gen)
+    x = x.clone()
+    x[1, 9, 2, 4] = float("inf")  # group 2, the even member of a pair
+    args = [x, *rest]
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
+    got = gradients("cuda_emulated", args, problem, training, grad)
+    want = gradients("reference", args, problem, training, grad, dtype=torch.float64)
+    for name, g, r in zip(NAMES, got, want):
+        assert torch.equal(g.isfinite(), r.isfinite()), name
+        assert r.isfinite().any(), name
+    assert not want[1].isfinite().all()
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

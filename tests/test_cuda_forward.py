@@ -18,7 +18,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def problem_for(width, stride):
-    groups = 3 if width <= 16 else 2
+    # 6 groups of 4: packed pairs on tensor cores, a tile with 24 of its 32 channels (an
+    # odd number of 4-channel groups runs the generic kernels)
+    groups = 6 if width == 4 else 3 if width <= 16 else 2
     n, h, w = (1, 9, 7) if stride == 2 else (2, 7, 5)
     return Problem(n, groups * width, groups * width, h, w, groups, stride)
 
@@ -64,13 +66,14 @@ def test_emulated_forward_matches_reference(width, stride, dtype, training, stra
     torch.testing.assert_close(rv.double(), rv64, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("width,groups", [(8, 5), (8, 6), (8, 7), (16, 3)])
+@pytest.mark.parametrize("width,groups", [(8, 5), (8, 6), (8, 7), (16, 3), (4, 10), (4, 3)])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_emulated_forward_tiles_of_whole_groups(width, groups, stride, training):
-    """At 8 and 16 channels per group a tensor-core block owns 32 channels, whole
+    """At 4, 8 and 16 channels per group a tensor-core block owns 32 channels, whole
     groups: full tiles, and a last tile that ends after 1, 2 or 3 of its groups (of
-    8 channels; after 1 of 16)."""
+    8 channels; after 1 of 16; after a pair of 4). An odd number of 4-channel groups
+    runs the generic kernels."""
     problem = Problem(2, groups * width, groups * width, 6, 5, groups, stride)
     gen = torch.Generator().manual_seed(groups * 10 + width + stride)
     args = make_arguments(problem, torch.bfloat16, channels_last=True, generator=gen)
@@ -80,6 +83,37 @@ def test_emulated_forward_tiles_of_whole_groups(width, groups, stride, training)
     assert rel_error(out, ref) <= REL_TOLERANCE[torch.bfloat16]
     torch.testing.assert_close(rm.double(), rm64, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rv.double(), rv64, atol=1e-5, rtol=1e-5)
+
+
+def with_non_finite_values(x):
+    """x (N, 64, H, W) with a NaN and two infinities, in groups 0, 2 and 7 of 4 channels
+    (the even or odd member of a packed pair), one at a corner, one in the last column."""
+    x = x.clone()
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 9, 0, 0] = float("inf")
+    x[1, 30, 4, -1] = float("-inf")
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_emulated_packed_groups_keep_non_finite_values_in_their_group(dtype, stride, training):
+    """At 4 channels per group the tensor cores multiply pairs of groups with
+    block-diagonal weights: a NaN or an infinity in one group's input must not reach the
+    other group's outputs through the zeros (0 x Inf = NaN). The float64 reference's
+    NaN and Inf pattern, and its finite values."""
+    problem = Problem(2, 64, 64, 6, 9, 16, stride)
+    gen = torch.Generator().manual_seed(40 + stride)
+    x, w, g, b, rm, rv = make_arguments(problem, dtype, channels_last=True, generator=gen)
+    args = [with_non_finite_values(x), w, g, b, rm, rv]
+    out, _, _ = run("cuda_emulated", args, problem, training)
+    ref, _, _ = run("reference", [t.double() for t in args], problem, training)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.isinf(), ref.isinf())
+    assert ref.isnan().any() and ref.isfinite().any()
+    finite = ref.isfinite()
+    assert rel_error(out[finite], ref[finite]) <= REL_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype,stats_dtype,n", [

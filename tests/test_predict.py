@@ -116,6 +116,19 @@ def test_binding_ceiling():
     assert row["ceilings_ms"]["tensor"] == pytest.approx(2048e6 / h["wgmma_rate"] * 1e3)
     (row,) = perfmodel.model_pass([dot], {})  # no compiled code: the counters' kind
     assert row["mma_rate"] == "wgmma" and row["mma_replication"] == 1.0
+    # An nvcc kernel's loop whose mma ran once a warp (a retry loop, 8 HMMA a trip, a
+    # 500-instruction kernel around it) charges the whole kernel; one that ran twice
+    # a warp is a hot loop, charged per trip.
+    retry = {"k": {"instructions_per_mma": 30, "instructions": 500, "loop": (16, 256),
+                   "counts": {"HMMA": 8}}}
+    once = launch(range(10), mma=8, executed_macs=8 * 2048, mma_kind="mma.sync")
+    once.backend = "cuda"
+    (row,) = perfmodel.model_pass([once], retry)
+    assert row["issue_instructions"] == 500
+    twice = launch(range(10), mma=16, executed_macs=16 * 2048, mma_kind="mma.sync")
+    twice.backend = "cuda"
+    (row,) = perfmodel.model_pass([twice], retry)
+    assert row["issue_instructions"] == 16 * 30
     glue = launch([])
     (row,) = perfmodel.model_pass([glue], {})
     assert row["bound"] == "launch" and row["modeled_ms"] == h["launch_overhead"] * 1e3
@@ -165,7 +178,7 @@ def test_counted_window_scales_to_the_grid():
     """Counting 1/10 of the blocks gives about the same totals as counting them all."""
     from resnext_kernels.bench.count_cuda import count_pass
 
-    problem = testing.Problem(8, 64, 64, 28, 28, 16, 1)
+    problem = testing.Problem(16, 64, 64, 28, 28, 16, 1)  # 196 blocks of 32 channels
     whole = count_pass(problem, "eval", torch.float16, waves=100)[0]
     window = count_pass(problem, "eval", torch.float16, waves=0.05, warmup_waves=0.02)[0]
     assert window.sampled_blocks < whole.blocks / 5

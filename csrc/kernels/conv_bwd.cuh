@@ -347,8 +347,7 @@ void dispatch(const ConvFwdParams& p, Fn&& fn) {
   auto by_width = [&](auto type, auto stride) {
     using T = decltype(type);
     constexpr int S = decltype(stride)::value;
-    const int cg_in = p.c_in / p.groups, cg_out = p.c_out / p.groups;
-    switch (cg_in == cg_out ? cg_in : 0) {
+    switch (instantiated_width<T>(p)) {
       case 4: return fn(BwdLauncher<T, 4, S>{});
       case 8: return fn(BwdLauncher<T, 8, S>{});
       case 16: return fn(BwdLauncher<T, 16, S>{});

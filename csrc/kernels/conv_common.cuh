@@ -71,10 +71,17 @@ __host__ __device__ constexpr int co_tile() {
 }
 
 // Tensor cores (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate) for half-precision
-// inputs from 8 channels per group up; CUDA-core FMA otherwise (fp32 stays fp32-exact).
+// inputs from 4 channels per group up; CUDA-core FMA otherwise (fp32 stays fp32-exact).
 template <typename T, int CG>
 __host__ __device__ constexpr bool use_mma() {
-  return !std::is_same_v<T, float> && CG >= 8;
+  return !std::is_same_v<T, float> && CG >= 4;
+}
+
+// The group width the tensor cores see: at 4 channels per group a pair of groups,
+// packed block-diagonally (the weights zero across the pair), as one of 8.
+template <int CG>
+__host__ __device__ constexpr int mma_width() {
+  return CG == 4 ? 8 : CG;
 }
 
 // Output channels per block of the conv passes (forward, and the backward passes
@@ -370,30 +377,48 @@ __host__ __device__ constexpr int staged_channels() {
   return TILE > CG ? TILE : CG;
 }
 
-// Weight rows in shared memory: K rounded up to 16, plus 8 so that a row is an odd
-// number of 16-byte chunks and ldmatrix's 8 rows hit 8 different bank groups.
+// Weight rows in shared memory: K (of the width the tensor cores see) rounded up to
+// 16, plus 8 so that a row is an odd number of 16-byte chunks and ldmatrix's 8 rows
+// hit 8 different bank groups.
 template <int CG>
 __host__ __device__ constexpr int weight_row() {
-  return (9 * CG + 15) / 16 * 16 + 8;
+  return (9 * mma_width<CG>() + 15) / 16 * 16 + 8;
+}
+
+// Whether v is an infinity or a NaN.
+__device__ __forceinline__ bool non_finite(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return (bits & 0x7f800000u) == 0x7f800000u;
 }
 
 // Main loop on tensor cores: an implicit GEMM per group, M = pixels, N = the group's
 // channels in the tile, K = 9·cg_in (tap-major, zero-padded to a multiple of 16),
 // for each of the tile's TILE / CG groups at 8 and 16 channels per group (one
-// otherwise). The block copies its weights ([TILE][weight_row]) and its input rows
+// otherwise; at 4, pairs of groups as one of 8 with block-diagonal weights:
+// mma_width). The block copies its weights ([TILE][weight_row]) and its input rows
 // (staging(), the tile's groups' channels, swizzled, zeros at the padding) into
-// shared memory with 16-byte cp.async, then each warp builds its fragments with
-// ldmatrix (A: the 16 pixels' tap-shifted rows; B: the weight rows) for two m16
-// tiles (its 32 pixels) x TILE/8 n8 tiles.
+// shared memory with cp.async (16 bytes; the packed weights 8), then each warp
+// builds its fragments with ldmatrix (A: the 16 pixels' tap-shifted rows; B: the
+// weight rows) for two m16 tiles (its 32 pixels) x TILE/8 n8 tiles.
+//
+// Packed pairs and non-finite inputs: an Inf or NaN in one group's input would reach
+// the other group's outputs through the zero weights (0 x Inf = NaN). It makes its
+// pixel's results non-finite in every channel of the pair, so the block votes on its
+// results: where any is not finite, it runs the loop twice more, with the staged
+// channels of the pairs' odd, then even, groups zeroed, and keeps the even, then odd,
+// groups' results: the products and the NaN pattern of one group at a time.
 template <typename T, int CG, int STRIDE, int TILE>
 __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int co0, int co_count,
                                              Tile<TILE>& tile) {
-  static_assert(TILE % 8 == 0 && CG % 8 == 0 && CG >= 8 && CG <= 64,
-                "the tensor-core path takes 8, 16, 32 or 64 channels per group");
-  constexpr int K = 9 * CG, KPAD = (K + 15) / 16 * 16, KS = weight_row<CG>();
-  constexpr int GT = TILE > CG ? TILE / CG : 1;  // groups in the tile
+  static_assert(TILE % 8 == 0 && (CG == 4 || CG % 8 == 0) && CG <= 64,
+                "the tensor-core path takes 4, 8, 16, 32 or 64 channels per group");
+  constexpr bool PACKED = CG == 4;
+  constexpr int CW = mma_width<CG>();
+  constexpr int K = 9 * CW, KPAD = (K + 15) / 16 * 16, KS = weight_row<CG>();
+  constexpr int GT = TILE > CW ? TILE / CW : 1;  // (packed) groups in the tile
   constexpr int NT = TILE / 8, NG = NT / GT;     // n8 tiles: all, and a group's
-  constexpr int SC = staged_channels<CG, TILE>() / 8;  // 16-byte chunks a staged pixel
+  constexpr int SC = staged_channels<CW, TILE>() / 8;  // 16-byte chunks a staged pixel
   const Staging st = staging(p);
   const BlockStart start = block_start(p, blockIdx.x);
   const int rows = block_rows(p, st, start, blockIdx.x);
@@ -401,29 +426,62 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
   T* const w_s = smem;                     // [TILE][KS]
   T* const x_s = smem + TILE * KS;         // [rows][width][8·SC], swizzled
   T* const zero = x_s + static_cast<long>(rows) * st.width * SC * 8;  // 8 zeros
+  int* const votes = reinterpret_cast<int*>(zero + 8);  // packed: a flag per warp
 
-  const T* w = static_cast<const T*>(p.wt) + static_cast<long>(co0) * K;
-  for (int i0 = 0; i0 < TILE * (KPAD / 8); i0 += kPixels) {
-    const int i = i0 + threadIdx.x;
-    const int n = i / (KPAD / 8), k = i % (KPAD / 8) * 8;
-    const bool active = i < TILE * (KPAD / 8), real = active && n < co_count && k < K;
-    cp_async<16>(w_s + (active ? n * KS + k : 0), w + (real ? n * K + k : 0), real, active);
+  const T* w = static_cast<const T*>(p.wt) + static_cast<long>(co0) * 9 * CG;
+  if constexpr (PACKED) {
+    // Row n, tap t: the row's 4 weights in half n / 4 % 2 of the tap's 8 k (its
+    // group's channels in the pair), zeros in the other half and the K padding.
+    for (int i0 = 0; i0 < TILE * (KPAD / 4); i0 += kPixels) {
+      const int i = i0 + threadIdx.x;
+      const int n = i / (KPAD / 4), k = i % (KPAD / 4) * 4;
+      const bool active = i < TILE * (KPAD / 4);
+      const bool real = active && n < co_count && k < K && k / 4 % 2 == n / 4 % 2;
+      cp_async<8>(w_s + (active ? n * KS + k : 0), w + (real ? n * 9 * CG + k / 8 * CG : 0), real,
+                  active);
+    }
+  } else {
+    for (int i0 = 0; i0 < TILE * (KPAD / 8); i0 += kPixels) {
+      const int i = i0 + threadIdx.x;
+      const int n = i / (KPAD / 8), k = i % (KPAD / 8) * 8;
+      const bool active = i < TILE * (KPAD / 8), real = active && n < co_count && k < K;
+      cp_async<16>(w_s + (active ? n * KS + k : 0), w + (real ? n * K + k : 0), real, active);
+    }
   }
   const T* x = static_cast<const T*>(p.x) + g * CG;
   const int staged = rows * st.width * SC;
-  for (int i0 = 0; i0 < staged; i0 += kPixels) {
-    const int i = i0 + threadIdx.x;
-    const int q = i / SC, row = p.div.width(q), col = q - row * st.width, c = i % SC;
-    const int r = start.oh * p.stride + row;  // padded row of the block's first image, onwards
-    const int dimg = p.div.rows(r);
-    const long img = start.img + dimg;
-    const int ih = r - dimg * st.rows_per_image - 1, iw = col - 1;
-    const bool inside = i < staged && img < p.n && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w &&
-                        g * CG + 8 * c < p.c_in;  // the last tile's groups may end early
-    const long at = inside ? ((img * p.h + ih) * p.w + iw) * p.c_in + 8 * c : 0;
-    cp_async<16>(x_s + (i < staged ? staged_at<SC, STRIDE>(st, row, col, c) : 0), x + at, inside,
-                 i < staged);
-  }
+  // Staged chunk i (thread i % kPixels copies it): its row, column and 16-byte chunk.
+  auto chunk = [&](int i, int& row, int& col, int& c) {
+    const int q = i / SC;
+    row = p.div.width(q), col = q - row * st.width, c = i % SC;
+  };
+  auto stage_x = [&]() {
+    for (int i0 = 0; i0 < staged; i0 += kPixels) {
+      const int i = i0 + threadIdx.x;
+      int row, col, c;
+      chunk(i, row, col, c);
+      const int r = start.oh * p.stride + row;  // padded row of the block's first image, onwards
+      const int dimg = p.div.rows(r);
+      const long img = start.img + dimg;
+      const int ih = r - dimg * st.rows_per_image - 1, iw = col - 1;
+      const bool inside = i < staged && img < p.n && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w &&
+                          g * CG + 8 * c < p.c_in;  // the last tile's groups may end early
+      const long at = inside ? ((img * p.h + ih) * p.w + iw) * p.c_in + 8 * c : 0;
+      cp_async<16>(x_s + (i < staged ? staged_at<SC, STRIDE>(st, row, col, c) : 0), x + at, inside,
+                   i < staged);
+    }
+  };
+  // Zeros over half h (4 channels: the pairs' even or odd groups) of this thread's chunks.
+  auto zero_half = [&](int h) {
+    for (int i0 = 0; i0 < staged; i0 += kPixels) {
+      const int i = i0 + threadIdx.x;
+      int row, col, c;
+      chunk(i, row, col, c);
+      T* const at = x_s + (i < staged ? staged_at<SC, STRIDE>(st, row, col, c) : 0) + 4 * h;
+      store_shared(reinterpret_cast<uint2*>(at), uint2{0u, 0u}, i < staged);
+    }
+  };
+  stage_x();
   cp_async<16>(zero, x, false, threadIdx.x == 0);
   cp_async_commit();
   cp_async_wait<0>();
@@ -458,72 +516,107 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
   };
   const T* w_row = w_s + (lane % 8 + 8 * (lane / 16 % 2)) * KS + 8 * (lane / 8 % 2);
 
-  float acc[2][NT][4];
+  // keep: whose results a run stores: -1 every channel's; packed, 0 or 1 the pairs'
+  // even or odd groups' (accumulator columns 2t, 2t + 1 of an n8 tile lie in half
+  // t / 2, t = lane % 4).
+  for (int keep = -1;;) {
+    float acc[2][NT][4];
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
+        for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
 
-  // One k16 step at k0 of group gi of the tile, from the two m16 tiles' A rows.
-  auto step = [&](int gi, int k0, const T* const (&rows)[2]) {
-    uint32_t b[NG][2];
-    if constexpr (NG == 1) {
-      ldmatrix<2>(b[0], w_row + 8 * gi * KS + k0);
-    } else {
+    // One k16 step at k0 of group gi of the tile, from the two m16 tiles' A rows.
+    auto step = [&](int gi, int k0, const T* const (&a_rows)[2]) {
+      uint32_t b[NG][2];
+      if constexpr (NG == 1) {
+        ldmatrix<2>(b[0], w_row + 8 * gi * KS + k0);
+      } else {
 #pragma unroll
-      for (int q = 0; q < NG; q += 2) {  // n8 tiles q and q + 1: weight rows 8q .. 8q + 15
-        uint32_t r[4];
-        ldmatrix<4>(r, w_row + 8 * (gi * NG + q) * KS + k0);
-        b[q][0] = r[0], b[q][1] = r[1], b[q + 1][0] = r[2], b[q + 1][1] = r[3];
+        for (int q = 0; q < NG; q += 2) {  // n8 tiles q and q + 1: weight rows 8q .. 8q + 15
+          uint32_t r[4];
+          ldmatrix<4>(r, w_row + 8 * (gi * NG + q) * KS + k0);
+          b[q][0] = r[0], b[q][1] = r[1], b[q + 1][0] = r[2], b[q + 1][1] = r[3];
+        }
       }
-    }
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      uint32_t a[4];
-      ldmatrix<4>(a, rows[mt]);
+      for (int mt = 0; mt < 2; ++mt) {
+        uint32_t a[4];
+        ldmatrix<4>(a, a_rows[mt]);
 #pragma unroll
-      for (int q = 0; q < NG; ++q) mma_m16n8k16<T>(acc[mt][gi * NG + q], a, b[q]);
-    }
-  };
-  if constexpr (CG == 8) {
-    // A k16 step spans taps t (lanes 0-15) and t + 1 (lanes 16-31) of a group (staged
-    // chunk gi); the last one's second half is K padding and reads the zeros.
-#pragma unroll
-    for (int t = 0; t < 9; t += 2) {
-#pragma unroll
-      for (int gi = 0; gi < GT; ++gi) {
-        const T* rows[2];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-          rows[mt] = lane < 16 ? a_row(mt, t, gi) : t + 1 < 9 ? a_row(mt, t + 1, gi) : zero;
-        step(gi, 8 * t, rows);
+        for (int q = 0; q < NG; ++q) mma_m16n8k16<T>(acc[mt][gi * NG + q], a, b[q]);
       }
-    }
-  } else {
+    };
+    if constexpr (CW == 8) {
+      // A k16 step spans taps t (lanes 0-15) and t + 1 (lanes 16-31) of a group (staged
+      // chunk gi); the last one's second half is K padding and reads the zeros.
 #pragma unroll
-    for (int tap = 0; tap < 9; ++tap) {
-#pragma unroll
-      for (int c = 0; c < CG / 8; c += 2) {
+      for (int t = 0; t < 9; t += 2) {
 #pragma unroll
         for (int gi = 0; gi < GT; ++gi) {
-          const int chunk = gi * (CG / 8) + c + lane / 16;
-          const T* rows[2] = {a_row(0, tap, chunk), a_row(1, tap, chunk)};
-          step(gi, tap * CG + 8 * c, rows);
+          const T* a_rows[2];
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+            a_rows[mt] = lane < 16 ? a_row(mt, t, gi) : t + 1 < 9 ? a_row(mt, t + 1, gi) : zero;
+          step(gi, 8 * t, a_rows);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int tap = 0; tap < 9; ++tap) {
+#pragma unroll
+        for (int c = 0; c < CW / 8; c += 2) {
+#pragma unroll
+          for (int gi = 0; gi < GT; ++gi) {
+            const int chunk_c = gi * (CW / 8) + c + lane / 16;
+            const T* a_rows[2] = {a_row(0, tap, chunk_c), a_row(1, tap, chunk_c)};
+            step(gi, tap * CW + 8 * c, a_rows);
+          }
         }
       }
     }
+    if constexpr (PACKED) {
+      if (keep < 0) {  // the vote: a sum of every result of the block (an overflow reruns too)
+        float sum = 0.0f;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) sum += acc[mt][nt][i];
+        store_shared(votes + warp, __any_sync(0xffffffffu, non_finite(sum)) ? 1 : 0, lane == 0);
+        __syncthreads();
+        bool any = false;
+        for (int v = 0; v < kPixels / 32; ++v) any = any || load_shared(votes + v) != 0;
+        if (any) {
+          zero_half(1);
+          __syncthreads();
+          keep = 0;
+          continue;
+        }
+      }
+    }
+    const bool stored = keep < 0 || lane % 4 / 2 == keep;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          store_shared(
+              tile.at(nt * 8 + 2 * (lane % 4) + i % 2, warp * 32 + mt * 16 + lane / 4 + 8 * (i / 2)),
+              acc[mt][nt][i], stored);
+    if (!PACKED || keep != 0) break;
+    __syncthreads();  // every warp's reads of the staged input are done
+    stage_x();
+    cp_async_commit();
+    cp_async_wait<0>();
+    zero_half(0);
+    __syncthreads();
+    keep = 1;
   }
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        store_shared(
-            tile.at(nt * 8 + 2 * (lane % 4) + i % 2, warp * 32 + mt * 16 + lane / 4 + 8 * (i / 2)),
-            acc[mt][nt][i]);
 }
 
 // conv(x) for the tile's channels [co0, co0 + co_count) of group g and the block's
@@ -553,16 +646,25 @@ inline int staged_rows(const ConvFwdParams& p) {
   return most;
 }
 
+// The group width of a call's instantiation (CG), or 0 for the generic one: 4 on
+// tensor cores needs an even number of groups (a 16-byte chunk holds a pair).
+template <typename T>
+inline int instantiated_width(const ConvFwdParams& p) {
+  const int cg = p.c_in / p.groups;
+  if (p.c_out / p.groups != cg || (cg == 4 && use_mma<T, 4>() && p.c_in % 8 != 0)) return 0;
+  return cg == 4 || cg == 8 || cg == 16 || cg == 32 || cg == 64 ? cg : 0;
+}
+
 // Dynamic shared memory of conv_mainloop: tensor cores, the tile's weights, the
-// staged input rows and 16 zero bytes; CUDA cores, the tile's weights (one channel
-// chunk).
+// staged input rows, 16 zero bytes and, packed, 16 bytes of votes; CUDA cores, the
+// tile's weights (one channel chunk).
 template <typename T, int CG>
 inline size_t mainloop_smem(const ConvFwdParams& p) {
   if constexpr (use_mma<T, CG>())
     return sizeof(T) * (conv_tile<T, CG>() * weight_row<CG>() +
                         static_cast<size_t>(staged_rows(p)) * staging(p).width *
-                            staged_channels<CG, conv_tile<T, CG>()>() +
-                        8);
+                            staged_channels<mma_width<CG>(), conv_tile<T, CG>()>() +
+                        8 + (CG == 4 ? 8 : 0));  // 8 zeros; packed, the votes
   return sizeof(float) * co_tile<CG>() * 9 * imin(p.c_in / p.groups, channel_chunk<CG>());
 }
 

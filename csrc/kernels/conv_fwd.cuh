@@ -247,11 +247,11 @@ void launch_typed(const ConvFwdParams& p, Pass pass, void* stream) {
   RK_LAUNCH(kernel, grid, dim3(kPixels), smem, as_stream(stream))(p);
 }
 
-// Widths with their own instantiation; any other runs the generic (CG = 0) one.
+// Widths with their own instantiation (instantiated_width); any other runs the
+// generic (CG = 0) one.
 template <typename T, int STRIDE>
 void launch_width(const ConvFwdParams& p, Pass pass, void* stream) {
-  const int cg_in = p.c_in / p.groups, cg_out = p.c_out / p.groups;
-  switch (cg_in == cg_out ? cg_in : 0) {
+  switch (instantiated_width<T>(p)) {
     case 4: return launch_typed<T, 4, STRIDE>(p, pass, stream);
     case 8: return launch_typed<T, 8, STRIDE>(p, pass, stream);
     case 16: return launch_typed<T, 16, STRIDE>(p, pass, stream);

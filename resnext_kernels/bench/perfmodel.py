@@ -98,6 +98,14 @@ def kernel_row(launch: Launch, dram25, dram50, sass: dict) -> dict:
     issue = 0.0
     if launch.mma and info.get("instructions_per_mma"):
         issue = launch.mma * repeat * s * info["instructions_per_mma"]
+        # A loop of an nvcc kernel whose mma ran at most once a warp is a retry
+        # (the packed kernels' reruns of a block with a non-finite result), not a hot
+        # loop: the code around it ran as often, so the whole kernel is charged.
+        whole_hmma = (info.get("counts") or {}).get("HMMA")
+        warps = launch.sampled_blocks * launch.threads / 32
+        if (launch.backend == "cuda" and info.get("loop") and whole_hmma
+                and launch.mma <= warps * whole_hmma):
+            issue = launch.mma * s * info["instructions"] / whole_hmma
     elif launch.fma and info.get("instructions_per_fma"):
         issue = launch.fma / 32 * s * info["instructions_per_fma"]
     times = {
