@@ -425,8 +425,8 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
   DYNAMIC_SHARED(T, smem);
   T* const w_s = smem;                     // [TILE][KS]
   T* const x_s = smem + TILE * KS;         // [rows][width][8·SC], swizzled
-  T* const zero = x_s + static_cast<long>(rows) * st.width * SC * 8;  // 8 zeros
-  int* const votes = reinterpret_cast<int*>(zero + 8);  // packed: a flag per warp
+  T* const zero = x_s + static_cast<long>(rows) * st.width * SC * 8;  // a staged pixel of zeros
+  int* const votes = reinterpret_cast<int*>(zero + 8 * SC);  // packed: a flag per warp
 
   const T* w = static_cast<const T*>(p.wt) + static_cast<long>(co0) * 9 * CG;
   if constexpr (PACKED) {
@@ -481,11 +481,6 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
       store_shared(reinterpret_cast<uint2*>(at), uint2{0u, 0u}, i < staged);
     }
   };
-  stage_x();
-  cp_async<16>(zero, x, false, threadIdx.x == 0);
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
 
   // ldmatrix rows of this lane: matrix q = lane / 8 of the x4 A load is rows
   // 8·(q % 2) .. + 7 of the m16 tile at k + 8·(q / 2); of the B load, weight row
@@ -515,11 +510,37 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
     return x_s + swizzled<SC>(line[mt][kh] + pos, key[mt][kh] + pos, c);
   };
   const T* w_row = w_s + (lane % 8 + 8 * (lane / 16 % 2)) * KS + 8 * (lane / 8 % 2);
+  // At 8 channels (CW) a k16 step spans taps t (lanes 0-15) and t + 1 (lanes 16-31)
+  // of a group; the last one's second half is K padding and reads the zeros. The
+  // lane's A rows for the five tap pairs, of staged chunk 0, as offsets from x_s:
+  // chunk gi's are a_off ^ 8·gi (the swizzle XORs the chunk index, SC is a power of
+  // two and the zeros are SC chunks), so the K loop computes no addresses.
+  int a_off[2][5] = {};
+  if constexpr (CW == 8) {
+    const int zero_off = static_cast<int>(zero - x_s);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int j = 0; j < 5; ++j) {
+        const int lo = static_cast<int>(a_row(mt, 2 * j, 0) - x_s);
+        const int hi = 2 * j + 1 < 9 ? static_cast<int>(a_row(mt, 2 * j + 1, 0) - x_s) : zero_off;
+        a_off[mt][j] = lane < 16 ? lo : hi;
+      }
+  }
 
   // keep: whose results a run stores: -1 every channel's; packed, 0 or 1 the pairs'
   // even or odd groups' (accumulator columns 2t, 2t + 1 of an n8 tile lie in half
-  // t / 2, t = lane % 4).
+  // t / 2, t = lane % 4). The first run stages the input (its copies retire the
+  // weights' too), the packed reruns zero a half of it, the second one restaged.
   for (int keep = -1;;) {
+    if (keep != 0) {
+      stage_x();
+      cp_async<16>(zero + 8 * (threadIdx.x % SC), x, false, threadIdx.x < SC);
+      cp_async_commit();
+      cp_async_wait<0>();
+    }
+    if (PACKED && keep >= 0) zero_half(1 - keep);
+    __syncthreads();
     float acc[2][NT][4];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
@@ -550,17 +571,12 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
       }
     };
     if constexpr (CW == 8) {
-      // A k16 step spans taps t (lanes 0-15) and t + 1 (lanes 16-31) of a group (staged
-      // chunk gi); the last one's second half is K padding and reads the zeros.
 #pragma unroll
-      for (int t = 0; t < 9; t += 2) {
+      for (int j = 0; j < 5; ++j) {
 #pragma unroll
         for (int gi = 0; gi < GT; ++gi) {
-          const T* a_rows[2];
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt)
-            a_rows[mt] = lane < 16 ? a_row(mt, t, gi) : t + 1 < 9 ? a_row(mt, t + 1, gi) : zero;
-          step(gi, 8 * t, a_rows);
+          const T* a_rows[2] = {x_s + (a_off[0][j] ^ 8 * gi), x_s + (a_off[1][j] ^ 8 * gi)};
+          step(gi, 16 * j, a_rows);
         }
       }
     } else {
@@ -591,8 +607,6 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
         bool any = false;
         for (int v = 0; v < kPixels / 32; ++v) any = any || load_shared(votes + v) != 0;
         if (any) {
-          zero_half(1);
-          __syncthreads();
           keep = 0;
           continue;
         }
@@ -610,11 +624,6 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
               acc[mt][nt][i], stored);
     if (!PACKED || keep != 0) break;
     __syncthreads();  // every warp's reads of the staged input are done
-    stage_x();
-    cp_async_commit();
-    cp_async_wait<0>();
-    zero_half(0);
-    __syncthreads();
     keep = 1;
   }
 }
@@ -656,15 +665,15 @@ inline int instantiated_width(const ConvFwdParams& p) {
 }
 
 // Dynamic shared memory of conv_mainloop: tensor cores, the tile's weights, the
-// staged input rows, 16 zero bytes and, packed, 16 bytes of votes; CUDA cores, the
-// tile's weights (one channel chunk).
+// staged input rows and a staged pixel of zeros and, packed, 16 bytes of votes;
+// CUDA cores, the tile's weights (one channel chunk).
 template <typename T, int CG>
 inline size_t mainloop_smem(const ConvFwdParams& p) {
   if constexpr (use_mma<T, CG>())
     return sizeof(T) * (conv_tile<T, CG>() * weight_row<CG>() +
-                        static_cast<size_t>(staged_rows(p)) * staging(p).width *
+                        (static_cast<size_t>(staged_rows(p)) * staging(p).width + 1) *
                             staged_channels<mma_width<CG>(), conv_tile<T, CG>()>() +
-                        8 + (CG == 4 ? 8 : 0));  // 8 zeros; packed, the votes
+                        (CG == 4 ? 8 : 0));
   return sizeof(float) * co_tile<CG>() * 9 * imin(p.c_in / p.groups, channel_chunk<CG>());
 }
 
