@@ -428,25 +428,18 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
   T* const zero = x_s + static_cast<long>(rows) * st.width * SC * 8;  // a staged pixel of zeros
   int* const votes = reinterpret_cast<int*>(zero + 8 * SC);  // packed: a flag per warp
 
+  // Weight row n, copied V elements at a time: its group's taps (9·CG, tap-major).
+  // Packed, a tap's 4 weights go to half n / 4 % 2 of its 8 k (the row's group's
+  // channels in the pair), zeros to the other half; zeros to the K padding.
+  constexpr int V = PACKED ? 4 : 8;
   const T* w = static_cast<const T*>(p.wt) + static_cast<long>(co0) * 9 * CG;
-  if constexpr (PACKED) {
-    // Row n, tap t: the row's 4 weights in half n / 4 % 2 of the tap's 8 k (its
-    // group's channels in the pair), zeros in the other half and the K padding.
-    for (int i0 = 0; i0 < TILE * (KPAD / 4); i0 += kPixels) {
-      const int i = i0 + threadIdx.x;
-      const int n = i / (KPAD / 4), k = i % (KPAD / 4) * 4;
-      const bool active = i < TILE * (KPAD / 4);
-      const bool real = active && n < co_count && k < K && k / 4 % 2 == n / 4 % 2;
-      cp_async<8>(w_s + (active ? n * KS + k : 0), w + (real ? n * 9 * CG + k / 8 * CG : 0), real,
-                  active);
-    }
-  } else {
-    for (int i0 = 0; i0 < TILE * (KPAD / 8); i0 += kPixels) {
-      const int i = i0 + threadIdx.x;
-      const int n = i / (KPAD / 8), k = i % (KPAD / 8) * 8;
-      const bool active = i < TILE * (KPAD / 8), real = active && n < co_count && k < K;
-      cp_async<16>(w_s + (active ? n * KS + k : 0), w + (real ? n * K + k : 0), real, active);
-    }
+  for (int i0 = 0; i0 < TILE * (KPAD / V); i0 += kPixels) {
+    const int i = i0 + threadIdx.x;
+    const int n = i / (KPAD / V), k = i % (KPAD / V) * V;
+    const bool active = i < TILE * (KPAD / V);
+    const bool real = active && n < co_count && k < K && (!PACKED || k / 4 % 2 == n / 4 % 2);
+    cp_async<sizeof(T) * V>(w_s + (active ? n * KS + k : 0),
+                            w + (real ? n * 9 * CG + (PACKED ? k / 8 * CG : k) : 0), real, active);
   }
   const T* x = static_cast<const T*>(p.x) + g * CG;
   const int staged = rows * st.width * SC;
