@@ -117,10 +117,14 @@ void check_nchw(const char* name, const at::Tensor& t, at::IntArrayRef shape,
 #ifdef RESNEXT_EMULATED
 // Tests run here: poison what the kernels must write, so unwritten elements show.
 // Under the profiler its fill is the child of this scope, which the performance
-// model leaves out (counters.POISON_SCOPE): a GPU build does not run it.
+// model leaves out (counters.POISON_SCOPE): a GPU build does not run it. While
+// resnext-bench predict counts, each launch runs only a window of its grid, so later
+// kernels read what skipped blocks never wrote: zeros there, as NaN would send
+// data-dependent paths (the packed groups' non-finite reruns) where a real run
+// never goes.
 void poison(at::Tensor& t) {
   RECORD_FUNCTION("resnext_kernels::poison", std::vector<c10::IValue>());
-  t.fill_(std::numeric_limits<double>::quiet_NaN());
+  t.fill_(rk::emu::counting() ? 0.0 : std::numeric_limits<double>::quiet_NaN());
 }
 #else
 void poison(at::Tensor&) {}
@@ -349,6 +353,16 @@ struct Backward {
       rk::launch_bwd_dc(b, conv.stream);
       check_launch();
       source = rk::GradSource::kConvGrad;
+    } else if (want_input && !conv.empty() &&
+               rk::dgrad_as_conv(conv.p, rk::GradSource::kConvGrad)) {
+      // Eval where dgrad is the forward's conv: dc as a tensor (read by wgrad too).
+      dc = at::empty(conv.out_shape(),
+                     conv.x.options().memory_format(at::MemoryFormat::ChannelsLast));
+      poison(dc);
+      b.dc = dc.data_ptr();
+      rk::launch_bwd_masked_dc(b, conv.stream);
+      check_launch();
+      source = rk::GradSource::kConvGrad;
     }
     at::Tensor grad_input = input.new_empty({0}), grad_weight = weight.new_empty({0});
     if (want_input) {
@@ -356,6 +370,13 @@ struct Backward {
                              conv.x.options().memory_format(at::MemoryFormat::ChannelsLast));
       poison(grad_input);
       if (!conv.empty()) {
+        at::Tensor wt_dgrad;
+        if (rk::dgrad_as_conv(b.conv, source)) {  // OHWI [G, o, 3, 3, i] -> [G, i, 3, 3, o], flipped
+          const int64_t g = conv.p.groups, cg = conv.c_in / g;
+          wt_dgrad = conv.w_ohwi.view({g, cg, 3, 3, cg}).flip({2, 3}).permute({0, 4, 2, 3, 1})
+                         .contiguous();
+          b.wt_dgrad = wt_dgrad.data_ptr();
+        }
         b.dx = grad_input.data_ptr();
         rk::launch_bwd_dgrad(b, source, conv.stream);
         check_launch();

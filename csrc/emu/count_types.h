@@ -37,5 +37,7 @@ struct CountConfig {
 void count_begin(const CountConfig& config);
 // Stops counting and returns one record per launch since count_begin.
 std::vector<LaunchCounts> count_end();
+// Whether counting is on (between count_begin and count_end).
+bool counting();
 
 }  // namespace rk::emu

@@ -149,6 +149,15 @@ void run_case(const Case& k, const char* backend) {
   rk::launch_bwd_dc(b, nullptr);
   expect("dc", k, backend, rel_max(out_size, [&](size_t i) { return dc_k.at(i); }, dc), tol);
   b.dx = dx_k.data();
+  // Each group's weights transposed with the taps flipped (read where dgrad_as_conv).
+  std::vector<float> flipped(wt.f.size());
+  for (int co = 0; co < k.c; ++co)
+    for (int tap = 0; tap < 9; ++tap)
+      for (int i = 0; i < cg; ++i)
+        flipped[((co / cg * cg + i) * 9 + 8 - tap) * cg + co % cg] = wt.f[(co * 9 + tap) * cg + i];
+  Buffer wt_dgrad(k.half, flipped.size(), 0);
+  wt_dgrad.set(flipped);
+  b.wt_dgrad = wt_dgrad.data();
   rk::launch_bwd_dgrad(b, rk::GradSource::kConvGrad, nullptr);
   expect("dgrad", k, backend, rel_max(in_size, [&](size_t i) { return dx_k.at(i); }, dx), tol);
   // The default split, and blocks looping over several pixel tiles (1 and 2 chunks).

@@ -11,6 +11,11 @@ void count_begin(const CountConfig& config) {
   tracker.launches.clear();
 }
 
+bool counting() {
+  std::lock_guard<std::mutex> guard(launch_mutex());
+  return tracker.config.on;
+}
+
 std::vector<LaunchCounts> count_end() {
   std::lock_guard<std::mutex> guard(launch_mutex());
   tracker.config = CountConfig();

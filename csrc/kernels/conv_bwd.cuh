@@ -14,15 +14,20 @@
 //            y, so this pass recomputes c (forward main loop) and writes
 //            dc = dz_scale·dz − dc_shift − dc_xhat·x̂ once, which dgrad and wgrad
 //            read (docs/kernels.md has the byte count against recomputing c in both).
-//   dgrad:   dx = transposed grouped conv of dc: thread per input pixel, a tile of
-//            input channels per block; stride 2 keeps only taps landing on an
-//            output pixel (input rows/columns the forward never reached get 0).
+//   dgrad:   dx = transposed grouped conv of dc. Training at stride 1 on tensor
+//            cores: the forward's conv (Pass::kConv) of dc with each group's
+//            weights transposed and the taps flipped (wt_dgrad, made by the glue).
+//            Otherwise thread per input pixel, a tile of input channels per block;
+//            stride 2 keeps only taps landing on an output pixel (input
+//            rows/columns the forward never reached get 0).
 //   wgrad:   dw[co][tap][ci] = Σ_pixels dc·x: blocks split the pixels into
-//            wgrad_chunks chunks; each accumulates its chunk in shared memory, then
+//            wgrad_chunks chunks; each accumulates its chunk (on tensor cores in
+//            registers, bwd_wgrad_mma_kernel; on CUDA cores in shared memory), then
 //            adds it to dw with float atomics, or (deterministic) writes it as a
 //            partial that the glue sums in chunk order.
 // In eval dgrad and wgrad form dc = dz_scale·dy·[y > 0] while loading (no dc pass,
-// no dc tensor, no recomputed conv).
+// no dc tensor, no recomputed conv), except where dgrad is the conv: there an
+// elementwise pass (masked dc) writes dc for both.
 #pragma once
 
 #include "kernels/conv_bwd.h"
@@ -81,23 +86,41 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_reduce_kernel(ConvBwdParams b)
   }
   const bool recomputed = load_shared(&recompute);
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
-  const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
-  const bool valid = pix < pixels;
-  for (int co = 0; co < t.count; ++co) {
-    const int c = t.c0 + co;
-    const long i = valid ? pix * p.c_out + c : 0;
-    const float y = to_float(load_global(static_cast<const T*>(b.y) + i, valid));
-    const float dy = to_float(load_global(static_cast<const T*>(b.dy) + i, y > 0.0f));
+  // dz and dz·x̂ of the tile's channel co at block pixel i (channel c) into the tiles.
+  auto sums = [&](int co, int i, int c, float y, float dy, bool live, bool valid) {
     const float dz = y > 0.0f ? dy : 0.0f;
     float xhat;
     if (recomputed) {  // block-uniform
-      xhat = (load_shared(xhat_dz.at(co, threadIdx.x)) - load_global(b.mean + c)) *
-             load_global(b.invstd + c);
+      xhat = (load_shared(xhat_dz.at(co, i), live) - load_global(b.mean + c, live)) *
+             load_global(b.invstd + c, live);
     } else {
-      xhat = (y - load_global(b.beta + c)) / load_global(b.gamma + c);
+      xhat = (y - load_global(b.beta + c, live)) / load_global(b.gamma + c, live);
     }
-    store_shared(dz_s.at(co, threadIdx.x), valid ? dz : 0.0f);
-    store_shared(xhat_dz.at(co, threadIdx.x), valid ? dz * xhat : 0.0f);
+    store_shared(dz_s.at(co, i), valid ? dz : 0.0f, live);
+    store_shared(xhat_dz.at(co, i), valid ? dz * xhat : 0.0f, live);
+  };
+  if constexpr (CG != 0) {  // 16-byte loads (TileVectors)
+    using TV = TileVectors<T, TILE>;
+    TV::for_each(pixels, t.count, [&](int i, int c0, long pix, bool live, bool valid) {
+      const long at = valid ? pix * p.c_out + t.c0 + c0 : 0;
+      T ys[TV::kPer], dys[TV::kPer];
+      TV::load(ys, static_cast<const T*>(b.y) + at, valid);
+      TV::load(dys, static_cast<const T*>(b.dy) + at, valid);
+#pragma unroll
+      for (int j = 0; j < TV::kPer; ++j)
+        sums(c0 + j, i, t.c0 + (live ? c0 + j : 0), to_float(ys[j]), to_float(dys[j]), live,
+             valid);
+    });
+  } else {
+    const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
+    const bool valid = pix < pixels;
+    for (int co = 0; co < t.count; ++co) {
+      const int c = t.c0 + co;
+      const long i = valid ? pix * p.c_out + c : 0;
+      const float y = to_float(load_global(static_cast<const T*>(b.y) + i, valid));
+      const float dy = to_float(load_global(static_cast<const T*>(b.dy) + i, y > 0.0f));
+      sums(co, threadIdx.x, c, y, dy, true, valid);
+    }
   }
   __syncthreads();
   if (threadIdx.x < 32) {  // lane co of warp 0 sums channel co
@@ -125,21 +148,63 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_dc_kernel(ConvBwdParams b) {
   conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, tile);
   __syncthreads();
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
-  const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
-  const bool valid = pix < pixels;
-  for (int co = 0; co < t.count; ++co) {
-    const int c = t.c0 + co;
-    const long i = valid ? pix * p.c_out + c : 0;
-    const float xhat = (load_shared(tile.at(co, threadIdx.x)) - load_global(b.mean + c)) *
-                       load_global(b.invstd + c);
-    const bool on = to_float(load_global(static_cast<const T*>(b.y) + i, valid)) > 0.0f;
-    const float dy = to_float(load_global(static_cast<const T*>(b.dy) + i, on));
-    const float dz = on ? dy : 0.0f;
-    store_global(static_cast<T*>(b.dc) + i,
-                 from_float<T>(fmaf(load_global(b.dz_scale + c), dz,
-                                    -fmaf(load_global(b.dc_xhat + c), xhat,
-                                          load_global(b.dc_shift + c)))),
-                 valid);
+  // dc of the tile's channel co at block pixel i (channel c), from y, dy and c there.
+  auto dc = [&](int co, int i, int c, float y, float dy, bool live) {
+    const float xhat =
+        (load_shared(tile.at(co, i), live) - load_global(b.mean + c, live)) *
+        load_global(b.invstd + c, live);
+    const float dz = y > 0.0f ? dy : 0.0f;
+    return from_float<T>(fmaf(load_global(b.dz_scale + c, live), dz,
+                              -fmaf(load_global(b.dc_xhat + c, live), xhat,
+                                    load_global(b.dc_shift + c, live))));
+  };
+  if constexpr (CG != 0) {  // 16-byte loads and stores (TileVectors)
+    using TV = TileVectors<T, TILE>;
+    TV::for_each(pixels, t.count, [&](int i, int c0, long pix, bool live, bool valid) {
+      const long at = valid ? pix * p.c_out + t.c0 + c0 : 0;
+      T ys[TV::kPer], dys[TV::kPer], out[TV::kPer];
+      TV::load(ys, static_cast<const T*>(b.y) + at, valid);
+      TV::load(dys, static_cast<const T*>(b.dy) + at, valid);
+#pragma unroll
+      for (int j = 0; j < TV::kPer; ++j)
+        out[j] = dc(c0 + j, i, t.c0 + (live ? c0 + j : 0), to_float(ys[j]), to_float(dys[j]), live);
+      TV::store(static_cast<T*>(b.dc) + at, out, valid);
+    });
+  } else {
+    const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
+    const bool valid = pix < pixels;
+    for (int co = 0; co < t.count; ++co) {
+      const int c = t.c0 + co;
+      const long i = valid ? pix * p.c_out + c : 0;
+      const float y = to_float(load_global(static_cast<const T*>(b.y) + i, valid));
+      const float dy = to_float(load_global(static_cast<const T*>(b.dy) + i, y > 0.0f));
+      store_global(static_cast<T*>(b.dc) + i, dc(co, threadIdx.x, c, y, dy, true), valid);
+    }
+  }
+}
+
+// Eval's dc as a tensor, for dgrad as the forward's conv: dc = dz_scale·dy·[y > 0],
+// one 16-byte vector (8 channels) a thread, grid-stride.
+template <typename T>
+__global__ void __launch_bounds__(256) bwd_masked_dc_kernel(ConvBwdParams b) {
+  using TV = TileVectors<T, 8>;
+  const ConvFwdParams& p = b.conv;
+  const long vectors = static_cast<long>(p.n) * p.h_out * p.w_out * (p.c_out / TV::kPer);
+  for (long v0 = static_cast<long>(blockIdx.x) * blockDim.x; v0 < vectors;
+       v0 += static_cast<long>(gridDim.x) * blockDim.x) {
+    const long v = v0 + threadIdx.x;
+    const bool in = v < vectors;
+    const long at = in ? v * TV::kPer : 0;
+    const int c0 = static_cast<int>(at % p.c_out);
+    T ys[TV::kPer], dys[TV::kPer], out[TV::kPer];
+    TV::load(ys, static_cast<const T*>(b.y) + at, in);
+    TV::load(dys, static_cast<const T*>(b.dy) + at, in);
+#pragma unroll
+    for (int j = 0; j < TV::kPer; ++j) {
+      const float scale = load_global(b.dz_scale + c0 + j, in);
+      out[j] = from_float<T>(to_float(ys[j]) > 0.0f ? scale * to_float(dys[j]) : 0.0f);
+    }
+    TV::store(static_cast<T*>(b.dc) + at, out, in);
   }
 }
 
@@ -214,10 +279,11 @@ struct WgradShared {
   int oh0[kPixels], ow0[kPixels];
 };
 
-// Block (chunk, channel tile, input-channel chunk): the tile's [TILE][9][cn] weight
-// gradient for input channels [ci0, ci0 + cn) of the group over the pixel tiles
-// chunk, chunk + wgrad_chunks, ... accumulated in shared memory (each entry owned by
-// one thread), then added to dw (atomics) or written as a partial.
+// wgrad on CUDA cores (fp32 and the generic width). Block (chunk, channel tile,
+// input-channel chunk): the tile's [TILE][9][cn] weight gradient for input channels
+// [ci0, ci0 + cn) of the group over the pixel tiles chunk, chunk + wgrad_chunks, ...
+// accumulated in shared memory (each entry owned by one thread), then added to dw
+// (atomics) or written as a partial.
 template <typename T, int CG, int STRIDE, GradSource SOURCE>
 __global__ void __launch_bounds__(kPixels, 4) bwd_wgrad_kernel(ConvBwdParams b) {
   constexpr int TILE = co_tile<CG>();
@@ -289,10 +355,155 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_wgrad_kernel(ConvBwdParams b) 
   }
 }
 
+// wgrad on tensor cores (fp16/bf16, the widths use_mma takes). A block owns a tile
+// of 32 output channels and 32 staged input channels (grid.z: the halves of a
+// 64-channel group) and, persistent, the pixel tiles chunk, chunk + wgrad_chunks, ...
+// of 128 pixels. Per pixel tile it stages dc ([pixel][channel], chunk-swizzled; in
+// eval formed from dy and y while staging) and the input rows the tile's pixels
+// read (stage_rows: the forward's staging and swizzle, zeros at the padding), then
+// runs, per tap, dw_tap[co][ci] += Σ_pixels dc[pixel][co]·x[pixel + tap][ci] as
+// mma.sync with K = the pixels: A = dc^T and B = the tap-shifted input rows, both by
+// ldmatrix.trans from their [pixel][channel] tiles. Warp w owns n8 tile w (input
+// channels 8w .. 8w + 7 of the staged ones) for every tap, with the m16 tile of its
+// group (up to 16 channels per group, where entries of other groups are computed and
+// dropped) or both (32 and 64). Its accumulators ([9][MI][4]) cover the whole
+// pixel range, then go to dw with float atomics or as the chunk's partial.
+// Entries across groups never mix: a D entry is one (co, ci) pair's own sum, so
+// packing needs no zeros in the operands; pixels past the end read zero rows of
+// both (0 × Inf would otherwise be NaN).
+template <typename T, int CG, int STRIDE, GradSource SOURCE>
+__global__ void __launch_bounds__(kPixels, 4) bwd_wgrad_mma_kernel(ConvBwdParams b) {
+  constexpr int CW = mma_width<CG>(), TILE = conv_tile<T, CG>(), SC = 4;
+  constexpr int MI = CW <= 16 ? 1 : 2;  // m16 tiles a warp
+  static_assert(TILE == 8 * SC && kPixels == 128, "32 channels of dc and x per block, 4 warps");
+  const ConvFwdParams& p = b.conv;
+  const ChannelTile t = channel_tile<CG, TILE>(p.c_out, p.groups);
+  const int ci0 = t.g * CG + 8 * SC * blockIdx.z;  // the first staged input channel
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int mi0 = MI == 1 ? warp / 2 : 0;
+
+  DYNAMIC_SHARED(T, smem);
+  T* const dc_s = smem;                    // [kPixels][TILE]
+  T* const zero = dc_s + kPixels * TILE;   // a staged pixel of zeros
+  T* const x_s = zero + 8 * SC;            // the staged rows
+  STATIC_SHARED(float, scale_s, [TILE]);   // eval: dz_scale of the tile's channels
+  // dc chunk c (8 channels) of pixel i: swizzled by pixel bits 1-2, so that the 8
+  // rows of an ldmatrix matrix (8 neighbouring pixels) take 8 bank groups.
+  auto dc_at = [&](int i, int c) { return dc_s + (i * SC + (c ^ (i >> 1 & 3))) * 8; };
+  store_shared(reinterpret_cast<uint4*>(zero) + threadIdx.x % SC, uint4{0u, 0u, 0u, 0u},
+               threadIdx.x < SC);
+  if constexpr (SOURCE == GradSource::kMaskedGrad) {
+    const bool mine = static_cast<int>(threadIdx.x) < t.count;
+    store_shared(scale_s + (mine ? threadIdx.x : 0),
+                 load_global(b.dz_scale + t.c0 + (mine ? threadIdx.x : 0), mine), mine);
+  }
+
+  float acc[9][MI][4];
+#pragma unroll
+  for (int tap = 0; tap < 9; ++tap)
+#pragma unroll
+    for (int m = 0; m < MI; ++m)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[tap][m][i] = 0.0f;
+
+  const Staging st = staging(p);
+  const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
+  const long pixel_tiles = (pixels + kPixels - 1) / kPixels;
+  const long iterations =
+      loop_iterations(blockIdx.x < pixel_tiles ? (pixel_tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0);
+  for (long it = 0; it < iterations; ++it) {
+    loop_iteration(it);
+    const long tile = blockIdx.x + it * gridDim.x;
+    const BlockStart start = block_start(p, tile);
+    __syncthreads();  // the previous tile's readers are done
+    stage_rows<T, SC, STRIDE>(p, st, start, block_rows(p, st, start, tile), ci0, x_s);
+    for (int j0 = 0; j0 < kPixels * SC; j0 += kPixels) {
+      const int j = j0 + threadIdx.x, i = j / SC, c = j % SC;
+      const long pix = tile * kPixels + i;
+      const bool live = pix < pixels && 8 * c < t.count;
+      const long at = live ? pix * p.c_out + t.c0 + 8 * c : 0;
+      if constexpr (SOURCE == GradSource::kConvGrad) {
+        cp_async<16>(dc_at(i, c), static_cast<const T*>(b.dc) + at, live);
+      } else {  // dc = dz_scale·dy where y > 0 (NaN y: 0, as in the reference)
+        const uint4 yv = load_global(reinterpret_cast<const uint4*>(static_cast<const T*>(b.y) + at), live);
+        const uint4 dyv = load_global(reinterpret_cast<const uint4*>(static_cast<const T*>(b.dy) + at), live);
+        T ys[8], dys[8], out[8];
+        std::memcpy(ys, &yv, sizeof(ys));
+        std::memcpy(dys, &dyv, sizeof(dys));
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float scale = load_shared(scale_s + 8 * c + e);
+          out[e] = from_float<T>(to_float(ys[e]) > 0.0f ? scale * to_float(dys[e]) : 0.0f);
+        }
+        uint4 packed;
+        std::memcpy(&packed, out, sizeof(packed));
+        store_shared(reinterpret_cast<uint4*>(dc_at(i, c)), packed);
+      }
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    const int last = static_cast<int>(imin(static_cast<long>(kPixels), pixels - tile * kPixels)) - 1;
+#pragma unroll 1
+    for (int kq = 0; kq < kPixels / 32; ++kq) {  // 32 pixels: two k16 steps
+      uint32_t a[MI][2][4];
+#pragma unroll
+      for (int m = 0; m < MI; ++m)
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks)
+          ldmatrix<4, true>(a[m][ks], dc_at(32 * kq + 16 * ks + lane % 8 + 8 * (lane / 16),
+                                            2 * (mi0 + m) + lane / 8 % 2));
+      // This lane's B row: pixel 32·kq + lane (matrices 0-3: the two steps' k 0-7, 8-15).
+      const int i = 32 * kq + lane;
+      int pos0;
+      const int row = staged_row(p, st, start, imin(i, last), &pos0);
+#pragma unroll
+      for (int tap = 0; tap < 9; ++tap) {
+        const int kh = tap / 3, kw = tap % 3;
+        const int pos = pos0 + (STRIDE == 1 ? kw : kw % 2 * st.half + kw / 2);
+        const T* src = i > last ? zero
+                                : x_s + swizzled<SC>((row + kh) * st.width + pos,
+                                                     (row + kh) / STRIDE * st.w_out + pos, warp);
+        uint32_t r[4];
+        ldmatrix<4, true>(r, src);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+#pragma unroll
+        for (int m = 0; m < MI; ++m) {
+          mma_m16n8k16<T>(acc[tap][m], a[m][0], b0);
+          mma_m16n8k16<T>(acc[tap][m], a[m][1], b1);
+        }
+      }
+    }
+  }
+  loop_done();
+  // D[co][ci] entries: d[i] at co 16·mi + lane / 4 + 8·(i / 2), ci 8·warp + 2·(lane % 4) + i % 2;
+  // only pairs of one group are dw entries.
+  const long k_size = 9L * CG;
+  float* const dw = b.dw + (b.deterministic ? static_cast<long>(blockIdx.x) * p.c_out * k_size : 0);
+#pragma unroll
+  for (int tap = 0; tap < 9; ++tap)
+#pragma unroll
+    for (int m = 0; m < MI; ++m)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int co = 16 * (mi0 + m) + lane / 4 + 8 * (i / 2);
+        const int ci = ci0 + 8 * warp + 2 * (lane % 4) + i % 2;
+        const bool mine = co < t.count && (t.c0 + co) / CG == ci / CG;
+        const long at = mine ? (t.c0 + co) * k_size + tap * CG + ci % CG : 0;
+        if (b.deterministic) {  // kernel-uniform
+          store_global(dw + at, acc[tap][m][i], mine);
+        } else {
+          atomic_add_global(dw + at, acc[tap][m][i], mine);
+        }
+      }
+}
+
 template <typename T, int CG, int STRIDE>
 struct BwdLauncher {
   static constexpr int TILE = co_tile<CG>();            // dgrad, wgrad
   static constexpr int CONV_TILE = conv_tile<T, CG>();  // reduce, dc (the forward's loop)
+  static constexpr bool kTensorCores = use_mma<T, CG>();
 
   template <int TILE_>
   static dim3 conv_grid(const ConvFwdParams& p) {
@@ -315,9 +526,10 @@ struct BwdLauncher {
 
   static void dgrad(const ConvBwdParams& b, GradSource source, void* stream) {
     const ConvFwdParams& p = b.conv;
-    void (*kernel)(ConvBwdParams) = source == GradSource::kConvGrad
-                                        ? bwd_dgrad_kernel<T, CG, STRIDE, GradSource::kConvGrad>
-                                        : bwd_dgrad_kernel<T, CG, STRIDE, GradSource::kMaskedGrad>;
+    // (dc at stride 1 on tensor cores is the forward's conv: launch_bwd_dgrad)
+    void (*kernel)(ConvBwdParams) = bwd_dgrad_kernel<T, CG, STRIDE, GradSource::kMaskedGrad>;
+    if constexpr (!(kTensorCores && STRIDE == 1))
+      if (source == GradSource::kConvGrad) kernel = bwd_dgrad_kernel<T, CG, STRIDE, GradSource::kConvGrad>;
     const long pixels = static_cast<long>(p.n) * p.h * p.w;
     const dim3 grid(static_cast<unsigned>((pixels + kPixels - 1) / kPixels),
                     p.groups * ((p.c_in / p.groups + TILE - 1) / TILE));
@@ -326,17 +538,41 @@ struct BwdLauncher {
     RK_LAUNCH(kernel, grid, dim3(kPixels), smem, as_stream(stream))(b);
   }
 
+  // wgrad's grid: `chunks` pixel chunks x channel tiles x input-channel parts.
+  static dim3 wgrad_grid(const ConvFwdParams& p, int chunks) {
+    if constexpr (kTensorCores) {
+      return dim3(chunks, channel_tiles<CG, CONV_TILE>(p.c_out, p.groups), CG == 64 ? 2 : 1);
+    } else {
+      const int cg_in = p.c_in / p.groups;
+      return dim3(chunks, conv_grid<TILE>(p).y,
+                  (cg_in + channel_chunk<CG>() - 1) / channel_chunk<CG>());
+    }
+  }
+
   static void wgrad(const ConvBwdParams& b, GradSource source, void* stream) {
     const ConvFwdParams& p = b.conv;
-    void (*kernel)(ConvBwdParams) = source == GradSource::kConvGrad
-                                        ? bwd_wgrad_kernel<T, CG, STRIDE, GradSource::kConvGrad>
-                                        : bwd_wgrad_kernel<T, CG, STRIDE, GradSource::kMaskedGrad>;
-    const int cg_in = p.c_in / p.groups;
-    const dim3 grid(b.wgrad_chunks, conv_grid<TILE>(p).y,
-                    (cg_in + channel_chunk<CG>() - 1) / channel_chunk<CG>());
-    const size_t smem = sizeof(float) * TILE * 9 * imin(cg_in, channel_chunk<CG>());
-    prepare_shared_memory(kernel, sizeof(WgradShared<TILE>), smem);
-    RK_LAUNCH(kernel, grid, dim3(kPixels), smem, as_stream(stream))(b);
+    if constexpr (kTensorCores) {
+      void (*kernel)(ConvBwdParams) =
+          source == GradSource::kConvGrad
+              ? bwd_wgrad_mma_kernel<T, CG, STRIDE, GradSource::kConvGrad>
+              : bwd_wgrad_mma_kernel<T, CG, STRIDE, GradSource::kMaskedGrad>;
+      const size_t smem = sizeof(T) * (kPixels * CONV_TILE + CONV_TILE +
+                                       static_cast<size_t>(staged_rows(p)) * staging(p).width *
+                                           CONV_TILE);
+      prepare_shared_memory(kernel, sizeof(float) * CONV_TILE, smem);
+      RK_LAUNCH(kernel, wgrad_grid(p, b.wgrad_chunks), dim3(kPixels), smem,
+                as_stream(stream))(b);
+    } else {
+      void (*kernel)(ConvBwdParams) =
+          source == GradSource::kConvGrad
+              ? bwd_wgrad_kernel<T, CG, STRIDE, GradSource::kConvGrad>
+              : bwd_wgrad_kernel<T, CG, STRIDE, GradSource::kMaskedGrad>;
+      const int cg_in = p.c_in / p.groups;
+      const size_t smem = sizeof(float) * TILE * 9 * imin(cg_in, channel_chunk<CG>());
+      prepare_shared_memory(kernel, sizeof(WgradShared<TILE>), smem);
+      RK_LAUNCH(kernel, wgrad_grid(p, b.wgrad_chunks), dim3(kPixels), smem,
+                as_stream(stream))(b);
+    }
   }
 };
 
@@ -381,21 +617,55 @@ void launch_bwd_dc(const ConvBwdParams& params, void* stream) {
   detail::dispatch(b.conv, [&](auto launcher) { launcher.dc(b, stream); });
 }
 
+void launch_bwd_masked_dc(const ConvBwdParams& b, void* stream) {
+  const ConvFwdParams& p = b.conv;
+  if (p.dtype == DType::kFloat32 || p.c_out % 8 != 0)
+    throw std::invalid_argument("resnext_kernels: the masked dc pass takes fp16/bf16 with C_out % 8 == 0");
+  const long vectors = static_cast<long>(p.n) * p.h_out * p.w_out * (p.c_out / 8);
+  const long blocks = (vectors + 255) / 256;
+  const dim3 grid(static_cast<unsigned>(blocks < 65535 ? blocks : 65535));
+  void (*kernel)(ConvBwdParams) = p.dtype == DType::kFloat16
+                                      ? detail::bwd_masked_dc_kernel<__half>
+                                      : detail::bwd_masked_dc_kernel<__nv_bfloat16>;
+  RK_LAUNCH(kernel, grid, dim3(256), 0, detail::as_stream(stream))(b);
+}
+
+bool dgrad_as_conv(const ConvFwdParams& p, GradSource source) {
+  if (source != GradSource::kConvGrad || p.stride != 1) return false;
+  bool mma = false;
+  detail::dispatch(p, [&](auto launcher) { mma = launcher.kTensorCores; });
+  return mma;
+}
+
 void launch_bwd_dgrad(const ConvBwdParams& b, GradSource source, void* stream) {
+  if (dgrad_as_conv(b.conv, source)) {
+    if (b.wt_dgrad == nullptr)
+      throw std::invalid_argument("resnext_kernels: dgrad on tensor cores needs wt_dgrad");
+    ConvFwdParams p = b.conv;  // stride 1: H_out = H, W_out = W, C_in = C_out
+    p.x = b.dc;
+    p.wt = b.wt_dgrad;
+    p.y = b.dx;
+    launch_conv_fwd(p, Pass::kConv, stream);
+    return;
+  }
   detail::dispatch(b.conv, [&](auto launcher) { launcher.dgrad(b, source, stream); });
 }
 
-void launch_bwd_wgrad(const ConvBwdParams& b, GradSource source, void* stream) {
+void launch_bwd_wgrad(const ConvBwdParams& params, GradSource source, void* stream) {
+  ConvBwdParams b = params;
+  b.conv = set_divisors(b.conv);
   detail::dispatch(b.conv, [&](auto launcher) { launcher.wgrad(b, source, stream); });
 }
 
 int wgrad_chunks(const ConvFwdParams& p) {
   constexpr long kTargetBlocks = 2048;  // ~16 per SM on an H200's 132 SMs
   const long pixel_tiles = conv_fwd_blocks_x(p);
-  const long cg_in = p.c_in / p.groups;  // blocks per pixel chunk: channel tiles x input chunks
-  const long tiles = static_cast<long>(p.groups) * ((p.c_out / p.groups + kCoTile - 1) / kCoTile) *
-                     ((cg_in + detail::channel_chunk<0>() - 1) / detail::channel_chunk<0>());
-  const long weight = static_cast<long>(p.c_out) * 9 * cg_in;
+  long tiles = 1;  // blocks per pixel chunk
+  detail::dispatch(p, [&](auto launcher) {
+    const dim3 grid = launcher.wgrad_grid(p, 1);
+    tiles = static_cast<long>(grid.y) * grid.z;
+  });
+  const long weight = static_cast<long>(p.c_out) * 9 * (p.c_in / p.groups);
   long chunks = (kTargetBlocks + tiles - 1) / tiles;
   if (chunks > pixel_tiles) chunks = pixel_tiles;
   if (chunks * weight > kWgradPartialFloats) chunks = kWgradPartialFloats / weight;

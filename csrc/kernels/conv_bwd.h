@@ -25,6 +25,9 @@ struct ConvBwdParams {
   const float* dc_xhat;   // [C_out]
   void* dc;              // [N, H_out, W_out, C_out] dtype: dc, written by the dc pass (training)
   void* dx;              // [N, H, W, C_in] dtype: the input gradient
+  const void* wt_dgrad;  // [C_in, 3, 3, C_out/groups] dtype: each group's weights
+                         // transposed, the taps flipped: wt_dgrad[g·Cg + i][kh][kw][o] =
+                         // wt[g·Cg + o][2 − kh][2 − kw][i] (read where dgrad_as_conv)
   float* dw;             // fp32 weight gradient, OHWI: [C_out, 9·C_in/groups] (atomic), or
                          // [wgrad_chunks, C_out, 9·C_in/groups] partials (deterministic)
   float* partial;        // [conv_fwd_blocks_x, C_out, 2]: per block (Σdz, Σdz·x̂) (reduce)
@@ -58,8 +61,18 @@ constexpr long kWgradPartialFloats = 16L << 20;
 void launch_bwd_reduce(const ConvBwdParams& b, void* stream);
 // dc into b.dc (training), recomputing the conv.
 void launch_bwd_dc(const ConvBwdParams& b, void* stream);
+// Eval's dc = dz_scale·dy·[y > 0] into b.dc, where dgrad_as_conv(p, kConvGrad) (the
+// conv reads dc as a tensor): fp16/bf16, C_out a multiple of 8 (std::invalid_argument
+// otherwise).
+void launch_bwd_masked_dc(const ConvBwdParams& b, void* stream);
 // The input gradient into b.dx: a grouped transposed conv of dc.
 void launch_bwd_dgrad(const ConvBwdParams& b, GradSource source, void* stream);
+// Whether launch_bwd_dgrad runs the forward's tensor-core conv (Pass::kConv) of dc
+// with b.wt_dgrad: at stride 1 a transposed conv is the conv with each group's
+// weights transposed and the taps flipped (training's dc tensor; fp16/bf16 at the
+// widths the forward runs on tensor cores). std::invalid_argument there without
+// b.wt_dgrad.
+bool dgrad_as_conv(const ConvFwdParams& p, GradSource source);
 // The weight gradient into b.dw (see ConvBwdParams::dw): Σ over pixels of x ⋆ dc.
 void launch_bwd_wgrad(const ConvBwdParams& b, GradSource source, void* stream);
 

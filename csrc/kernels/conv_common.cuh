@@ -223,6 +223,44 @@ struct Tile {
   __device__ __forceinline__ float* at(int c, int i) { return &vals[c][i ^ swizzle(c)]; }
 };
 
+// The epilogues' vectors of a block's tile of channels, at the widths with their
+// own instantiation (CG != 0): a pixel's tile of channels is contiguous and aligned
+// to the vectors' size (C_out and the tile's first channel are multiples of their
+// channel count): V vectors of 16 bytes (one of 8 at 4 channels of fp16/bf16). The V
+// lanes of a pixel take its vectors side by side, so a warp access touches 32/V whole
+// pixels, one 128-byte line each. A tile of whole groups may end early
+// (co_count < TILE, at a multiple of 8 channels: whole vectors).
+template <typename T, int TILE>
+struct TileVectors {
+  static constexpr int kBytes = TILE * static_cast<int>(sizeof(T)) < 16 ? 8 : 16;
+  static constexpr int kPer = kBytes / static_cast<int>(sizeof(T));  // channels a vector
+  static constexpr int V = TILE / kPer;
+  using Vec = std::conditional_t<kBytes == 16, uint4, uint2>;
+
+  // fn(i, c0, pix, live, valid) for this thread's vectors: pixel i of the block (pix
+  // in the tensor), the tile's channels [c0, c0 + kPer); `live`: inside the tile,
+  // `valid`: that and a pixel of the tensor.
+  template <typename Fn>
+  __device__ __forceinline__ static void for_each(long pixels, int co_count, Fn&& fn) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int s = 0; s < V; ++s) {
+      const int i = warp * 32 + s * (32 / V) + lane / V, c0 = lane % V * kPer;
+      const long pix = static_cast<long>(blockIdx.x) * kPixels + i;
+      const bool live = c0 < co_count;
+      fn(i, c0, pix, live, pix < pixels && live);
+    }
+  }
+  __device__ __forceinline__ static void load(T (&v)[kPer], const T* at, bool pred) {
+    const Vec packed = load_global(reinterpret_cast<const Vec*>(at), pred);
+    std::memcpy(v, &packed, kBytes);
+  }
+  __device__ __forceinline__ static void store(T* at, const T (&v)[kPer], bool pred) {
+    Vec packed;
+    std::memcpy(&packed, v, kBytes);
+    store_global(reinterpret_cast<Vec*>(at), packed, pred);
+  }
+};
+
 // Channels staged in shared memory per step where a loop runs over a group's
 // channels in chunks (widths without their own instantiation: ResNet's 64-512,
 // the ResNeXt paper's 2x40d at 320); the fixed widths (<= 64) take one step.
@@ -370,6 +408,39 @@ __device__ __forceinline__ int staged_at(const Staging& st, int row, int col, in
   return swizzled<CHUNKS>(row * st.width + pos, row / STRIDE * st.w_out + pos, c);
 }
 
+// Staged chunk i of a block (thread i % kPixels copies it): its row, column and
+// 16-byte chunk.
+template <int SC>
+__device__ __forceinline__ void staged_chunk(const ConvFwdParams& p, const Staging& st, int i,
+                                             int& row, int& col, int& c) {
+  const int q = i / SC;
+  row = p.div.width(q), col = q - row * st.width, c = i % SC;
+}
+
+// Copies (cp.async, uncommitted) the `rows` staged input rows of the pixel block
+// starting at `start` into x_s: SC chunks a pixel, channels [c0, c0 + 8·SC) of x,
+// zeros at the padding and past C_in (the last tile's groups may end early).
+template <typename T, int SC, int STRIDE>
+__device__ __forceinline__ void stage_rows(const ConvFwdParams& p, const Staging& st,
+                                           const BlockStart& start, int rows, int c0, T* x_s) {
+  const T* x = static_cast<const T*>(p.x) + c0;
+  const int staged = rows * st.width * SC;
+  for (int i0 = 0; i0 < staged; i0 += kPixels) {
+    const int i = i0 + threadIdx.x;
+    int row, col, c;
+    staged_chunk<SC>(p, st, i, row, col, c);
+    const int r = start.oh * p.stride + row;  // padded row of the block's first image, onwards
+    const int dimg = p.div.rows(r);
+    const long img = start.img + dimg;
+    const int ih = r - dimg * st.rows_per_image - 1, iw = col - 1;
+    const bool inside = i < staged && img < p.n && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w &&
+                        c0 + 8 * c < p.c_in;
+    const long at = inside ? ((img * p.h + ih) * p.w + iw) * p.c_in + 8 * c : 0;
+    cp_async<16>(x_s + (i < staged ? staged_at<SC, STRIDE>(st, row, col, c) : 0), x + at, inside,
+                 i < staged);
+  }
+}
+
 // Channels of a staged input pixel on tensor cores: the tile's groups' (TILE) where
 // a tile holds whole groups, the whole group's (CG) where a tile is part of one.
 template <int CG, int TILE>
@@ -441,35 +512,13 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
     cp_async<sizeof(T) * V>(w_s + (active ? n * KS + k : 0),
                             w + (real ? n * 9 * CG + (PACKED ? k / 8 * CG : k) : 0), real, active);
   }
-  const T* x = static_cast<const T*>(p.x) + g * CG;
   const int staged = rows * st.width * SC;
-  // Staged chunk i (thread i % kPixels copies it): its row, column and 16-byte chunk.
-  auto chunk = [&](int i, int& row, int& col, int& c) {
-    const int q = i / SC;
-    row = p.div.width(q), col = q - row * st.width, c = i % SC;
-  };
-  auto stage_x = [&]() {
-    for (int i0 = 0; i0 < staged; i0 += kPixels) {
-      const int i = i0 + threadIdx.x;
-      int row, col, c;
-      chunk(i, row, col, c);
-      const int r = start.oh * p.stride + row;  // padded row of the block's first image, onwards
-      const int dimg = p.div.rows(r);
-      const long img = start.img + dimg;
-      const int ih = r - dimg * st.rows_per_image - 1, iw = col - 1;
-      const bool inside = i < staged && img < p.n && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w &&
-                          g * CG + 8 * c < p.c_in;  // the last tile's groups may end early
-      const long at = inside ? ((img * p.h + ih) * p.w + iw) * p.c_in + 8 * c : 0;
-      cp_async<16>(x_s + (i < staged ? staged_at<SC, STRIDE>(st, row, col, c) : 0), x + at, inside,
-                   i < staged);
-    }
-  };
   // Zeros over half h (4 channels: the pairs' even or odd groups) of this thread's chunks.
   auto zero_half = [&](int h) {
     for (int i0 = 0; i0 < staged; i0 += kPixels) {
       const int i = i0 + threadIdx.x;
       int row, col, c;
-      chunk(i, row, col, c);
+      staged_chunk<SC>(p, st, i, row, col, c);
       T* const at = x_s + (i < staged ? staged_at<SC, STRIDE>(st, row, col, c) : 0) + 4 * h;
       store_shared(reinterpret_cast<uint2*>(at), uint2{0u, 0u}, i < staged);
     }
@@ -527,8 +576,8 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
   // weights' too), the packed reruns zero a half of it, the second one restaged.
   for (int keep = -1;;) {
     if (keep != 0) {
-      stage_x();
-      cp_async<16>(zero + 8 * (threadIdx.x % SC), x, false, threadIdx.x < SC);
+      stage_rows<T, SC, STRIDE>(p, st, start, rows, g * CG, x_s);
+      cp_async<16>(zero + 8 * (threadIdx.x % SC), p.x, false, threadIdx.x < SC);
       cp_async_commit();
       cp_async_wait<0>();
     }

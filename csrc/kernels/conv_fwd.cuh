@@ -19,6 +19,7 @@
 //                Reads the input twice, writes the output once, never rounds the
 //                raw conv output to fp16/bf16.
 // Eval runs only kWrite, which folds the running statistics into scale/shift itself.
+// The backward's dgrad at stride 1 is pass kConv of the conv of dc (conv_bwd.cuh).
 //
 // Work split: a block of kPixels threads covers kPixels output pixels (one per
 // thread) and a tile of conv_tile() output channels (channel_tile: 32 on tensor
@@ -97,28 +98,14 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
             relu(fmaf(v, load_shared(&fold[0][co], live), load_shared(&fold[1][co], live))));
       return from_float<T>(v);
     };
-    if constexpr (CG != 0) {
-      // A pixel's tile of channels is contiguous and aligned to the vectors' size
-      // (C_out and co0 are multiples of their channel count): V vectors of 16 bytes (one of 8 at 4 channels of
-      // fp16/bf16). The V lanes of a pixel store its vectors side by side, so a warp
-      // store writes 32/V whole pixels, one 128-byte line each. A tile of whole groups
-      // may end early (co_count < TILE, at a multiple of 8 channels: whole vectors).
-      constexpr int kBytes = TILE * static_cast<int>(sizeof(T)) < 16 ? 8 : 16;
-      constexpr int kPer = kBytes / static_cast<int>(sizeof(T));
-      constexpr int V = TILE / kPer;
-      using Vec = std::conditional_t<kBytes == 16, uint4, uint2>;
-      for (int s = 0; s < V; ++s) {
-        const int i = warp * 32 + s * (32 / V) + lane / V, c0 = lane % V * kPer;
-        const long pix = static_cast<long>(blockIdx.x) * kPixels + i;
-        const bool live = c0 < co_count, valid = pix < pixels && live;
-        T out[kPer];
+    if constexpr (CG != 0) {  // 16-byte stores (TileVectors)
+      using TV = TileVectors<T, TILE>;
+      TV::for_each(pixels, co_count, [&](int i, int c0, long pix, bool live, bool valid) {
+        T out[TV::kPer];
 #pragma unroll
-        for (int j = 0; j < kPer; ++j) out[j] = value(c0 + j, i, live);
-        Vec packed;
-        std::memcpy(&packed, out, kBytes);
-        T* y = static_cast<T*>(p.y) + (valid ? pix * p.c_out + co0 + c0 : 0);
-        store_global(reinterpret_cast<Vec*>(y), packed, valid);
-      }
+        for (int j = 0; j < TV::kPer; ++j) out[j] = value(c0 + j, i, live);
+        TV::store(static_cast<T*>(p.y) + (valid ? pix * p.c_out + co0 + c0 : 0), out, valid);
+      });
     } else {
       const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
       const bool valid = pix < pixels;
@@ -126,7 +113,7 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
       for (int co = 0; co < co_count; ++co) store_global(y + co, value(co, threadIdx.x, true), valid);
     }
   }
-  if constexpr (PASS != Pass::kWrite) {
+  if constexpr (PASS == Pass::kStats || PASS == Pass::kStatsRaw) {
     // Per-channel (count, mean, M2) of this block's pixels, two-pass: warp w owns
     // channels w, w + 4, ...; lane l reads pixels l, l + 32, l + 64, l + 96 (a
     // conflict-free row of the tile) and the warp sums by shuffles, in a fixed order.
@@ -243,6 +230,14 @@ void launch_typed(const ConvFwdParams& p, Pass pass, void* stream) {
                                   : pass == Pass::kStatsRaw
                                       ? conv_fwd_kernel<T, CG, STRIDE, Pass::kStatsRaw>
                                       : conv_fwd_kernel<T, CG, STRIDE, Pass::kWrite>;
+  if (pass == Pass::kConv) {
+    if constexpr (use_mma<T, CG>() && STRIDE == 1) {
+      kernel = conv_fwd_kernel<T, CG, STRIDE, Pass::kConv>;
+    } else {
+      throw std::invalid_argument(
+          "resnext_kernels: Pass::kConv runs fp16/bf16 at stride 1 on tensor cores only");
+    }
+  }
   prepare_shared_memory(kernel, sizeof(FwdShared<TILE>), smem);
   RK_LAUNCH(kernel, grid, dim3(kPixels), smem, as_stream(stream))(p);
 }

@@ -81,6 +81,9 @@ enum class Pass {
   kStats,     // per-block (count, mean, M2) partials only (training, strategy "recompute")
   kStatsRaw,  // partials and the raw conv output into y (training, strategy "raw")
   kWrite,     // y = relu(conv * scale + shift) (eval; second pass of "recompute")
+  kConv,      // the raw conv output into y, no statistics: the backward's dgrad at
+              // stride 1 on tensor cores (launch_bwd_dgrad; fp16/bf16 at the
+              // tensor-core widths and stride 1 only, std::invalid_argument otherwise)
 };
 
 constexpr int kPixels = 128;  // threads per block, one output pixel each
