@@ -14,20 +14,21 @@
 //            y, so this pass recomputes c (forward main loop) and writes
 //            dc = dz_scale·dz − dc_shift − dc_xhat·x̂ once, which dgrad and wgrad
 //            read (docs/kernels.md has the byte count against recomputing c in both).
-//   dgrad:   dx = transposed grouped conv of dc. Training at stride 1 on tensor
-//            cores: the forward's conv (Pass::kConv) of dc with each group's
-//            weights transposed and the taps flipped (wt_dgrad, made by the glue).
-//            Otherwise thread per input pixel, a tile of input channels per block;
-//            stride 2 keeps only taps landing on an output pixel (input
-//            rows/columns the forward never reached get 0).
+//   dgrad:   dx = transposed grouped conv of dc. On tensor cores: the forward's
+//            stride-1 conv of dc (Pass::kConv; at stride 2 of dc upsampled by 2
+//            with zeros, kConvUp) with each group's weights transposed and the taps
+//            flipped (wt_dgrad, made by the glue). Otherwise thread per input
+//            pixel, a tile of input channels per block; stride 2 keeps only taps
+//            landing on an output pixel (input rows/columns the forward never
+//            reached get 0).
 //   wgrad:   dw[co][tap][ci] = Σ_pixels dc·x: blocks split the pixels into
 //            wgrad_chunks chunks; each accumulates its chunk (on tensor cores in
 //            registers, bwd_wgrad_mma_kernel; on CUDA cores in shared memory), then
 //            adds it to dw with float atomics, or (deterministic) writes it as a
 //            partial that the glue sums in chunk order.
 // In eval dgrad and wgrad form dc = dz_scale·dy·[y > 0] while loading (no dc pass,
-// no dc tensor, no recomputed conv), except where dgrad is the conv: there an
-// elementwise pass (masked dc) writes dc for both.
+// no dc tensor, no recomputed conv), except on tensor cores, where dgrad is the
+// conv: there an elementwise pass (masked dc) writes dc for both.
 #pragma once
 
 #include "kernels/conv_bwd.h"
@@ -158,8 +159,8 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_dc_kernel(ConvBwdParams b) {
                               -fmaf(load_global(b.dc_xhat + c, live), xhat,
                                     load_global(b.dc_shift + c, live))));
   };
-  if constexpr (CG != 0) {  // 16-byte loads and stores (TileVectors)
-    using TV = TileVectors<T, TILE>;
+  if constexpr (CG != 0) {  // 8-byte loads and stores (TileVectors)
+    using TV = TileVectors<T, TILE, 8>;
     TV::for_each(pixels, t.count, [&](int i, int c0, long pix, bool live, bool valid) {
       const long at = valid ? pix * p.c_out + t.c0 + c0 : 0;
       T ys[TV::kPer], dys[TV::kPer], out[TV::kPer];
@@ -524,18 +525,25 @@ struct BwdLauncher {
     RK_LAUNCH(kernel, conv_grid<CONV_TILE>(b.conv), dim3(kPixels), smem, as_stream(stream))(b);
   }
 
+  // CUDA cores only: on tensor cores dgrad is the forward's conv of a dc tensor
+  // (launch_bwd_dgrad).
   static void dgrad(const ConvBwdParams& b, GradSource source, void* stream) {
-    const ConvFwdParams& p = b.conv;
-    // (dc at stride 1 on tensor cores is the forward's conv: launch_bwd_dgrad)
-    void (*kernel)(ConvBwdParams) = bwd_dgrad_kernel<T, CG, STRIDE, GradSource::kMaskedGrad>;
-    if constexpr (!(kTensorCores && STRIDE == 1))
-      if (source == GradSource::kConvGrad) kernel = bwd_dgrad_kernel<T, CG, STRIDE, GradSource::kConvGrad>;
-    const long pixels = static_cast<long>(p.n) * p.h * p.w;
-    const dim3 grid(static_cast<unsigned>((pixels + kPixels - 1) / kPixels),
-                    p.groups * ((p.c_in / p.groups + TILE - 1) / TILE));
-    const size_t smem = sizeof(float) * imin(p.c_out / p.groups, channel_chunk<CG>()) * 9 * TILE;
-    prepare_shared_memory(kernel, 0, smem);
-    RK_LAUNCH(kernel, grid, dim3(kPixels), smem, as_stream(stream))(b);
+    if constexpr (kTensorCores) {
+      throw std::invalid_argument(
+          "resnext_kernels: at this width and dtype dgrad runs as the conv of a dc tensor "
+          "(GradSource::kConvGrad; in eval launch_bwd_masked_dc writes it)");
+    } else {
+      const ConvFwdParams& p = b.conv;
+      void (*kernel)(ConvBwdParams) = source == GradSource::kConvGrad
+                                          ? bwd_dgrad_kernel<T, CG, STRIDE, GradSource::kConvGrad>
+                                          : bwd_dgrad_kernel<T, CG, STRIDE, GradSource::kMaskedGrad>;
+      const long pixels = static_cast<long>(p.n) * p.h * p.w;
+      const dim3 grid(static_cast<unsigned>((pixels + kPixels - 1) / kPixels),
+                      p.groups * ((p.c_in / p.groups + TILE - 1) / TILE));
+      const size_t smem = sizeof(float) * imin(p.c_out / p.groups, channel_chunk<CG>()) * 9 * TILE;
+      prepare_shared_memory(kernel, 0, smem);
+      RK_LAUNCH(kernel, grid, dim3(kPixels), smem, as_stream(stream))(b);
+    }
   }
 
   // wgrad's grid: `chunks` pixel chunks x channel tiles x input-channel parts.
@@ -631,7 +639,7 @@ void launch_bwd_masked_dc(const ConvBwdParams& b, void* stream) {
 }
 
 bool dgrad_as_conv(const ConvFwdParams& p, GradSource source) {
-  if (source != GradSource::kConvGrad || p.stride != 1) return false;
+  if (source != GradSource::kConvGrad) return false;
   bool mma = false;
   detail::dispatch(p, [&](auto launcher) { mma = launcher.kTensorCores; });
   return mma;
@@ -641,11 +649,14 @@ void launch_bwd_dgrad(const ConvBwdParams& b, GradSource source, void* stream) {
   if (dgrad_as_conv(b.conv, source)) {
     if (b.wt_dgrad == nullptr)
       throw std::invalid_argument("resnext_kernels: dgrad on tensor cores needs wt_dgrad");
-    ConvFwdParams p = b.conv;  // stride 1: H_out = H, W_out = W, C_in = C_out
+    // A stride-1 conv from dc (C_in = C_out) to dx, of dc itself at stride 1 and of
+    // dc upsampled by 2 with zeros at stride 2.
+    ConvFwdParams p = b.conv;
     p.x = b.dc;
     p.wt = b.wt_dgrad;
     p.y = b.dx;
-    launch_conv_fwd(p, Pass::kConv, stream);
+    p.stride = 1, p.h_out = p.h, p.w_out = p.w;
+    launch_conv_fwd(p, b.conv.stride == 1 ? Pass::kConv : Pass::kConvUp, stream);
     return;
   }
   detail::dispatch(b.conv, [&](auto launcher) { launcher.dgrad(b, source, stream); });

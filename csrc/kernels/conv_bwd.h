@@ -65,13 +65,16 @@ void launch_bwd_dc(const ConvBwdParams& b, void* stream);
 // conv reads dc as a tensor): fp16/bf16, C_out a multiple of 8 (std::invalid_argument
 // otherwise).
 void launch_bwd_masked_dc(const ConvBwdParams& b, void* stream);
-// The input gradient into b.dx: a grouped transposed conv of dc.
+// The input gradient into b.dx: a grouped transposed conv of dc. Where the forward
+// runs on tensor cores only from a dc tensor (kConvGrad; std::invalid_argument for
+// kMaskedGrad there: launch_bwd_masked_dc first).
 void launch_bwd_dgrad(const ConvBwdParams& b, GradSource source, void* stream);
-// Whether launch_bwd_dgrad runs the forward's tensor-core conv (Pass::kConv) of dc
-// with b.wt_dgrad: at stride 1 a transposed conv is the conv with each group's
-// weights transposed and the taps flipped (training's dc tensor; fp16/bf16 at the
-// widths the forward runs on tensor cores). std::invalid_argument there without
-// b.wt_dgrad.
+// Whether launch_bwd_dgrad runs the forward's tensor-core conv of dc with
+// b.wt_dgrad: a transposed conv is the stride-1 conv with each group's weights
+// transposed and the taps flipped, of dc itself at stride 1 (Pass::kConv) and of dc
+// upsampled by 2 with zeros at stride 2 (Pass::kConvUp). For a dc tensor (training,
+// or eval after launch_bwd_masked_dc), fp16/bf16 at the widths the forward runs on
+// tensor cores. std::invalid_argument there without b.wt_dgrad.
 bool dgrad_as_conv(const ConvFwdParams& p, GradSource source);
 // The weight gradient into b.dw (see ConvBwdParams::dw): Σ over pixels of x ⋆ dc.
 void launch_bwd_wgrad(const ConvBwdParams& b, GradSource source, void* stream);

@@ -229,10 +229,12 @@ struct Tile {
 // channel count): V vectors of 16 bytes (one of 8 at 4 channels of fp16/bf16). The V
 // lanes of a pixel take its vectors side by side, so a warp access touches 32/V whole
 // pixels, one 128-byte line each. A tile of whole groups may end early
-// (co_count < TILE, at a multiple of 8 channels: whole vectors).
-template <typename T, int TILE>
+// (co_count < TILE, at a multiple of 8 channels: whole vectors). BYTES: 8 halves the
+// registers an epilogue holds per vector (the dc pass: 16 spilled), and its warp
+// accesses still cover whole 64-byte runs of a pixel.
+template <typename T, int TILE, int BYTES = (TILE * static_cast<int>(sizeof(T)) < 16 ? 8 : 16)>
 struct TileVectors {
-  static constexpr int kBytes = TILE * static_cast<int>(sizeof(T)) < 16 ? 8 : 16;
+  static constexpr int kBytes = BYTES;
   static constexpr int kPer = kBytes / static_cast<int>(sizeof(T));  // channels a vector
   static constexpr int V = TILE / kPer;
   using Vec = std::conditional_t<kBytes == 16, uint4, uint2>;
@@ -419,8 +421,10 @@ __device__ __forceinline__ void staged_chunk(const ConvFwdParams& p, const Stagi
 
 // Copies (cp.async, uncommitted) the `rows` staged input rows of the pixel block
 // starting at `start` into x_s: SC chunks a pixel, channels [c0, c0 + 8·SC) of x,
-// zeros at the padding and past C_in (the last tile's groups may end early).
-template <typename T, int SC, int STRIDE>
+// zeros at the padding and past C_in (the last tile's groups may end early). UP: the
+// input is x upsampled by 2 with zeros, x of ((H + 1) / 2, (W + 1) / 2) pixels:
+// (ih, iw) holds x[ih / 2][iw / 2] where both are even, zeros elsewhere.
+template <typename T, int SC, int STRIDE, bool UP = false>
 __device__ __forceinline__ void stage_rows(const ConvFwdParams& p, const Staging& st,
                                            const BlockStart& start, int rows, int c0, T* x_s) {
   const T* x = static_cast<const T*>(p.x) + c0;
@@ -434,8 +438,9 @@ __device__ __forceinline__ void stage_rows(const ConvFwdParams& p, const Staging
     const long img = start.img + dimg;
     const int ih = r - dimg * st.rows_per_image - 1, iw = col - 1;
     const bool inside = i < staged && img < p.n && ih >= 0 && ih < p.h && iw >= 0 && iw < p.w &&
-                        c0 + 8 * c < p.c_in;
-    const long at = inside ? ((img * p.h + ih) * p.w + iw) * p.c_in + 8 * c : 0;
+                        c0 + 8 * c < p.c_in && (!UP || (ih % 2 == 0 && iw % 2 == 0));
+    const int h = UP ? (p.h + 1) / 2 : p.h, w = UP ? (p.w + 1) / 2 : p.w;
+    const long at = inside ? ((img * h + ih / (UP ? 2 : 1)) * w + iw / (UP ? 2 : 1)) * p.c_in + 8 * c : 0;
     cp_async<16>(x_s + (i < staged ? staged_at<SC, STRIDE>(st, row, col, c) : 0), x + at, inside,
                  i < staged);
   }
@@ -479,7 +484,7 @@ __device__ __forceinline__ bool non_finite(float v) {
 // results: where any is not finite, it runs the loop twice more, with the staged
 // channels of the pairs' odd, then even, groups zeroed, and keeps the even, then odd,
 // groups' results: the products and the NaN pattern of one group at a time.
-template <typename T, int CG, int STRIDE, int TILE>
+template <typename T, int CG, int STRIDE, int TILE, bool UP = false>
 __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int co0, int co_count,
                                              Tile<TILE>& tile) {
   static_assert(TILE % 8 == 0 && (CG == 4 || CG % 8 == 0) && CG <= 64,
@@ -576,7 +581,7 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
   // weights' too), the packed reruns zero a half of it, the second one restaged.
   for (int keep = -1;;) {
     if (keep != 0) {
-      stage_rows<T, SC, STRIDE>(p, st, start, rows, g * CG, x_s);
+      stage_rows<T, SC, STRIDE, UP>(p, st, start, rows, g * CG, x_s);
       cp_async<16>(zero + 8 * (threadIdx.x % SC), p.x, false, threadIdx.x < SC);
       cp_async_commit();
       cp_async_wait<0>();
@@ -672,12 +677,13 @@ __device__ __forceinline__ void mma_mainloop(const ConvFwdParams& p, int g, int 
 
 // conv(x) for the tile's channels [co0, co0 + co_count) of group g and the block's
 // kPixels pixels, into the tile (shared); the caller synchronises before reading it.
-template <typename T, int CG, int STRIDE, int TILE>
+template <typename T, int CG, int STRIDE, int TILE, bool UP = false>
 __device__ __forceinline__ void conv_mainloop(const ConvFwdParams& p, int g, int co0,
                                               int co_count, Tile<TILE>& tile) {
   if constexpr (use_mma<T, CG>()) {
-    mma_mainloop<T, CG, STRIDE, TILE>(p, g, co0, co_count, tile);
+    mma_mainloop<T, CG, STRIDE, TILE, UP>(p, g, co0, co_count, tile);
   } else {
+    static_assert(!UP, "an upsampled input runs on tensor cores only");
     fma_mainloop<T, CG, STRIDE, TILE>(p, g, co0, co_count, tile);
   }
 }

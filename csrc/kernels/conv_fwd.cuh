@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
 
   // The main loop leaves conv(x) for (channel, pixel) of the tile in shared memory.
   Tile<TILE>& tile = shared.tile;
-  conv_mainloop<T, CG, STRIDE, TILE>(p, g, co0, co_count, tile);
+  conv_mainloop<T, CG, STRIDE, TILE, PASS == Pass::kConvUp>(p, g, co0, co_count, tile);
   __syncthreads();
 
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
@@ -230,12 +230,14 @@ void launch_typed(const ConvFwdParams& p, Pass pass, void* stream) {
                                   : pass == Pass::kStatsRaw
                                       ? conv_fwd_kernel<T, CG, STRIDE, Pass::kStatsRaw>
                                       : conv_fwd_kernel<T, CG, STRIDE, Pass::kWrite>;
-  if (pass == Pass::kConv) {
+  if (pass == Pass::kConv || pass == Pass::kConvUp) {
     if constexpr (use_mma<T, CG>() && STRIDE == 1) {
-      kernel = conv_fwd_kernel<T, CG, STRIDE, Pass::kConv>;
+      kernel = pass == Pass::kConv ? conv_fwd_kernel<T, CG, STRIDE, Pass::kConv>
+                                   : conv_fwd_kernel<T, CG, STRIDE, Pass::kConvUp>;
     } else {
       throw std::invalid_argument(
-          "resnext_kernels: Pass::kConv runs fp16/bf16 at stride 1 on tensor cores only");
+          "resnext_kernels: Pass::kConv and kConvUp run fp16/bf16 at stride 1 on tensor cores "
+          "only");
     }
   }
   prepare_shared_memory(kernel, sizeof(FwdShared<TILE>), smem);

@@ -84,6 +84,8 @@ enum class Pass {
   kConv,      // the raw conv output into y, no statistics: the backward's dgrad at
               // stride 1 on tensor cores (launch_bwd_dgrad; fp16/bf16 at the
               // tensor-core widths and stride 1 only, std::invalid_argument otherwise)
+  kConvUp,    // kConv of x upsampled by 2 with zeros (x has ((H + 1) / 2, (W + 1) / 2)
+              // pixels, H x W the conv's input): the backward's dgrad at stride 2
 };
 
 constexpr int kPixels = 128;  // threads per block, one output pixel each
