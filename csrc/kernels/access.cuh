@@ -34,7 +34,7 @@ __host__ __device__ __forceinline__ T zero_of() {
     r.x = 0;
     return __nv_bfloat16(r);
   } else {
-    return T(0);
+    return T{};  // value-initialised: 0, or the zero vector (uint2, uint4)
   }
 }
 
