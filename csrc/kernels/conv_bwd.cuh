@@ -58,50 +58,67 @@ __device__ __forceinline__ float load_dc(const ConvBwdParams& b, long i, int c, 
 
 template <int TILE>
 struct ReduceShared {
-  Tile<TILE> xhat_dz;  // c when recomputed, then dz·x̂
-  Tile<TILE> dz;
+  Tile<TILE> c;                      // the recomputed conv (where the block recomputes)
+  float k[2][TILE];                  // per channel: (mean, invstd) there, else (β, γ)
+  float part[kPixels / 32][TILE][2];  // per warp and channel: (Σdz, Σdz·x̂)
   int recompute;
 };
 
+// Per (pixel block, channel tile): Σdz and Σdz·x̂ over the block's pixels. Each
+// thread sums its own elements in registers, the lanes holding the same channels
+// combine by shuffles, and warp 0 adds the warps' sums in order (deterministic).
 template <typename T, int CG, int STRIDE>
 __global__ void __launch_bounds__(kPixels, 4) bwd_reduce_kernel(ConvBwdParams b) {
   constexpr int TILE = conv_tile<T, CG>();
+  static_assert(TILE <= 32, "a lane of warp 0 per channel of the tile");
   const ConvFwdParams& p = b.conv;
   const ChannelTile t = channel_tile<CG, TILE>(p.c_out, p.groups);
   STATIC_SHARED(ReduceShared<TILE>, s);
-  Tile<TILE>& xhat_dz = s.xhat_dz;
-  Tile<TILE>& dz_s = s.dz;
-  int& recompute = s.recompute;
-  if (threadIdx.x < 32) {  // thread 0 decides; warp 0's other lanes run along predicated off
-    const bool first = threadIdx.x == 0;
-    int any = !b.recover_xhat;
-    for (int co = 0; co < t.count; ++co)
-      any |= !recoverable(load_global(b.gamma + t.c0 + co, first),
-                          load_global(b.beta + t.c0 + co, first));
-    store_shared(&recompute, any, first);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int lane_co = imin(lane, TILE - 1);
+  const bool lane_mine = lane < t.count;  // warp 0: lane co holds channel co
+  if (warp == 0) {  // the block recomputes c unless every channel's x̂ is recoverable
+    const int c = t.c0 + (lane_mine ? lane : 0);
+    const float gamma = load_global(b.gamma + c, lane_mine);
+    const float beta = load_global(b.beta + c, lane_mine);
+    const bool recompute =
+        __any_sync(0xffffffffu, lane_mine && (!b.recover_xhat || !recoverable(gamma, beta)));
+    const float mean = load_global(b.mean + c, lane_mine && recompute);
+    const float invstd = load_global(b.invstd + c, lane_mine && recompute);
+    store_shared(&s.k[0][lane_co], recompute ? mean : beta, lane_mine);
+    store_shared(&s.k[1][lane_co], recompute ? invstd : gamma, lane_mine);
+    store_shared(&s.recompute, static_cast<int>(recompute), lane == 0);
   }
   __syncthreads();
-  if (load_shared(&recompute)) {  // block-uniform
-    conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, xhat_dz);
+  const bool recomputed = load_shared(&s.recompute);  // block-uniform
+  if (recomputed) {
+    conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, s.c);
     __syncthreads();
   }
-  const bool recomputed = load_shared(&recompute);
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
-  // dz and dz·x̂ of the tile's channel co at block pixel i (channel c) into the tiles.
-  auto sums = [&](int co, int i, int c, float y, float dy, bool live, bool valid) {
+  // Adds dz and dz·x̂ of the tile's channel co (constants k0, k1) at block pixel i (0
+  // where not `valid`).
+  auto add = [&](float& sum_dz, float& sum_dz_xhat, float k0, float k1, int co, int i, float y,
+                 float dy, bool live, bool valid) {
     const float dz = y > 0.0f ? dy : 0.0f;
     float xhat;
-    if (recomputed) {  // block-uniform
-      xhat = (load_shared(xhat_dz.at(co, i), live) - load_global(b.mean + c, live)) *
-             load_global(b.invstd + c, live);
+    if (recomputed) {
+      xhat = (load_shared(s.c.at(co, i), live) - k0) * k1;
     } else {
-      xhat = (y - load_global(b.beta + c, live)) / load_global(b.gamma + c, live);
+      xhat = (y - k0) / k1;
     }
-    store_shared(dz_s.at(co, i), valid ? dz : 0.0f, live);
-    store_shared(xhat_dz.at(co, i), valid ? dz * xhat : 0.0f, live);
+    sum_dz += valid ? dz : 0.0f;
+    sum_dz_xhat += valid ? dz * xhat : 0.0f;
   };
-  if constexpr (CG != 0) {  // 16-byte loads (TileVectors)
+  if constexpr (CG != 0) {  // 16-byte loads (TileVectors); a thread keeps kPer channels
     using TV = TileVectors<T, TILE>;
+    const int c0 = TV::first_channel();
+    float k0[TV::kPer], k1[TV::kPer], sum_dz[TV::kPer] = {}, sum_dz_xhat[TV::kPer] = {};
+#pragma unroll
+    for (int j = 0; j < TV::kPer; ++j) {  // the constants of this thread's channels, in registers
+      k0[j] = load_shared(&s.k[0][c0 + j], c0 < t.count);
+      k1[j] = load_shared(&s.k[1][c0 + j], c0 < t.count);
+    }
     TV::for_each(pixels, t.count, [&](int i, int c0, long pix, bool live, bool valid) {
       const long at = valid ? pix * p.c_out + t.c0 + c0 : 0;
       T ys[TV::kPer], dys[TV::kPer];
@@ -109,58 +126,91 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_reduce_kernel(ConvBwdParams b)
       TV::load(dys, static_cast<const T*>(b.dy) + at, valid);
 #pragma unroll
       for (int j = 0; j < TV::kPer; ++j)
-        sums(c0 + j, i, t.c0 + (live ? c0 + j : 0), to_float(ys[j]), to_float(dys[j]), live,
-             valid);
+        add(sum_dz[j], sum_dz_xhat[j], k0[j], k1[j], c0 + j, i, to_float(ys[j]), to_float(dys[j]),
+            live, valid);
     });
-  } else {
+#pragma unroll
+    for (int j = 0; j < TV::kPer; ++j) {
+      const float warp_dz = warp_sum<TV::V>(sum_dz[j]);
+      const float warp_dz_xhat = warp_sum<TV::V>(sum_dz_xhat[j]);
+      store_shared(&s.part[warp][c0 + j][0], warp_dz, lane < TV::V);
+      store_shared(&s.part[warp][c0 + j][1], warp_dz_xhat, lane < TV::V);
+    }
+  } else {  // thread per pixel, the channels in turn
     const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
     const bool valid = pix < pixels;
     for (int co = 0; co < t.count; ++co) {
-      const int c = t.c0 + co;
-      const long i = valid ? pix * p.c_out + c : 0;
+      const long i = valid ? pix * p.c_out + t.c0 + co : 0;
       const float y = to_float(load_global(static_cast<const T*>(b.y) + i, valid));
       const float dy = to_float(load_global(static_cast<const T*>(b.dy) + i, y > 0.0f));
-      sums(co, threadIdx.x, c, y, dy, true, valid);
+      float sum_dz = 0.0f, sum_dz_xhat = 0.0f;
+      add(sum_dz, sum_dz_xhat, load_shared(&s.k[0][co]), load_shared(&s.k[1][co]), co, threadIdx.x,
+          y, dy, true, valid);
+      sum_dz = warp_sum(sum_dz);
+      sum_dz_xhat = warp_sum(sum_dz_xhat);
+      store_shared(&s.part[warp][co][0], sum_dz, lane == 0);
+      store_shared(&s.part[warp][co][1], sum_dz_xhat, lane == 0);
     }
   }
   __syncthreads();
-  if (threadIdx.x < 32) {  // lane co of warp 0 sums channel co
-    const int co = threadIdx.x;
-    const bool mine = co < t.count;
-    const int count = static_cast<int>(
-        imin(static_cast<long>(kPixels), pixels - static_cast<long>(blockIdx.x) * kPixels));
+  if (warp == 0) {  // lane co: channel co's sums over the warps, in warp order
     float sum_dz = 0.0f, sum_dz_xhat = 0.0f;
-    for (int i = 0; i < count; ++i) {
-      sum_dz += load_shared(dz_s.at(mine ? co : 0, i), mine);
-      sum_dz_xhat += load_shared(xhat_dz.at(mine ? co : 0, i), mine);
+    for (int w = 0; w < kPixels / 32; ++w) {
+      sum_dz += load_shared(&s.part[w][lane_co][0], lane_mine);
+      sum_dz_xhat += load_shared(&s.part[w][lane_co][1], lane_mine);
     }
-    float* out = b.partial + (static_cast<long>(blockIdx.x) * p.c_out + t.c0 + (mine ? co : 0)) * 2;
-    store_global(out, sum_dz, mine);
-    store_global(out + 1, sum_dz_xhat, mine);
+    float* out = b.partial + (static_cast<long>(blockIdx.x) * p.c_out + t.c0 + lane_co) * 2;
+    store_global(out, sum_dz, lane_mine);
+    store_global(out + 1, sum_dz_xhat, lane_mine);
   }
 }
+
+template <int TILE>
+struct DcShared {
+  Tile<TILE> c;       // the recomputed conv
+  float k[4][TILE];   // per channel: mean, dz_scale, dc_xhat·invstd, dc_shift
+};
 
 template <typename T, int CG, int STRIDE>
 __global__ void __launch_bounds__(kPixels, 4) bwd_dc_kernel(ConvBwdParams b) {
   constexpr int TILE = conv_tile<T, CG>();
+  static_assert(TILE <= 32, "a lane of warp 0 per channel of the tile");
   const ConvFwdParams& p = b.conv;
   const ChannelTile t = channel_tile<CG, TILE>(p.c_out, p.groups);
-  STATIC_SHARED(Tile<TILE>, tile);
-  conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, tile);
+  STATIC_SHARED(DcShared<TILE>, s);
+  if (threadIdx.x < 32) {  // lane co: channel co's constants, published by the main loop's barriers
+    const int lane = threadIdx.x, co = imin(lane, TILE - 1);
+    const bool mine = lane < t.count;
+    const int c = t.c0 + (mine ? lane : 0);
+    store_shared(&s.k[0][co], load_global(b.mean + c, mine), mine);
+    store_shared(&s.k[1][co], load_global(b.dz_scale + c, mine), mine);
+    store_shared(&s.k[2][co], load_global(b.dc_xhat + c, mine) * load_global(b.invstd + c, mine),
+                 mine);
+    store_shared(&s.k[3][co], load_global(b.dc_shift + c, mine), mine);
+  }
+  conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, s.c);
   __syncthreads();
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
-  // dc of the tile's channel co at block pixel i (channel c), from y, dy and c there.
-  auto dc = [&](int co, int i, int c, float y, float dy, bool live) {
-    const float xhat =
-        (load_shared(tile.at(co, i), live) - load_global(b.mean + c, live)) *
-        load_global(b.invstd + c, live);
+  // The constants of the tile's channel co, and dc there at block pixel i from y, dy
+  // and c: dz_scale·dz − c_scale·(c − mean) − dc_shift, c_scale = dc_xhat·invstd.
+  struct Constants {
+    float mean, dz_scale, c_scale, dc_shift;
+  };
+  auto constants = [&](int co, bool live) {
+    return Constants{load_shared(&s.k[0][co], live), load_shared(&s.k[1][co], live),
+                     load_shared(&s.k[2][co], live), load_shared(&s.k[3][co], live)};
+  };
+  auto dc = [&](const Constants& k, int co, int i, float y, float dy, bool live) {
+    const float centred = load_shared(s.c.at(co, i), live) - k.mean;
     const float dz = y > 0.0f ? dy : 0.0f;
-    return from_float<T>(fmaf(load_global(b.dz_scale + c, live), dz,
-                              -fmaf(load_global(b.dc_xhat + c, live), xhat,
-                                    load_global(b.dc_shift + c, live))));
+    return from_float<T>(fmaf(k.dz_scale, dz, -fmaf(k.c_scale, centred, k.dc_shift)));
   };
   if constexpr (CG != 0) {  // 8-byte loads and stores (TileVectors)
     using TV = TileVectors<T, TILE, 8>;
+    const int c0 = TV::first_channel();
+    Constants k[TV::kPer];  // this thread's channels', in registers
+#pragma unroll
+    for (int j = 0; j < TV::kPer; ++j) k[j] = constants(c0 + j, c0 < t.count);
     TV::for_each(pixels, t.count, [&](int i, int c0, long pix, bool live, bool valid) {
       const long at = valid ? pix * p.c_out + t.c0 + c0 : 0;
       T ys[TV::kPer], dys[TV::kPer], out[TV::kPer];
@@ -168,18 +218,18 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_dc_kernel(ConvBwdParams b) {
       TV::load(dys, static_cast<const T*>(b.dy) + at, valid);
 #pragma unroll
       for (int j = 0; j < TV::kPer; ++j)
-        out[j] = dc(c0 + j, i, t.c0 + (live ? c0 + j : 0), to_float(ys[j]), to_float(dys[j]), live);
+        out[j] = dc(k[j], c0 + j, i, to_float(ys[j]), to_float(dys[j]), live);
       TV::store(static_cast<T*>(b.dc) + at, out, valid);
     });
   } else {
     const long pix = static_cast<long>(blockIdx.x) * kPixels + threadIdx.x;
     const bool valid = pix < pixels;
     for (int co = 0; co < t.count; ++co) {
-      const int c = t.c0 + co;
-      const long i = valid ? pix * p.c_out + c : 0;
+      const long i = valid ? pix * p.c_out + t.c0 + co : 0;
       const float y = to_float(load_global(static_cast<const T*>(b.y) + i, valid));
       const float dy = to_float(load_global(static_cast<const T*>(b.dy) + i, y > 0.0f));
-      store_global(static_cast<T*>(b.dc) + i, dc(co, threadIdx.x, c, y, dy, true), valid);
+      store_global(static_cast<T*>(b.dc) + i, dc(constants(co, true), co, threadIdx.x, y, dy, true),
+                   valid);
     }
   }
 }
@@ -200,11 +250,14 @@ __global__ void __launch_bounds__(256) bwd_masked_dc_kernel(ConvBwdParams b) {
     T ys[TV::kPer], dys[TV::kPer], out[TV::kPer];
     TV::load(ys, static_cast<const T*>(b.y) + at, in);
     TV::load(dys, static_cast<const T*>(b.dy) + at, in);
-#pragma unroll
-    for (int j = 0; j < TV::kPer; ++j) {
-      const float scale = load_global(b.dz_scale + c0 + j, in);
-      out[j] = from_float<T>(to_float(ys[j]) > 0.0f ? scale * to_float(dys[j]) : 0.0f);
+    float scale[TV::kPer];  // two 16-byte loads
+    for (int h = 0; h < TV::kPer; h += 4) {
+      const float4 four = load_global(reinterpret_cast<const float4*>(b.dz_scale + c0 + h), in);
+      scale[h] = four.x, scale[h + 1] = four.y, scale[h + 2] = four.z, scale[h + 3] = four.w;
     }
+#pragma unroll
+    for (int j = 0; j < TV::kPer; ++j)
+      out[j] = from_float<T>(to_float(ys[j]) > 0.0f ? scale[j] * to_float(dys[j]) : 0.0f);
     TV::store(static_cast<T*>(b.dc) + at, out, in);
   }
 }
@@ -521,7 +574,7 @@ struct BwdLauncher {
   static void dc(const ConvBwdParams& b, void* stream) {
     void (*kernel)(ConvBwdParams) = bwd_dc_kernel<T, CG, STRIDE>;
     const size_t smem = mainloop_smem<T, CG>(b.conv);
-    prepare_shared_memory(kernel, sizeof(Tile<CONV_TILE>), smem);
+    prepare_shared_memory(kernel, sizeof(DcShared<CONV_TILE>), smem);
     RK_LAUNCH(kernel, conv_grid<CONV_TILE>(b.conv), dim3(kPixels), smem, as_stream(stream))(b);
   }
 

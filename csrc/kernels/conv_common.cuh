@@ -244,14 +244,17 @@ struct TileVectors {
   // `valid`: that and a pixel of the tensor.
   template <typename Fn>
   __device__ __forceinline__ static void for_each(long pixels, int co_count, Fn&& fn) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, c0 = first_channel();
     for (int s = 0; s < V; ++s) {
-      const int i = warp * 32 + s * (32 / V) + lane / V, c0 = lane % V * kPer;
+      const int i = warp * 32 + s * (32 / V) + lane / V;
       const long pix = static_cast<long>(blockIdx.x) * kPixels + i;
       const bool live = c0 < co_count;
       fn(i, c0, pix, live, pix < pixels && live);
     }
   }
+  // The first of this thread's channels, the same in every one of its vectors: lanes
+  // l and l' of a warp hold the same channels where l % V == l' % V.
+  __device__ __forceinline__ static int first_channel() { return threadIdx.x % V * kPer; }
   __device__ __forceinline__ static void load(T (&v)[kPer], const T* at, bool pred) {
     const Vec packed = load_global(reinterpret_cast<const Vec*>(at), pred);
     std::memcpy(v, &packed, kBytes);
@@ -262,6 +265,14 @@ struct TileVectors {
     store_global(reinterpret_cast<Vec*>(at), packed, pred);
   }
 };
+
+// v summed over the lanes of the warp that share this lane's residue mod APART (a
+// power of two; 1: the whole warp), by shuffles in a fixed order.
+template <int APART = 1>
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset >= APART; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
 
 // Channels staged in shared memory per step where a loop runs over a group's
 // channels in chunks (widths without their own instantiation: ResNet's 64-512,

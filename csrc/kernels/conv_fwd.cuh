@@ -119,10 +119,6 @@ __global__ void __launch_bounds__(kPixels, 4) conv_fwd_kernel(ConvFwdParams p) {
     // conflict-free row of the tile) and the warp sums by shuffles, in a fixed order.
     const int count = static_cast<int>(
         imin(static_cast<long>(kPixels), pixels - static_cast<long>(blockIdx.x) * kPixels));
-    auto warp_sum = [](float v) {
-      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-      return v;
-    };
     for (int co = warp; co < TILE; co += kPixels / 32) {
       const bool mine = co < co_count;
       const int row = mine ? co : 0;
