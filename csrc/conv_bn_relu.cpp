@@ -193,6 +193,13 @@ struct Conv {
 
 at::Tensor fp32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+// fp32, contiguous and 16-byte aligned: kernels read these per-channel vectors as
+// float4 (a parameter may be a view at any offset).
+at::Tensor fp32_aligned(const at::Tensor& t) {
+  at::Tensor f = fp32(t);
+  return reinterpret_cast<uintptr_t>(f.data_ptr()) % 16 == 0 ? f : f.clone();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
@@ -286,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
 // per-channel vectors in fp32.
 struct Backward {
   Conv conv;
-  at::Tensor dy, y, gamma, beta, mean, invstd;
+  at::Tensor dy, y, gamma, beta, mean, var32;
   rk::ConvBwdParams b{};
 
   Backward(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
@@ -303,32 +310,38 @@ struct Backward {
     check_vector("var", var, c_out, input);
     dy = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
     y = out.contiguous(at::MemoryFormat::ChannelsLast);
-    gamma = fp32(bn_weight);
+    gamma = fp32_aligned(bn_weight);
     beta = fp32(bn_bias);
     mean = fp32(mean_);
-    invstd = (var.to(at::kDouble) + eps).rsqrt().to(at::kFloat).contiguous();
+    var32 = fp32_aligned(var);
     b.conv = conv.p;
     b.dy = dy.data_ptr();
     b.y = y.data_ptr();
     b.gamma = gamma.data_ptr<float>();
     b.beta = beta.data_ptr<float>();
     b.mean = mean.data_ptr<float>();
-    b.invstd = invstd.data_ptr<float>();
+    b.var = var32.data_ptr<float>();
+    b.eps = static_cast<float>(eps);
     b.recover_xhat = recover_xhat();
   }
 
   at::TensorOptions f32() const { return conv.x.options().dtype(at::kFloat); }
 
-  // (Σdz, Σdz·x̂) per channel: block partials from the kernel, merged in block order.
+  // (Σdz, Σdz·x̂) per channel: block partials from the kernel, merged in block order
+  // by a second one.
   std::tuple<at::Tensor, at::Tensor> reduce() {
     if (conv.empty()) return {at::zeros({conv.c_out}, f32()), at::zeros({conv.c_out}, f32())};
     at::Tensor partial = at::empty({rk::conv_fwd_blocks_x(conv.p), conv.c_out, 2}, f32());
+    at::Tensor sum_dz = at::empty({conv.c_out}, f32()), sum_dz_xhat = at::empty({conv.c_out}, f32());
     poison(partial);
+    poison(sum_dz);
+    poison(sum_dz_xhat);
     b.partial = partial.data_ptr<float>();
+    b.sum_dz = sum_dz.data_ptr<float>();
+    b.sum_dz_xhat = sum_dz_xhat.data_ptr<float>();
     rk::launch_bwd_reduce(b, conv.stream);
     check_launch();
-    const at::Tensor sums = partial.to(at::kDouble).sum(0).to(at::kFloat);
-    return {sums.select(1, 0).contiguous(), sums.select(1, 1).contiguous()};
+    return {sum_dz, sum_dz_xhat};
   }
 
   // Input and weight gradients. With sums: dc from the batch sums over `count`
@@ -337,15 +350,14 @@ struct Backward {
   std::tuple<at::Tensor, at::Tensor> apply(const std::optional<std::pair<at::Tensor, at::Tensor>>& sums,
                                            int64_t count, bool want_input, bool want_weight,
                                            const at::Tensor& input, const at::Tensor& weight) {
-    const at::Tensor dz_scale = (gamma * invstd).contiguous();
-    b.dz_scale = dz_scale.data_ptr<float>();
-    at::Tensor dc_shift, dc_xhat, dc;
+    at::Tensor sum_dz, sum_dz_xhat, dc;
     rk::GradSource source = rk::GradSource::kMaskedGrad;
     if (sums.has_value() && !conv.empty()) {
-      dc_shift = (dz_scale * fp32(sums->first) / static_cast<double>(count)).contiguous();
-      dc_xhat = (dz_scale * fp32(sums->second) / static_cast<double>(count)).contiguous();
-      b.dc_shift = dc_shift.data_ptr<float>();
-      b.dc_xhat = dc_xhat.data_ptr<float>();
+      sum_dz = fp32(sums->first);
+      sum_dz_xhat = fp32(sums->second);
+      b.sum_dz = sum_dz.data_ptr<float>();
+      b.sum_dz_xhat = sum_dz_xhat.data_ptr<float>();
+      b.count = static_cast<float>(count);
       dc = at::empty(conv.out_shape(),
                      conv.x.options().memory_format(at::MemoryFormat::ChannelsLast));
       poison(dc);

@@ -117,6 +117,34 @@ def test_packed_groups_keep_a_non_finite_input_in_its_group(training):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_parameters_as_views_at_an_unaligned_offset(training):
+    """γ, β and the running statistics as views 4 bytes into their storage: kernels read
+    per-channel vectors 16 bytes at a time (eval's masked dc), which the emulator, like a
+    GPU, refuses at an address not aligned to 16; the glue reads from aligned copies."""
+    problem = problem_for(8, 1)
+    gen = torch.Generator().manual_seed(23)
+    args = make_arguments(problem, torch.bfloat16, channels_last=True, generator=gen)
+    grad = torch.randn(problem.output_shape, generator=gen, dtype=torch.float64)
+
+    def unaligned(t):
+        storage = torch.empty(t.numel() + 1, dtype=t.dtype)
+        storage[1:] = t
+        return storage[1:]
+
+    x, w, g, b, rm, rv = args
+    leaves = [x.detach().requires_grad_(), w.detach().requires_grad_(),
+              unaligned(g).requires_grad_(), unaligned(b).requires_grad_()]
+    assert leaves[2].data_ptr() % 16 != 0
+    out = fused_group_conv_bn_relu(*leaves, unaligned(rm), unaligned(rv), stride=problem.stride,
+                                   groups=problem.groups, training=training,
+                                   backend="cuda_emulated")
+    out.backward(grad.to(out.dtype))
+    want = gradients("reference", args, problem, training, grad, dtype=torch.float64)
+    check_gradients([t.grad for t in leaves], want, torch.bfloat16,
+                    pytorch_gradients(args, problem, training, grad))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_channels_with_tiny_gamma_recompute_the_conv(training, monkeypatch):
     """x̂ cannot be recovered from the output where γ ≈ 0 or β ≫ γ: those channel tiles
     recompute the conv (csrc/kernels/conv_bwd.h); the others recover x̂."""

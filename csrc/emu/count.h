@@ -392,9 +392,18 @@ class Tracker {
 
 inline Tracker tracker;
 
-// One lane's access (csrc/kernels/access.cuh); `matrices` > 0 for ldmatrix.
+// One lane's access (csrc/kernels/access.cuh); `matrices` > 0 for ldmatrix. A GPU
+// faults on an access not aligned to its size (a float4 of a parameter view at an
+// odd offset): so does the emulator.
 inline void access(Space space, Op op, const void* p, int bytes, bool pred, const char* file,
                    int line, int matrices = 0) {
+  if (pred && matrices == 0 && reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    char what[160];
+    std::snprintf(what, sizeof(what), "misaligned address: a %d-byte access at %p", bytes, p);
+    char site[512];
+    std::snprintf(site, sizeof(site), "%s:%d", file, line);
+    fail(what, site);
+  }
   tracker.access(space, op, p, bytes, pred, file, line, matrices, linear_tid);
 }
 

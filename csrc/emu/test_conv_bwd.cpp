@@ -4,6 +4,7 @@
 // float atomics). The full numerical matrix lives in tests/test_cuda_backward.py.
 //
 // Usage: conv_bwd_tests [fibers] [threads]   (default: both)
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -82,8 +83,9 @@ void run_case(const Case& k, const char* backend) {
   rk_test::for_each_product(k, [&](size_t o, size_t i, size_t w) { c[o] += x.at(i) * wt.at(w); });
   for (size_t i = 0; i < out_size; ++i) mean[i % k.c] += c[i] / pixels;
   for (size_t i = 0; i < out_size; ++i) var[i % k.c] += (c[i] - mean[i % k.c]) * (c[i] - mean[i % k.c]) / pixels;
-  std::vector<float> mean_f(k.c), invstd_f(k.c), y_values(out_size), dy_values(out_size);
-  for (int co = 0; co < k.c; ++co) mean_f[co] = mean[co], invstd_f[co] = 1 / std::sqrt(var[co] + 1e-5);
+  std::vector<float> mean_f(k.c), var_f(k.c), invstd_f(k.c), y_values(out_size), dy_values(out_size);
+  for (int co = 0; co < k.c; ++co)
+    mean_f[co] = mean[co], var_f[co] = var[co], invstd_f[co] = 1 / std::sqrt(var_f[co] + 1e-5f);
   for (size_t i = 0; i < out_size; ++i) {
     const int co = i % k.c;
     y_values[i] = std::fmax((c[i] - mean[co]) * invstd_f[co] * gamma[co] + beta[co], 0.0);
@@ -99,7 +101,7 @@ void run_case(const Case& k, const char* backend) {
   auto dz = [&](size_t i) { return y.at(i) > 0 ? dy.at(i) : 0.0; };
   auto xhat = [&](size_t i) { return (c[i] - mean[i % k.c]) * invstd_f[i % k.c]; };
   for (size_t i = 0; i < out_size; ++i) sum_dz[i % k.c] += dz(i), sum_dz_xhat[i % k.c] += dz(i) * xhat(i);
-  std::vector<float> dz_scale(k.c), dc_shift(k.c), dc_xhat(k.c);
+  std::vector<double> dz_scale(k.c), dc_shift(k.c), dc_xhat(k.c);
   for (int co = 0; co < k.c; ++co) {
     dz_scale[co] = gamma[co] * invstd_f[co];
     dc_shift[co] = dz_scale[co] * sum_dz[co] / pixels;
@@ -127,23 +129,25 @@ void run_case(const Case& k, const char* backend) {
   b.gamma = gamma.data();
   b.beta = beta.data();
   b.mean = mean_f.data();
-  b.invstd = invstd_f.data();
+  b.var = var_f.data();
+  b.eps = 1e-5f;
   const int blocks = rk::conv_fwd_blocks_x(p);
   const double tol = k.half ? 1e-2 : 1e-4;
+  std::vector<float> partial(static_cast<size_t>(blocks) * k.c * 2), sums(2 * k.c);
+  b.partial = partial.data();
+  b.sum_dz = sums.data();
+  b.sum_dz_xhat = sums.data() + k.c;
+  b.count = static_cast<float>(pixels);
   for (bool recover : {true, false}) {
-    std::vector<float> partial(static_cast<size_t>(blocks) * k.c * 2, NAN);
-    b.partial = partial.data();
+    std::fill(partial.begin(), partial.end(), NAN);
+    std::fill(sums.begin(), sums.end(), NAN);
     b.recover_xhat = recover;
     rk::launch_bwd_reduce(b, nullptr);
-    std::vector<double> sums(2 * k.c, 0.0), want(2 * k.c);
-    for (size_t i = 0; i < partial.size(); ++i) sums[i % (2 * k.c)] += partial[i];
-    for (int co = 0; co < k.c; ++co) want[2 * co] = sum_dz[co], want[2 * co + 1] = sum_dz_xhat[co];
+    std::vector<double> want(sum_dz);
+    want.insert(want.end(), sum_dz_xhat.begin(), sum_dz_xhat.end());
     expect(recover ? "reduce (recover)" : "reduce (recompute)", k, backend,
            rel_max(sums.size(), [&](size_t i) { return sums[i]; }, want), tol);
   }
-  b.dz_scale = dz_scale.data();
-  b.dc_shift = dc_shift.data();
-  b.dc_xhat = dc_xhat.data();
   Buffer dc_k(k.half, out_size, NAN), dx_k(k.half, in_size, NAN);
   b.dc = dc_k.data();
   rk::launch_bwd_dc(b, nullptr);

@@ -142,6 +142,11 @@ __global__ void divergent_kernel(const float* in, float* out) {
   rk::store_global(out + threadIdx.x, v);
 }
 
+__global__ void misaligned_vector_kernel(const float* in, float* out) {
+  const float4 v = rk::load_global(reinterpret_cast<const float4*>(in + 1));  // 4-byte aligned
+  rk::store_global(out + threadIdx.x, v.x);
+}
+
 __global__ void skipped_before_barrier_kernel(const float* in, float* out) {
   float v = 0.0f;
   if (threadIdx.x % 2 == 0) v = rk::load_global(in + threadIdx.x);
@@ -326,6 +331,9 @@ void test_divergence_aborts() {
   CHECK(aborts_with(
       [&] { RK_LAUNCH(skipped_before_barrier_kernel, dim3(1), dim3(32), 0, 0)(in, out); },
       "divergent memory access"));
+  CHECK(aborts_with(
+      [&] { RK_LAUNCH(misaligned_vector_kernel, dim3(1), dim3(32), 0, 0)(in, out); },
+      "misaligned address: a 16-byte access"));
 }
 
 }  // namespace

@@ -163,14 +163,15 @@ inline float fma_count(float a, float b, float c) {
   return fmaf(a, b, c);
 }
 // cp.async: the global read (none when `pred` is false) and the shared write, as
-// LDGSTS moves them; the copy itself is emulated in csrc/emu/simt.h.
+// LDGSTS moves them; the copy itself is emulated in csrc/emu/simt.h (first: its
+// checks name cp.async).
 template <int BYTES>
 inline void cp_async(void* dst, const void* src, bool pred = true, bool active = true,
                      const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+  if (active) emu::cp_async(dst, src, BYTES, pred, file);
   emu::access(emu::Space::kGlobal, emu::kLoad, src, BYTES, pred && active, file, line);
   emu::access(emu::Space::kShared, emu::kStore, dst, BYTES, active, file, line);
-  if (active) emu::cp_async(dst, src, BYTES, pred, file);
 }
 inline void cp_async_commit() { emu::cp_async_commit(); }
 template <int N>

@@ -41,6 +41,16 @@ __device__ __forceinline__ bool recoverable(float gamma, float beta) {
   return fabsf(gamma) >= kRecoverMinGamma && fabsf(beta) <= kRecoverMaxRatio * fabsf(gamma);
 }
 
+// invstd = rsqrt(var + eps) of channel c (conv_bwd.h).
+__device__ __forceinline__ float invstd_of(const ConvBwdParams& b, int c, bool pred) {
+  return inv_sqrt(load_global(b.var + c, pred) + b.eps);
+}
+
+// dz_scale = γ·invstd of channel c.
+__device__ __forceinline__ float dz_scale_of(const ConvBwdParams& b, int c, bool pred) {
+  return load_global(b.gamma + c, pred) * invstd_of(b, c, pred);
+}
+
 // dc at output element i (NHWC offset, channel c); 0 with `pred` false.
 template <typename T, GradSource SOURCE>
 __device__ __forceinline__ float load_dc(const ConvBwdParams& b, long i, int c, bool pred) {
@@ -51,7 +61,7 @@ __device__ __forceinline__ float load_dc(const ConvBwdParams& b, long i, int c, 
     // dy is read only where the ReLU let the gradient through.
     const bool on = to_float(load_global(static_cast<const T*>(b.y) + i, pred)) > 0.0f;
     const float dy = to_float(load_global(static_cast<const T*>(b.dy) + i, on));
-    const float scale = load_global(b.dz_scale + c, pred);
+    const float scale = dz_scale_of(b, c, pred);
     return on ? scale * dy : 0.0f;
   }
 }
@@ -84,7 +94,7 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_reduce_kernel(ConvBwdParams b)
     const bool recompute =
         __any_sync(0xffffffffu, lane_mine && (!b.recover_xhat || !recoverable(gamma, beta)));
     const float mean = load_global(b.mean + c, lane_mine && recompute);
-    const float invstd = load_global(b.invstd + c, lane_mine && recompute);
+    const float invstd = invstd_of(b, c, lane_mine && recompute);
     store_shared(&s.k[0][lane_co], recompute ? mean : beta, lane_mine);
     store_shared(&s.k[1][lane_co], recompute ? invstd : gamma, lane_mine);
     store_shared(&s.recompute, static_cast<int>(recompute), lane == 0);
@@ -165,10 +175,48 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_reduce_kernel(ConvBwdParams b)
   }
 }
 
+constexpr int kSumsThreads = 64;
+
+struct SumsShared {
+  double dz[kSumsThreads], dz_xhat[kSumsThreads];
+};
+
+// A block per channel merges the reduce pass's per-block partials in a fixed order,
+// in fp64: thread t adds partials t, t + 64, ... in turn, then a tree over the
+// threads (t with t + width, width halving). Deterministic.
+__global__ void __launch_bounds__(kSumsThreads) bwd_sums_kernel(ConvBwdParams b) {
+  const ConvFwdParams& p = b.conv;
+  const int c = blockIdx.x, tid = threadIdx.x;
+  STATIC_SHARED(SumsShared, s);
+  const long blocks = (static_cast<long>(p.n) * p.h_out * p.w_out + kPixels - 1) / kPixels;
+  double dz = 0.0, dz_xhat = 0.0;
+  for (long b0 = 0; b0 < blocks; b0 += kSumsThreads) {
+    const long block = b0 + tid;
+    const bool in = block < blocks;
+    const float2 part =
+        load_global(reinterpret_cast<const float2*>(b.partial) + (in ? block * p.c_out + c : 0), in);
+    dz += part.x;
+    dz_xhat += part.y;
+  }
+  store_shared(&s.dz[tid], dz);
+  store_shared(&s.dz_xhat[tid], dz_xhat);
+  for (int width = kSumsThreads / 2; width > 0; width /= 2) {
+    __syncthreads();
+    const bool active = tid < width;
+    const int other = active ? tid + width : tid;
+    dz = load_shared(&s.dz[tid], active) + load_shared(&s.dz[other], active);
+    dz_xhat = load_shared(&s.dz_xhat[tid], active) + load_shared(&s.dz_xhat[other], active);
+    store_shared(&s.dz[tid], dz, active);
+    store_shared(&s.dz_xhat[tid], dz_xhat, active);
+  }
+  store_global(b.sum_dz + c, static_cast<float>(dz), tid == 0);  // thread 0 holds the total
+  store_global(b.sum_dz_xhat + c, static_cast<float>(dz_xhat), tid == 0);
+}
+
 template <int TILE>
 struct DcShared {
   Tile<TILE> c;       // the recomputed conv
-  float k[4][TILE];   // per channel: mean, dz_scale, dc_xhat·invstd, dc_shift
+  float k[4][TILE];   // per channel: mean, dz_scale, dc_xhat·invstd, dc_shift (conv_bwd.h)
 };
 
 template <typename T, int CG, int STRIDE>
@@ -182,11 +230,13 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_dc_kernel(ConvBwdParams b) {
     const int lane = threadIdx.x, co = imin(lane, TILE - 1);
     const bool mine = lane < t.count;
     const int c = t.c0 + (mine ? lane : 0);
+    const float invstd = invstd_of(b, c, mine);
+    const float dz_scale = load_global(b.gamma + c, mine) * invstd;
     store_shared(&s.k[0][co], load_global(b.mean + c, mine), mine);
-    store_shared(&s.k[1][co], load_global(b.dz_scale + c, mine), mine);
-    store_shared(&s.k[2][co], load_global(b.dc_xhat + c, mine) * load_global(b.invstd + c, mine),
+    store_shared(&s.k[1][co], dz_scale, mine);
+    store_shared(&s.k[2][co], dz_scale * load_global(b.sum_dz_xhat + c, mine) / b.count * invstd,
                  mine);
-    store_shared(&s.k[3][co], load_global(b.dc_shift + c, mine), mine);
+    store_shared(&s.k[3][co], dz_scale * load_global(b.sum_dz + c, mine) / b.count, mine);
   }
   conv_mainloop<T, CG, STRIDE, TILE>(p, t.g, t.c0, t.count, s.c);
   __syncthreads();
@@ -250,10 +300,12 @@ __global__ void __launch_bounds__(256) bwd_masked_dc_kernel(ConvBwdParams b) {
     T ys[TV::kPer], dys[TV::kPer], out[TV::kPer];
     TV::load(ys, static_cast<const T*>(b.y) + at, in);
     TV::load(dys, static_cast<const T*>(b.dy) + at, in);
-    float scale[TV::kPer];  // two 16-byte loads
+    float scale[TV::kPer];  // dz_scale from 16-byte loads of γ and var
     for (int h = 0; h < TV::kPer; h += 4) {
-      const float4 four = load_global(reinterpret_cast<const float4*>(b.dz_scale + c0 + h), in);
-      scale[h] = four.x, scale[h + 1] = four.y, scale[h + 2] = four.z, scale[h + 3] = four.w;
+      const float4 gamma = load_global(reinterpret_cast<const float4*>(b.gamma + c0 + h), in);
+      const float4 var = load_global(reinterpret_cast<const float4*>(b.var + c0 + h), in);
+      scale[h] = gamma.x * inv_sqrt(var.x + b.eps), scale[h + 1] = gamma.y * inv_sqrt(var.y + b.eps);
+      scale[h + 2] = gamma.z * inv_sqrt(var.z + b.eps), scale[h + 3] = gamma.w * inv_sqrt(var.w + b.eps);
     }
 #pragma unroll
     for (int j = 0; j < TV::kPer; ++j)
@@ -449,7 +501,7 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_wgrad_mma_kernel(ConvBwdParams
   if constexpr (SOURCE == GradSource::kMaskedGrad) {
     const bool mine = static_cast<int>(threadIdx.x) < t.count;
     store_shared(scale_s + (mine ? threadIdx.x : 0),
-                 load_global(b.dz_scale + t.c0 + (mine ? threadIdx.x : 0), mine), mine);
+                 dz_scale_of(b, t.c0 + (mine ? threadIdx.x : 0), mine), mine);
   }
 
   float acc[9][MI][4];
@@ -670,6 +722,8 @@ void launch_bwd_reduce(const ConvBwdParams& params, void* stream) {
   ConvBwdParams b = params;
   b.conv = set_divisors(b.conv);
   detail::dispatch(b.conv, [&](auto launcher) { launcher.reduce(b, stream); });
+  RK_LAUNCH(detail::bwd_sums_kernel, dim3(b.conv.c_out), dim3(detail::kSumsThreads), 0,
+            detail::as_stream(stream))(b);
 }
 
 void launch_bwd_dc(const ConvBwdParams& params, void* stream) {

@@ -6,12 +6,15 @@
 
 namespace rk {
 
-// Notation: c = conv(x) (recomputed, never saved), x̂ = (c − mean)·invstd,
-// y = relu(γ·x̂ + β) (the saved forward output), dz = dy·[y > 0] (ReLU + BN-affine
-// gradient), dc the gradient of c:
+// Notation: c = conv(x) (recomputed, never saved), x̂ = (c − mean)·invstd with
+// invstd = rsqrt(var + eps) (fp32, as the eval forward folds it), y = relu(γ·x̂ + β)
+// (the saved forward output), dz = dy·[y > 0] (ReLU + BN-affine gradient), dc the
+// gradient of c:
 //   dc = dz_scale·dz − dc_shift − dc_xhat·x̂,
 // with dz_scale = γ·invstd and, in training, dc_shift = dz_scale·Σdz/M and
-// dc_xhat = dz_scale·Σdz·x̂/M (M = N·H_out·W_out); in eval both are 0.
+// dc_xhat = dz_scale·Σdz·x̂/M (M = count = N·H_out·W_out, or the global batch's
+// pixels when the sums are all-reduced); in eval both are 0. The kernels form these
+// per-channel constants themselves (no torch ops between the launches).
 struct ConvBwdParams {
   ConvFwdParams conv;    // x, wt (OHWI), shapes and dtype of the forward; conv.y unused
   const void* dy;        // gradient of the output [N, H_out, W_out, C_out] (NHWC), dtype
@@ -19,10 +22,11 @@ struct ConvBwdParams {
   const float* gamma;    // [C_out] BatchNorm weight
   const float* beta;     // [C_out] BatchNorm bias
   const float* mean;     // [C_out] the statistics the forward normalised with
-  const float* invstd;   // [C_out] rsqrt(var + eps)
-  const float* dz_scale;  // [C_out]
-  const float* dc_shift;  // [C_out]
-  const float* dc_xhat;   // [C_out]
+  const float* var;      // [C_out]
+  float eps;
+  float* sum_dz;         // [C_out] Σdz: written by the reduce pass, read by the dc pass
+  float* sum_dz_xhat;    // [C_out] Σdz·x̂: likewise
+  float count;           // M, the pixels the sums run over (dc pass)
   void* dc;              // [N, H_out, W_out, C_out] dtype: dc, written by the dc pass (training)
   void* dx;              // [N, H, W, C_in] dtype: the input gradient
   const void* wt_dgrad;  // [C_in, 3, 3, C_out/groups] dtype: each group's weights
@@ -30,7 +34,8 @@ struct ConvBwdParams {
                          // wt[g·Cg + o][2 − kh][2 − kw][i] (read where dgrad_as_conv)
   float* dw;             // fp32 weight gradient, OHWI: [C_out, 9·C_in/groups] (atomic), or
                          // [wgrad_chunks, C_out, 9·C_in/groups] partials (deterministic)
-  float* partial;        // [conv_fwd_blocks_x, C_out, 2]: per block (Σdz, Σdz·x̂) (reduce)
+  float* partial;        // [conv_fwd_blocks_x, C_out, 2]: per block (Σdz, Σdz·x̂) (reduce's
+                         // scratch)
   int wgrad_chunks;      // blocks along the pixels in wgrad (grid.x), see wgrad_chunks()
   bool deterministic;    // wgrad writes per-chunk partials instead of float atomics
   bool recover_xhat;     // reduce recovers x̂ from y where it can (see below), else
@@ -57,9 +62,11 @@ constexpr float kRecoverMaxRatio = 4.0f;
 // The most floats the deterministic wgrad partials may take (64 MiB).
 constexpr long kWgradPartialFloats = 16L << 20;
 
-// Per-block (Σdz, Σdz·x̂) partials into b.partial (conv_fwd_blocks_x(b.conv) blocks).
+// Σdz and Σdz·x̂ per channel into b.sum_dz and b.sum_dz_xhat: per-block partials into
+// b.partial (conv_fwd_blocks_x(b.conv) blocks), then merged in block order in fp64
+// (a second launch; deterministic).
 void launch_bwd_reduce(const ConvBwdParams& b, void* stream);
-// dc into b.dc (training), recomputing the conv.
+// dc into b.dc (training), recomputing the conv, from b.sum_dz, b.sum_dz_xhat, b.count.
 void launch_bwd_dc(const ConvBwdParams& b, void* stream);
 // Eval's dc = dz_scale·dy·[y > 0] into b.dc, where dgrad_as_conv(p, kConvGrad) (the
 // conv reads dc as a tensor): fp16/bf16, C_out a multiple of 8 (std::invalid_argument
