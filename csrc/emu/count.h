@@ -192,13 +192,7 @@ class Tracker {
       }
     } else if (w.leader[i].line != line ||
                (w.leader[i].file != file && std::strcmp(w.leader[i].file, file) != 0)) {
-      char what[512];
-      std::snprintf(what, sizeof(what),
-                    "divergent memory access: lanes of one warp issue different access "
-                    "sequences (access %zu is %s:%d in one lane and %s:%d in another); issue "
-                    "it predicated off instead of skipping it",
-                    i, w.leader[i].file, w.leader[i].line, file, line);
-      fail(what, file);
+      divergent_access(i, w.leader[i], file, line);
     }
     if (counting_ && pred) {
       Instr& in = w.instrs[i];
@@ -206,6 +200,9 @@ class Tracker {
       in.addr[lane] = reinterpret_cast<uint64_t>(p);
     }
   }
+
+  // Whether the current block is counted (its work and accesses go into the totals).
+  bool counted() const { return counted_; }
 
   // The calling thread's (`tid`: linear thread index) work and persistent loop.
   void add_mma(int tid, double executed, double useful) {
@@ -294,6 +291,18 @@ class Tracker {
     float weight;
     long iteration;
   };
+
+  // Out of line, so that access() stays small (it runs once per emulated access).
+  [[noreturn, gnu::cold, gnu::noinline]] static void divergent_access(size_t i, const Site& leader,
+                                                                      const char* file, int line) {
+    char what[512];
+    std::snprintf(what, sizeof(what),
+                  "divergent memory access: lanes of one warp issue different access "
+                  "sequences (access %zu is %s:%d in one lane and %s:%d in another); issue "
+                  "it predicated off instead of skipping it",
+                  i, leader.file, leader.line, file, line);
+    fail(what, file);
+  }
 
   void check_counts(int warp, unsigned live, const char* site) {
     const Warp& w = warps_[warp];
@@ -395,15 +404,19 @@ inline Tracker tracker;
 // One lane's access (csrc/kernels/access.cuh); `matrices` > 0 for ldmatrix. A GPU
 // faults on an access not aligned to its size (a float4 of a parameter view at an
 // odd offset): so does the emulator.
+[[noreturn, gnu::cold, gnu::noinline]] inline void misaligned(const void* p, int bytes,
+                                                             const char* file, int line) {
+  char what[160];
+  std::snprintf(what, sizeof(what), "misaligned address: a %d-byte access at %p", bytes, p);
+  char site[512];
+  std::snprintf(site, sizeof(site), "%s:%d", file, line);
+  fail(what, site);
+}
+
 inline void access(Space space, Op op, const void* p, int bytes, bool pred, const char* file,
                    int line, int matrices = 0) {
-  if (pred && matrices == 0 && reinterpret_cast<uintptr_t>(p) % bytes != 0) {
-    char what[160];
-    std::snprintf(what, sizeof(what), "misaligned address: a %d-byte access at %p", bytes, p);
-    char site[512];
-    std::snprintf(site, sizeof(site), "%s:%d", file, line);
-    fail(what, site);
-  }
+  if (pred && matrices == 0 && reinterpret_cast<uintptr_t>(p) % bytes != 0)
+    misaligned(p, bytes, file, line);
   tracker.access(space, op, p, bytes, pred, file, line, matrices, linear_tid);
 }
 

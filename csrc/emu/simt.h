@@ -64,6 +64,7 @@ constexpr size_t kDefaultSharedBytes = 48 * 1024;
 #include <vector_types.h>
 
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
@@ -106,21 +107,42 @@ namespace rk::emu {
   std::abort();
 }
 
+// A warp exchange's slots: what each lane published (exited lanes' slots are stale).
+constexpr int kSlotBytes = 32;
+using WarpSlots = unsigned char[32][kSlotBytes];
+
+// Reads the slots between an exchange's two warp barriers: fn(ctx, slots, live mask).
+struct SlotReader {
+  void (*fn)(void* ctx, const WarpSlots& slots, unsigned live);
+  void* ctx;
+};
+
 // One block's execution: the barrier and warp-exchange primitives of a back-end.
 class Block {
  public:
   virtual ~Block() = default;
   virtual void sync_threads(const char* site) = 0;
-  // Every live lane of the calling warp publishes `bytes` (<= 16) of `value`; each
-  // then receives all 32 slots in `all` (16 bytes a lane; exited lanes' slots are
-  // stale). Returns the warp's live-lane mask.
-  virtual unsigned warp_gather(unsigned mask, const void* value, int bytes, void* all,
-                               const char* site) = 0;
+  // Every live lane of the calling warp publishes `bytes` (<= kSlotBytes) of `value`;
+  // once all have, each lane runs `read` on the 32 slots (no lane writes a slot until
+  // every lane has read). Returns the warp's live-lane mask.
+  virtual unsigned warp_exchange(unsigned mask, const void* value, int bytes, SlotReader read,
+                                 const char* site) = 0;
 };
 
 inline thread_local Block* current_block = nullptr;
 inline thread_local int linear_tid = 0;  // x + y*bx + z*bx*by
 inline unsigned char* dynamic_smem = nullptr;
+
+// warp_exchange with a callable read(slots, live).
+template <typename F>
+unsigned exchange(unsigned mask, const void* value, int bytes, F&& read, const char* site) {
+  using Read = std::remove_reference_t<F>;
+  const SlotReader reader{[](void* ctx, const WarpSlots& slots, unsigned live) {
+                            (*static_cast<Read*>(ctx))(slots, live);
+                          },
+                          const_cast<void*>(static_cast<const void*>(&read))};
+  return current_block->warp_exchange(mask, value, bytes, reader, site);
+}
 
 }  // namespace rk::emu
 
@@ -136,7 +158,7 @@ inline dim3 thread_index(int linear, dim3 b) {
 
 // Per-warp exchange slots and the live-lane bookkeeping both back-ends share.
 struct WarpState {
-  unsigned char slot[32][16];
+  WarpSlots slot;
   unsigned live = 0;      // lanes that have not returned
   unsigned arrived = 0;   // lanes waiting at the current warp barrier
   uint64_t generation = 0;  // warp barriers completed (threads back-end)
@@ -163,7 +185,6 @@ class FiberBlock final : public Block {
     ucontext_t ctx;
     jmp_buf jump;
     bool started = false;
-    std::unique_ptr<char[]> stack;
     State state = kReady;
     const char* site = nullptr;
   };
@@ -178,11 +199,12 @@ class FiberBlock final : public Block {
   }
 
   void run() {
+    std::vector<std::unique_ptr<char[]>>& stacks = stack_pool();
+    while (static_cast<int>(stacks.size()) < n_) stacks.emplace_back(new char[kStackBytes]);
     for (int i = 0; i < n_; ++i) {
       Fiber& f = fibers_[i];
-      f.stack.reset(new char[kStackBytes]);
       getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = f.stack.get();
+      f.ctx.uc_stack.ss_sp = stacks[i].get();
       f.ctx.uc_stack.ss_size = kStackBytes;
       f.ctx.uc_link = &scheduler_;
       makecontext(&f.ctx, reinterpret_cast<void (*)()>(&FiberBlock::entry), 2,
@@ -212,19 +234,27 @@ class FiberBlock final : public Block {
     yield();
   }
 
-  unsigned warp_gather(unsigned mask, const void* value, int bytes, void* all,
-                       const char* site) override {
+  unsigned warp_exchange(unsigned mask, const void* value, int bytes, SlotReader read,
+                         const char* site) override {
     WarpState& w = warps_[running_ / 32];
     if ((mask & w.live) != w.live) fail("warp mask does not cover every live lane", site);
     std::memcpy(w.slot[running_ % 32], value, bytes);
     wait_warp(site);
-    unsigned live = w.live;
-    std::memcpy(all, w.slot, sizeof(w.slot));
+    const unsigned live = w.live;
+    read.fn(read.ctx, w.slot, live);
     wait_warp(site);  // nobody overwrites a slot before every lane has read it
     return live;
   }
 
  private:
+  // The fibers' stacks, kept for the OS thread's later blocks and launches: a fresh
+  // 256 KiB stack per fiber and block cost a page fault per touched page (most of
+  // a small launch's time).
+  static std::vector<std::unique_ptr<char[]>>& stack_pool() {
+    thread_local std::vector<std::unique_ptr<char[]>> stacks;
+    return stacks;
+  }
+
   static void entry(unsigned lo, unsigned hi) {
     auto* self = reinterpret_cast<FiberBlock*>(static_cast<uintptr_t>(lo) |
                                                (static_cast<uintptr_t>(hi) << 32));
@@ -341,7 +371,7 @@ class FiberBlock final : public Block {
 // ---------------------------------------------------------------- threads -----
 class ThreadBlock final : public Block {
  public:
-  explicit ThreadBlock(int n) : n_(n), warps_((n + 31) / 32) {}
+  explicit ThreadBlock(int n) : n_(n), warps_((n + 31) / 32), warp_cv_(warps_.size()) {}
 
   void start() {
     live_ = n_;
@@ -363,15 +393,15 @@ class ThreadBlock final : public Block {
     wait_for_all(lock, waiting_, live_, generation_);
   }
 
-  unsigned warp_gather(unsigned mask, const void* value, int bytes, void* all,
-                       const char* site) override {
+  unsigned warp_exchange(unsigned mask, const void* value, int bytes, SlotReader read,
+                         const char* site) override {
     WarpState& w = warps_[linear_tid / 32];
     std::unique_lock<std::mutex> lock(mutex_);
     if ((mask & w.live) != w.live) fail("warp mask does not cover every live lane", site);
     std::memcpy(w.slot[linear_tid % 32], value, bytes);
     warp_barrier(lock, w, site);
-    unsigned live = w.live;
-    std::memcpy(all, w.slot, sizeof(w.slot));
+    const unsigned live = w.live;
+    read.fn(read.ctx, w.slot, live);
     warp_barrier(lock, w, site);
     return live;
   }
@@ -385,6 +415,7 @@ class ThreadBlock final : public Block {
     if (w.arrived && w.arrived == w.live) {
       w.arrived = 0;
       ++w.generation;
+      warp_cv_[linear_tid / 32].notify_all();
     }
     cv_.notify_all();
   }
@@ -414,19 +445,21 @@ class ThreadBlock final : public Block {
     }
     w.arrived |= 1u << (linear_tid % 32);
     uint64_t gen = w.generation;
+    std::condition_variable& cv = warp_cv_[linear_tid / 32];
     if (w.arrived == w.live) {
       w.arrived = 0;
       ++w.generation;
-      cv_.notify_all();
+      cv.notify_all();
       return;
     }
-    cv_.wait(lock, [&] { return w.generation != gen; });
+    cv.wait(lock, [&] { return w.generation != gen; });
   }
 
   int n_;
   std::vector<WarpState> warps_;
   std::mutex mutex_;
-  std::condition_variable cv_;
+  std::condition_variable cv_;  // the block barrier
+  std::vector<std::condition_variable> warp_cv_;  // each warp's barrier: wakes only its lanes
   int live_ = 0, waiting_ = 0;
   uint64_t generation_ = 0;
   const char* site_ = nullptr;
@@ -633,20 +666,21 @@ inline void ldmatrix(uint32_t* out, int matrices, bool trans, const void* row, c
       fail("ldmatrix row address not 16-byte aligned", site);
     if (!is_shared(row, 16)) fail("ldmatrix row outside the block's shared memory", site);
   }
-  unsigned char all[32][16];
-  if (current_block->warp_gather(0xffffffffu, &row, sizeof(row), all, site) != 0xffffffffu)
-    fail("ldmatrix needs every lane of the warp", site);
-  auto element = [&](int m, int r, int c) {
-    const unsigned char* base;
-    std::memcpy(&base, all[8 * m + r], sizeof(base));
-    uint16_t v;
-    std::memcpy(&v, base + 2 * c, 2);
-    return static_cast<uint32_t>(v);
+  auto read = [&](const WarpSlots& slots, unsigned live) {
+    if (live != 0xffffffffu) fail("ldmatrix needs every lane of the warp", site);
+    auto element = [&](int m, int r, int c) {
+      const unsigned char* base;
+      std::memcpy(&base, slots[8 * m + r], sizeof(base));
+      uint16_t v;
+      std::memcpy(&v, base + 2 * c, 2);
+      return static_cast<uint32_t>(v);
+    };
+    const int g = lane / 4, t = lane % 4;
+    for (int m = 0; m < matrices; ++m)
+      out[m] = trans ? element(m, 2 * t, g) | element(m, 2 * t + 1, g) << 16
+                     : element(m, g, 2 * t) | element(m, g, 2 * t + 1) << 16;
   };
-  const int g = lane / 4, t = lane % 4;
-  for (int m = 0; m < matrices; ++m)
-    out[m] = trans ? element(m, 2 * t, g) | element(m, 2 * t + 1, g) << 16
-                   : element(m, g, 2 * t) | element(m, g, 2 * t + 1) << 16;
+  exchange(0xffffffffu, &row, sizeof(row), read, site);
 }
 
 inline bool use_threads() {
@@ -746,20 +780,62 @@ template <typename T>
 T warp_op(unsigned mask, T value, int src, const char* site) {
   static_assert(sizeof(T) <= 16 && std::is_trivially_copyable_v<T>,
                 "warp exchange of a trivially copyable value of at most 16 bytes");
-  unsigned char all[32][16];
-  unsigned live = current_block->warp_gather(mask, &value, sizeof(T), all, site);
-  if (!(live >> src & 1u)) fail("warp shuffle reads an exited lane", site);
   T out;
-  std::memcpy(&out, all[src], sizeof(T));
+  exchange(mask, &value, sizeof(T), [&](const WarpSlots& slots, unsigned live) {
+    if (!(live >> src & 1u)) fail("warp shuffle reads an exited lane", site);
+    std::memcpy(&out, slots[src], sizeof(T));
+  }, site);
   return out;
 }
 
 inline int lane_id() { return linear_tid % 32; }
 
-// Every lane of a full warp publishes `bytes` (<= 16); each receives all 32 slots.
-// For helpers that emulate warp-collective instructions (mma.sync, ldmatrix).
-inline void warp_gather_all(const void* value, int bytes, void* all, const char* site) {
-  current_block->warp_gather(0xffffffffu, value, bytes, all, site);
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16} (T: __half or __nv_bfloat16) for
+// the calling lane, in the fragment layout of rk::detail::mma_m16n8k16
+// (csrc/kernels/conv_common.cuh): the warp exchanges its A and B fragments once; a
+// lane's own d is its part of C, and it computes its four results with fmaf over k
+// in order. Counted once per warp (lane 0), with the products whose factors are both
+// non-zero when counting.
+template <typename T>
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                  const char* site) {
+  uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  const int lane = lane_id(), g = lane / 4, t = lane % 4;
+  float out[4];
+  double useful = 0;
+  exchange(0xffffffffu, mine, sizeof(mine), [&](const WarpSlots& slots, unsigned live) {
+    if (live != 0xffffffffu) fail("mma.sync needs every lane of the warp", site);
+    auto half = [&](int from, int reg, int k) {
+      uint32_t bits;
+      std::memcpy(&bits, slots[from] + 4 * reg, 4);
+      const uint16_t raw = static_cast<uint16_t>(bits >> (16 * (k % 2)));
+      if constexpr (std::is_same_v<T, __half>) {
+        __half_raw h;
+        h.x = raw;
+        return __half2float(__half(h));
+      } else {
+        __nv_bfloat16_raw h;
+        h.x = raw;
+        return __bfloat162float(__nv_bfloat16(h));
+      }
+    };
+    // A[row][k]: lane 4·(row % 8) + (k % 8) / 2, register row / 8 + 2·(k / 8);
+    // B[k][n]: lane 4n + (k % 8) / 2, register 4 + k / 8.
+    auto A = [&](int row, int k) { return half(4 * (row % 8) + (k % 8) / 2, row / 8 + 2 * (k / 8), k); };
+    auto B = [&](int k, int n) { return half(4 * n + (k % 8) / 2, 4 + k / 8, k); };
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i / 2) * 8, col = 2 * t + i % 2;
+      float sum = d[i];
+      for (int k = 0; k < 16; ++k) sum = fmaf(A(row, k), B(k, col), sum);
+      out[i] = sum;
+    }
+    if (lane == 0 && tracker.counted())
+      for (int m = 0; m < 16; ++m)
+        for (int n = 0; n < 8; ++n)
+          for (int k = 0; k < 16; ++k) useful += A(m, k) != 0.0f && B(k, n) != 0.0f;
+  }, site);
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+  if (lane == 0) tracker.add_mma(linear_tid, 16 * 8 * 16, useful);  // the warp's instruction
 }
 
 }  // namespace rk::emu
@@ -843,15 +919,15 @@ T shfl_xor(const char* site, unsigned mask, T var, int lane_mask, int width = 32
 
 // Bits of the live lanes whose predicate is non-zero; also returns the live mask.
 inline unsigned ballot_live(const char* site, unsigned mask, int pred, unsigned* live) {
-  unsigned char all[32][16];
-  int mine = pred != 0;
-  *live = current_block->warp_gather(mask, &mine, sizeof(mine), all, site);
+  const int mine = pred != 0;
   unsigned result = 0;
-  for (int lane = 0; lane < 32; ++lane) {
-    int theirs;
-    std::memcpy(&theirs, all[lane], sizeof(theirs));
-    if ((*live >> lane & 1u) && theirs) result |= 1u << lane;
-  }
+  *live = exchange(mask, &mine, sizeof(mine), [&](const WarpSlots& slots, unsigned lanes) {
+    for (int lane = 0; lane < 32; ++lane) {
+      int theirs;
+      std::memcpy(&theirs, slots[lane], sizeof(theirs));
+      if ((lanes >> lane & 1u) && theirs) result |= 1u << lane;
+    }
+  }, site);
   return result;
 }
 

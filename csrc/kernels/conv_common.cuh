@@ -137,8 +137,9 @@ __device__ __forceinline__ uint32_t bits16(T v) {
 //   a[0] = A[g][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
 //   b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]
 //   d[0], d[1] = D[g][2t, 2t+1]                         d[2], d[3] = D[g+8][2t, 2t+1]
-// The host branch (emulator) gathers the warp's fragments, rebuilds A, B and D and
-// computes this lane's part, so the same kernel line runs in the CPU tests.
+// The host branch (emulator) exchanges the warp's A and B fragments and computes
+// this lane's part (rk::emu::mma_m16n8k16), so the same kernel line runs in the CPU
+// tests.
 template <typename T>
 __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
                                              const uint32_t (&b)[2]) {
@@ -155,53 +156,7 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
 #elif !defined(__CUDACC__)
-  unsigned char all_a[32][16], all_b[32][16], all_d[32][16];
-  ::rk::emu::warp_gather_all(a, sizeof(a), all_a, RK_EMU_SITE);
-  ::rk::emu::warp_gather_all(b, sizeof(b), all_b, RK_EMU_SITE);
-  ::rk::emu::warp_gather_all(d, sizeof(d), all_d, RK_EMU_SITE);
-  auto half_at = [](const unsigned char* regs, int reg, int j) {
-    uint16_t raw;
-    std::memcpy(&raw, regs + 4 * reg + 2 * j, 2);
-    if constexpr (std::is_same_v<T, __half>) {
-      __half_raw h;
-      h.x = raw;
-      return __half2float(__half(h));
-    } else {
-      __nv_bfloat16_raw h;
-      h.x = raw;
-      return __bfloat162float(__nv_bfloat16(h));
-    }
-  };
-  float A[16][16], B[16][8], C[16][8];
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane / 4, t = lane % 4;
-    float acc[4];
-    std::memcpy(acc, all_d[lane], sizeof(acc));
-    for (int j = 0; j < 2; ++j) {
-      A[g][2 * t + j] = half_at(all_a[lane], 0, j);
-      A[g + 8][2 * t + j] = half_at(all_a[lane], 1, j);
-      A[g][2 * t + 8 + j] = half_at(all_a[lane], 2, j);
-      A[g + 8][2 * t + 8 + j] = half_at(all_a[lane], 3, j);
-      B[2 * t + j][g] = half_at(all_b[lane], 0, j);
-      B[2 * t + 8 + j][g] = half_at(all_b[lane], 1, j);
-      C[g][2 * t + j] = acc[j];
-      C[g + 8][2 * t + j] = acc[2 + j];
-    }
-  }
-  if (::rk::emu::lane_id() == 0) {  // the warp's instruction, counted once
-    double useful = 0;
-    for (int m = 0; m < 16; ++m)
-      for (int n = 0; n < 8; ++n)
-        for (int k = 0; k < 16; ++k) useful += A[m][k] != 0.0f && B[k][n] != 0.0f;
-    ::rk::emu::tracker.add_mma(::rk::emu::linear_tid, 16 * 8 * 16, useful);
-  }
-  const int g = ::rk::emu::lane_id() / 4, t = ::rk::emu::lane_id() % 4;
-  for (int i = 0; i < 4; ++i) {
-    const int row = g + (i / 2) * 8, col = 2 * t + i % 2;
-    float sum = C[row][col];
-    for (int k = 0; k < 16; ++k) sum = fmaf(A[row][k], B[k][col], sum);
-    d[i] = sum;
-  }
+  ::rk::emu::mma_m16n8k16<T>(d, a, b, RK_EMU_SITE);
 #endif
 }
 
