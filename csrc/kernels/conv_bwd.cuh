@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kSumsThreads) bwd_sums_kernel(ConvBwdParams b)
   const ConvFwdParams& p = b.conv;
   const int c = blockIdx.x, tid = threadIdx.x;
   STATIC_SHARED(SumsShared, s);
-  const long blocks = (static_cast<long>(p.n) * p.h_out * p.w_out + kPixels - 1) / kPixels;
+  const long blocks = conv_fwd_blocks_x(p);
   double dz = 0.0, dz_xhat = 0.0;
   for (long b0 = 0; b0 < blocks; b0 += kSumsThreads) {
     const long block = b0 + tid;
@@ -408,7 +408,7 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_wgrad_kernel(ConvBwdParams b) 
 
   const T* x = static_cast<const T*>(p.x) + t.g * cg_in + ci0;
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
-  const long pixel_tiles = (pixels + kPixels - 1) / kPixels;
+  const long pixel_tiles = conv_fwd_blocks_x(p);
   // Persistent over the pixel tiles blockIdx.x, blockIdx.x + gridDim.x, ...
   const long iterations =
       loop_iterations(blockIdx.x < pixel_tiles ? (pixel_tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0);
@@ -514,7 +514,7 @@ __global__ void __launch_bounds__(kPixels, 4) bwd_wgrad_mma_kernel(ConvBwdParams
 
   const Staging st = staging(p);
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
-  const long pixel_tiles = (pixels + kPixels - 1) / kPixels;
+  const long pixel_tiles = conv_fwd_blocks_x(p);
   const long iterations =
       loop_iterations(blockIdx.x < pixel_tiles ? (pixel_tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0);
   for (long it = 0; it < iterations; ++it) {

@@ -99,6 +99,11 @@ void launch_conv_fwd(const ConvFwdParams& p, Pass pass, void* stream);
 void launch_finalize(const FinalizeParams& f, void* stream);
 void launch_normalize(const ConvFwdParams& p, void* stream);
 
+// Pixel blocks of a conv pass (grid.x); also the number of per-block partials the
+// statistics and the backward's sums merge.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
 inline int conv_fwd_blocks_x(const ConvFwdParams& p) {
   const long pixels = static_cast<long>(p.n) * p.h_out * p.w_out;
   return static_cast<int>((pixels + kPixels - 1) / kPixels);
